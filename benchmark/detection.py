@@ -1,0 +1,169 @@
+"""Detection end to end: sample missing traces into the store, score every detector on a grid, compute metrics."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from . import scores as S
+from .capture import SamplerSettings, sample_with_capture
+from .metrics import detection_metrics
+from .models import TextToImage
+from .prompts import Prompt, PromptSet
+from .traces import Trace, TraceKey, TraceStore, traces_from_batch
+
+
+def sampler_key(settings: SamplerSettings, dtype: str) -> str:
+    return (f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}"
+            f"-eta{settings.eta:g}-{dtype}")
+
+
+@dataclass
+class Generation:
+    """Where one prompt's traces live, with its labels."""
+
+    prompt: Prompt
+    key: TraceKey
+    seeds: list[int]
+
+
+def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
+    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds))
+            for p in prompt_set]
+
+
+def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
+             batch_size: int = 8, progress: Callable[[Iterable], Iterable] = iter) -> int:
+    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled."""
+    sampled = 0
+    for gen in progress(generations):
+        missing = store.missing_seeds(gen.key, gen.seeds)
+        for start in range(0, len(missing), batch_size):
+            seeds = missing[start:start + batch_size]
+            batch = sample_with_capture(model, gen.prompt.text, seeds, settings)
+            meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
+                    "sampler": asdict(settings), "prompt_set": gen.key.prompt_set}
+            for trace, image in zip(traces_from_batch(batch, meta, seeds), batch.images):
+                store.write(gen.key, trace, image)
+            sampled += len(seeds)
+    return sampled
+
+
+@dataclass
+class TraceArrays:
+    """Traces of many generations stacked along a first axis, with one row of labels per generation."""
+
+    rows: pd.DataFrame  # prompt_id, kind, memorized, seed
+    delta_sq: np.ndarray
+    end_maps: dict[str, np.ndarray]
+    token_attn: dict[str, np.ndarray]
+    end_index: np.ndarray
+
+    @classmethod
+    def stack(cls, traces: list[Trace], labels: list[Prompt]) -> "TraceArrays":
+        rows = pd.DataFrame({"prompt_id": [p.id for p in labels], "kind": [p.kind for p in labels],
+                             "memorized": [p.memorized for p in labels],
+                             "seed": [t.meta["seed"] for t in traces]})
+        layers = traces[0].layers
+        return cls(rows, np.stack([t.delta_sq for t in traces]),
+                   {k: np.stack([t.end_maps[k] for t in traces]) for k in layers},
+                   {k: np.stack([t.token_attn[k] for t in traces]) for k in layers},
+                   np.array([t.end_index for t in traces]))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.end_maps)
+
+    def mask(self, layers: list[str]) -> np.ndarray:
+        return S.be_mask(self.end_maps, layers, self.delta_sq.shape[-2:])
+
+
+def load(store: TraceStore, generations: list[Generation]) -> TraceArrays:
+    traces, labels = [], []
+    for gen in generations:
+        for seed in gen.seeds:
+            traces.append(store.read(gen.key, seed))
+            labels.append(gen.prompt)
+    if not traces:
+        raise ValueError("no traces to score")
+    return TraceArrays.stack(traces, labels)
+
+
+def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int]) -> pd.DataFrame:
+    """Every detector on every layer set and step window, per generation, in long format.
+
+    Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
+    """
+    n_steps = arrays.delta_sq.shape[1]
+    for T in steps:
+        if not 1 <= T <= n_steps:
+            raise ValueError(f"step window T={T} outside 1..{n_steps} sampled steps")
+    parts = []
+
+    def add(detector: str, layers: str, T: int, values: np.ndarray):
+        parts.append(arrays.rows.assign(detector=detector, layers=layers, T=T, score=values))
+
+    for T in steps:
+        add("D", "", T, S.magnitude_D(arrays.delta_sq, T))
+    for name, layers in layer_sets.items():
+        mask = arrays.mask(layers)
+        add("BE_intensity", name, 0, S.be_intensity(mask))
+        add("Ren_E", name, 0, S.ren_E(arrays.token_attn, layers))
+        for T in steps:
+            add("LD", name, T, S.localized_LD(arrays.delta_sq, mask, T))
+            add("Ren_D", name, T, S.ren_D(arrays.token_attn, arrays.end_index, layers, T))
+    return pd.concat(parts, ignore_index=True)
+
+
+def subsets(kinds: Iterable[str]) -> list[str]:
+    """``all`` memorized vs not, and each memorization kind vs not."""
+    memorized_kinds = sorted(set(kinds) - {"none"})
+    return ["all"] + (memorized_kinds if len(memorized_kinds) > 1 else [])
+
+
+def detection_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Metrics per detector x layers x T x subset, at prompt level (mean over seeds) and generation level."""
+    rows = []
+    by_prompt = (scores.groupby(["detector", "layers", "T", "prompt_id", "kind", "memorized"], sort=False)["score"]
+                 .mean().reset_index())
+    for level, table in (("prompt", by_prompt), ("generation", scores)):
+        for (detector, layers, T), group in table.groupby(["detector", "layers", "T"], sort=False):
+            sign = 1.0 if S.DETECTORS[detector].higher_is_memorized else -1.0
+            for subset in subsets(group["kind"]):
+                part = group if subset == "all" else group[(group["kind"] == subset) | ~group["memorized"]]
+                what = f"{detector}[{layers}] T={T} {subset}"
+                m = detection_metrics(part["memorized"].to_numpy(), sign * part["score"].to_numpy(), n_boot,
+                                      seed, what)
+                rows.append({"level": level, "detector": detector, "layers": layers, "T": T, "subset": subset,
+                             **m})
+    return pd.DataFrame(rows)
+
+
+def write_results(folder: Path, summary: dict, metrics: pd.DataFrame, scores: pd.DataFrame) -> None:
+    """The job folder contract read by reports: ``metrics.json`` and the per-generation ``generations.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {**summary, "metrics": metrics.to_dict(orient="records")}
+    _write_text(folder / "generations.csv", scores.to_csv(index=False))
+    _write_text(folder / "metrics.json", json.dumps(payload, indent=1) + "\n")  # last: its presence means done
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: str, level: str,
+             metric: str = "auc") -> float:
+    """One number from the metrics table (what a sweeper optimises)."""
+    row = metrics[(metrics.detector == detector) & (metrics.layers == (layers if detector != "D" else ""))
+                  & (metrics["T"] == (T if S.DETECTORS[detector].uses_T else 0)) & (metrics.subset == subset)
+                  & (metrics.level == level)]
+    if row.empty:
+        raise ValueError(f"no metric row for {detector}[{layers}] T={T} {subset} {level}")
+    return float(row[metric].iloc[0])

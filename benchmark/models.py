@@ -1,0 +1,263 @@
+"""Text-to-image models: load SD-style pipelines from a folder or hub id, or build tiny ones in-process.
+
+Every model reaches the sampler as a :class:`TextToImage`: a UNet, a text encoder with its tokenizer, a DDIM
+scheduler and, for latent models, a VAE. SD v1-4 and the planted-memorization testbed load through the same path.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Stable Diffusion v1-4's published component configs (CompVis/stable-diffusion-v1-4, */config.json).
+SD14_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD14_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+SD14_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+SD14_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or hub id that cannot be loaded; the message names the culprit."""
+
+
+@dataclass
+class TextToImage:
+    """The parts of a text-to-image diffusion model that sampling and capture need."""
+
+    model_id: str
+    unet: UNet2DConditionModel
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: DDIMScheduler
+    vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, 512)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToImage":
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+    def end_token_index(self, prompts: list[str]) -> torch.Tensor:
+        """Index of each prompt's first end token: token ids incl. BOS and EOS minus one, capped at the last slot.
+
+        This is the token whose final-step cross-attention map is the bright ending; the padding after it is not.
+        """
+        ids = self.tokenizer(prompts, truncation=True, max_length=self.max_length).input_ids
+        return torch.tensor([min(len(x), self.max_length) - 1 for x in ids], dtype=torch.long)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Token states padded to the full context, as the UNet cross-attends to them (padding included)."""
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        kwargs = {}
+        # SD's CLIP encoder is run without a mask (its padding states are real end tokens); BERT-style encoders
+        # need the mask so that padding positions are well defined.
+        if "attention_mask" in tok and not isinstance(self.text_encoder, CLIPTextModel):
+            kwargs["attention_mask"] = tok.attention_mask.to(self.device)
+        out = self.text_encoder(tok.input_ids.to(self.device), **kwargs)
+        return out[0].to(self.dtype)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        if self.vae is None:
+            return (self.unet.config.in_channels, height, width)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.unet.config.in_channels, height // factor, width // factor)
+
+    @torch.no_grad()
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> images in [0, 1], (N, 3, H, W) float32 on the CPU."""
+        if self.vae is None:
+            x = latents
+        else:
+            x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> TextToImage:
+    """Load a diffusers pipeline folder (local path or hub id) component by component.
+
+    Loading components rather than ``StableDiffusionPipeline`` lets a pixel-space model (no VAE) or any
+    transformers text encoder use the same path as SD v1-4. The scheduler is always turned into DDIM.
+    """
+    path = Path(source).expanduser()
+    looks_local = path.is_absolute() or source.startswith((".", "~")) or path.exists()
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder not found: {source}")
+        missing = [c for c in REQUIRED if not (path / c).is_dir()]
+        if missing:
+            raise ModelLoadError(f"model folder {source} is incomplete: missing {', '.join(missing)}/")
+        if use_safetensors and not any((path / "unet").glob("*.safetensors")):
+            raise ModelLoadError(f"model folder {source}: no unet/*.safetensors (set use_safetensors=false to "
+                                 "allow pickle weights you trust)")
+        has_vae = (path / "vae").is_dir()
+        location = str(path)
+    else:
+        has_vae = True  # hub SD checkpoints always ship one; a missing one fails below with the hub's message
+        location = source
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors)
+        text_encoder = AutoModel.from_pretrained(location, subfolder="text_encoder", use_safetensors=use_safetensors)
+        tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler")
+        vae = (AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors)
+               if has_vae else None)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {source}: {first}") from err
+    model = TextToImage(source, unet, text_encoder.eval(), tokenizer, scheduler, vae.eval() if vae else None)
+    return model.to(device, dtype)
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+def clip_vocabulary_file() -> Path:
+    """CLIP's BPE vocabulary as shipped inside the open_clip_torch wheel (found without importing open_clip)."""
+    spec = find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("open_clip_torch is not installed: it ships CLIP's BPE vocabulary "
+                             "(pip install --no-deps open_clip_torch)")
+    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary and BPE merges (SD v1-4's tokenizer), rebuilt from the BPE file the way CLIP does."""
+    lines = gzip.open(clip_vocabulary_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    byte_chars = _bytes_to_unicode()
+    vocab = list(byte_chars) + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2/CLIP's reversible byte -> printable character table, in CLIP's order.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """SD v1-4's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padding with the end token), built offline."""
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+# -------------------------------------------------------------------------------------- in-process models
+
+def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
+    """A seconds-fast random model with SD v1-4's block and attention naming (cross-attention in down_blocks.0).
+
+    Uses the real CLIP tokenizer so end-token positions match SD v1-4's.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4 if latent else 3, out_channels=4 if latent else 3, layers_per_block=1,
+        block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    vae = None
+    if latent:
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=16)
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+    return TextToImage("tiny", unet.eval(), text_encoder.eval(), clip_tokenizer(), scheduler, vae.eval() if vae else None)
+
+
+def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
+    """SD v1-4's full architecture with random weights, for speed and memory measurements only."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD14_UNET)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+    vae = AutoencoderKL(**SD14_VAE, scaling_factor=0.18215) if with_vae else None
+    return TextToImage("sd14-architecture-random", unet.eval(), text_encoder.eval(), clip_tokenizer(),
+                       DDIMScheduler(**SD14_SCHEDULER), vae.eval() if vae else None)
+
+
+def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
+    """Write a model as a diffusers pipeline folder (safetensors) that :func:`load_text_to_image` reads."""
+    folder = Path(folder)
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer,
+             "scheduler": model.scheduler, "vae": model.vae}
+    index = {"_class_name": "StableDiffusionPipeline"}
+    for name, part in parts.items():
+        if part is None:
+            continue
+        part.save_pretrained(folder / name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+BUILDERS = {"tiny": tiny_text_to_image, "sd14-architecture": sd14_architecture}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def get_model(source: str, device: str = "cpu", dtype: str = "float32", use_safetensors: bool = True,
+              build: str | None = None) -> TextToImage:
+    """A model: ``tiny`` and ``sd14-architecture`` are built in-process; otherwise ``source`` is a pipeline folder
+    or hub id, and with ``build="testbed"`` a missing folder is assembled or trained first."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    if source in BUILDERS:
+        model = BUILDERS[source]()
+    elif build == "testbed":
+        from .testbed.build import ensure_testbed
+
+        model = load_text_to_image(str(ensure_testbed(source)), use_safetensors=use_safetensors)
+    elif build is not None:
+        raise ValueError(f"unknown model build {build!r} (only 'testbed')")
+    else:
+        model = load_text_to_image(source, use_safetensors=use_safetensors)
+    return model.to(device, DTYPES[dtype])

@@ -1,0 +1,40 @@
+"""Get the testbed model folder: reuse it, assemble it from the shipped weights, or train it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+
+from ..models import save_text_to_image
+from .data import Recipe, make_dataset, write_metadata
+from .train import Architecture, TestbedSpec, Training, build_untrained, train
+
+SHIPPED = Path(__file__).parent / "weights"  # made by `make testbed-weights` (see docs/testbed.md)
+
+
+def spec_from_json(path: Path) -> TestbedSpec:
+    raw = json.loads(path.read_text())
+    arch = raw["architecture"]
+    arch["block_out_channels"] = tuple(arch["block_out_channels"])
+    return TestbedSpec(Recipe(**raw["recipe"]), Architecture(**arch), Training(**raw["training"]))
+
+
+def ensure_testbed(folder: str | Path) -> Path:
+    """``folder`` is the pipeline folder; training state, when training is needed, lives beside it."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    if (SHIPPED / "unet").is_dir():
+        spec = spec_from_json(SHIPPED / "testbed_spec.json")
+        model = build_untrained(spec.architecture, spec.recipe.resolution, spec.training.seed)
+        model.unet = UNet2DConditionModel.from_pretrained(SHIPPED, subfolder="unet", use_safetensors=True)
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_text_to_image(model, tmp)
+        write_metadata(spec.recipe, make_dataset(spec.recipe), tmp)
+        shutil.copy(SHIPPED / "testbed_spec.json", tmp / "testbed_spec.json")
+        tmp.rename(folder)
+        return folder
+    return train(TestbedSpec(), folder)

