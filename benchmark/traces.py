@@ -113,7 +113,8 @@ class TraceStore:
         arrays = {"delta_sq": trace.delta_sq, "latent": trace.latent}
         arrays |= {f"end_map/{k}": v for k, v in trace.end_maps.items()}
         arrays |= {f"token_attn/{k}": v for k, v in trace.token_attn.items()}
-        arrays = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in arrays.items()}
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            arrays = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in arrays.items()}
         for name, array in arrays.items():
             if not np.isfinite(array).all():
                 raise ValueError(f"trace {path}: non-finite values in {name} (overflow at {self.dtype}?)")

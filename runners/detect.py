@@ -17,9 +17,8 @@ from benchmark.tracking import Tracker
 from benchmark.traces import TraceStore
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
-def main(cfg: DictConfig) -> float:
-    folder = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig, folder: Path) -> float:
+    """The job itself, callable with a composed config (tests do)."""
     m, s = cfg.model, cfg.sampler
     tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
                       OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
@@ -51,6 +50,11 @@ def main(cfg: DictConfig) -> float:
         return value
     finally:
         tracker.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+def main(cfg: DictConfig) -> float:
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

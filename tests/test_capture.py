@@ -1,0 +1,63 @@
+import numpy as np
+import torch
+
+from benchmark import scores as S
+from benchmark.capture import SamplerSettings, cross_attention_layers, initial_noise, sample_with_capture
+
+SETTINGS = SamplerSettings(steps=6, guidance=7.5, height=32, width=32)
+PROMPT = "Mothers influence on her young hippo"
+
+
+def test_trace_shapes_and_attention_are_distributions(tiny_model):
+    batch = sample_with_capture(tiny_model, PROMPT, [0, 1, 2], SETTINGS)
+    assert batch.delta_sq.shape == (3, 6, 16, 16) and batch.images.shape == (3, 3, 32, 32)
+    layers = cross_attention_layers(tiny_model.unet)
+    assert set(batch.end_maps) == set(layers) and "down_blocks.0.attentions.0" in layers
+    assert batch.end_maps["down_blocks.0.attentions.0"].shape == (3, 16, 16)
+    assert batch.end_maps["mid_block.attentions.0"].shape == (3, 8, 8)
+    for attn in batch.token_attn.values():
+        assert attn.shape == (3, 6, 77)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(3, 6))
+    assert (batch.end_index == 7).all()  # BOS + 6 words, first EOS at position 7
+
+
+def test_an_image_depends_on_its_seed_not_its_batch(tiny_model):
+    together = sample_with_capture(tiny_model, PROMPT, [3, 4], SETTINGS)
+    alone = sample_with_capture(tiny_model, PROMPT, [4], SETTINGS)
+    torch.testing.assert_close(together.latents[1:], alone.latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.delta_sq[1:], alone.delta_sq, atol=1e-5, rtol=1e-4)
+
+
+def test_recording_changes_nothing_in_the_sampling(tiny_model):
+    recorded = sample_with_capture(tiny_model, PROMPT, [5], SETTINGS)
+    plain = sample_with_capture(tiny_model, PROMPT, [5], SETTINGS, record=False)
+    torch.testing.assert_close(recorded.latents, plain.float(), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def _official_two_pass_LD(model, prompt, seed, mask_layers, T):
+    """The official protocol, written independently: a first generation gives the BE mask, a second generation
+    with the same seed applies it to eps_cond - eps_uncond, norm per step, divided by the mask's mean."""
+    first = sample_with_capture(model, prompt, [seed], SETTINGS)
+    mask = torch.from_numpy(S.be_mask({k: v.numpy() for k, v in first.end_maps.items()}, mask_layers, (16, 16)))
+    scheduler = model.scheduler
+    scheduler.set_timesteps(SETTINGS.steps)
+    latents = initial_noise(model, [seed], SETTINGS)
+    context = torch.cat([model.encode([""]), model.encode([prompt])])
+    norms = []
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        eps_u, eps_c = model.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
+        norms.append(torch.linalg.vector_norm((eps_c - eps_u) * mask[:, None]).item())
+        latents = scheduler.step(eps_u + SETTINGS.guidance * (eps_c - eps_u), t, latents).prev_sample
+    return np.mean(norms[:T]) / mask.mean().item()
+
+
+def test_one_pass_LD_equals_the_two_pass_protocol(tiny_model):
+    for layers in (["*"], ["down_blocks.0"]):
+        for T in (1, 3, 6):
+            batch = sample_with_capture(tiny_model, PROMPT, [7], SETTINGS)
+            mask = S.be_mask({k: v.numpy() for k, v in batch.end_maps.items()}, layers, (16, 16))
+            one_pass = S.localized_LD(batch.delta_sq.numpy(), mask, T)[0]
+            two_pass = _official_two_pass_LD(tiny_model, PROMPT, 7, layers, T)
+            assert abs(one_pass - two_pass) <= 1e-4 * abs(two_pass), (layers, T, one_pass, two_pass)

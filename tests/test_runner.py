@@ -1,0 +1,65 @@
+"""Configs compose, the detection job runs on the tiny model, re-scoring reuses the stored traces."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from benchmark.models import ModelLoadError
+from runners.detect import run
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("detect", overrides=list(overrides), return_hydra_config=False)
+
+
+def options(group):
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "prompts", "sampler", "layers", "logger", "experiment", "debug"])
+def test_every_config_composes(group, tmp_path):
+    for option in options(group):
+        cfg = config(f"{group}={option}", f"paths.root={tmp_path}")
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path):
+    cfg = config("debug=default", f"paths.root={tmp_path}")
+    value = run(cfg, tmp_path / "job1")
+    result = json.loads((tmp_path / "job1" / "metrics.json").read_text())
+    assert result["sampled_now"] == 8 and result["n_generations"] == 8
+    table = pd.DataFrame(result["metrics"])
+    assert set(table.detector) == {"D", "LD", "BE_intensity", "Ren_E", "Ren_D"}
+    assert set(table.subset) == {"all", "global", "local"} and set(table.level) == {"prompt", "generation"}
+    gens = pd.read_csv(tmp_path / "job1" / "generations.csv")
+    assert len(gens[(gens.detector == "D") & (gens["T"] == 1)]) == 8
+    # the headline value is the table's own row
+    row = table[(table.detector == "LD") & (table.layers == "all") & (table["T"] == 1) & (table.subset == "all")
+                & (table.level == "prompt")]
+    assert value == pytest.approx(row.auc.iloc[0])
+    # another layer set and window: scored from the store, nothing sampled
+    cfg2 = config("debug=default", f"paths.root={tmp_path}", "+layers.sets.mid=[mid_block]", "score.T=[2,5]",
+                  "score.headline.T=2")
+    run(cfg2, tmp_path / "job2")
+    result2 = json.loads((tmp_path / "job2" / "metrics.json").read_text())
+    assert result2["sampled_now"] == 0
+    assert {"mid"} <= set(pd.DataFrame(result2["metrics"]).layers)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["+layers.sets.bad=[down_blocks.7]"], ValueError, "unknown layer 'down_blocks.7'"),
+    (["model.source=/nonexistent/sd", "model.name=x"], ModelLoadError, "model folder not found: /nonexistent/sd"),
+    (["prompts.entries=[]"], ValueError, "prompt set 'tiny' is empty"),
+    (["score.T=[9]"], ValueError, "T=9 outside 1..5"),
+])
+def test_bad_input_gets_one_clear_error(tmp_path, overrides, error, message):
+    cfg = config("debug=default", f"paths.root={tmp_path}", *overrides)
+    with pytest.raises(error, match=message.replace(".", r"\.").replace("[", r"\[")):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "metrics.json").exists()
