@@ -110,7 +110,7 @@ class CapturedBatch:
     token_attn: dict[str, torch.Tensor]  # layer -> (n, steps, tokens)
     end_index: torch.Tensor  # (n,)
     latents: torch.Tensor  # (n, c, h, w)
-    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+    images: torch.Tensor | None  # (n, 3, H, W) in [0, 1]; None when not decoded
 
 
 def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
@@ -122,7 +122,7 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
 
 @torch.no_grad()
 def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-                        record: bool = True) -> CapturedBatch | torch.Tensor:
+                        record: bool = True, decode: bool = True) -> CapturedBatch | torch.Tensor:
     """Sample ``len(seeds)`` images of one prompt; with ``record`` return their traces, else only the latents."""
     n = len(seeds)
     cond = model.encode([prompt]).expand(n, -1, -1)
@@ -158,5 +158,5 @@ def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], setti
         token_attn={k: torch.stack(v, 1) for k, v in rec.token_attn.items()},
         end_index=rec.end_index,
         latents=latents.float().cpu(),
-        images=model.to_images(latents),
+        images=model.to_images(latents) if decode else None,
     )

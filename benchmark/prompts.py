@@ -21,6 +21,7 @@ class Prompt:
 class PromptSet:
     name: str
     prompts: list[Prompt] = field(default_factory=list)
+    truth: dict = field(default_factory=dict)  # prompt id -> localization.Truth, where known
 
     def __post_init__(self):
         if not self.prompts:
@@ -55,14 +56,22 @@ def testbed_prompt_set(model_folder: str | Path, name: str = "testbed") -> Promp
     path = Path(model_folder) / "testbed.json"
     if not path.exists():
         raise FileNotFoundError(f"not a testbed model folder (no testbed.json): {model_folder}")
+    from .localization import Truth
+    from .testbed.data import Recipe, ground_truth, make_dataset
+
+    meta = json.loads(path.read_text())
+    truth_by_caption = ground_truth(make_dataset(Recipe(**meta["recipe"])))
     counts: dict[str, int] = {}
-    prompts = []
-    for entry in json.loads(path.read_text())["prompts"]:
+    prompts, truth = [], {}
+    for entry in meta["prompts"]:
         category = entry["category"]
         counts[category] = counts.get(category, 0) + 1
         kind = "none" if category == "heldout" else category
-        prompts.append(Prompt(f"{category}-{counts[category] - 1:03d}", entry["caption"], kind != "none", kind, name))
-    return PromptSet(name, prompts)
+        prompt = Prompt(f"{category}-{counts[category] - 1:03d}", entry["caption"], kind != "none", kind, name)
+        prompts.append(prompt)
+        if entry["caption"] in truth_by_caption:
+            truth[prompt.id] = Truth(*truth_by_caption[entry["caption"]])
+    return PromptSet(name, prompts, truth)
 
 
 def load_prompt_set(spec: dict) -> PromptSet:
@@ -76,5 +85,7 @@ def load_prompt_set(spec: dict) -> PromptSet:
     prompt_set = loaders[loader](**spec)
     limit = spec.get("limit")
     if limit:
-        prompt_set = PromptSet(prompt_set.name, prompt_set.prompts[:limit])
+        kept = prompt_set.prompts[:limit]
+        prompt_set = PromptSet(prompt_set.name, kept, {p.id: prompt_set.truth[p.id] for p in kept
+                                                       if p.id in prompt_set.truth})
     return prompt_set

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection
+from benchmark import detection, localization
 from benchmark.capture import SamplerSettings
 from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set
@@ -42,6 +42,12 @@ def run(cfg: DictConfig, folder: Path) -> float:
                    "n_generations": len(arrays.rows), "sampled_now": sampled,
                    "sampling_seconds": round(sampling_s, 2), "scoring_seconds": round(time.perf_counter() - start
                                                                                       - sampling_s, 2)}
+        if prompt_set.truth:
+            images = [store.read_image(g.key, seed).transpose(2, 0, 1) for g in plan for seed in g.seeds]
+            rows = arrays.rows
+            tables = localization.evaluate(arrays.end_maps, images, list(rows.prompt_id), list(rows.kind),
+                                           prompt_set.truth, layer_sets, cfg.localization.rule)
+            summary |= localization.summarise(tables)
         detection.write_results(folder, summary, metrics, scores)
         value = detection.headline(metrics, **cfg.score.headline)
         tracker.log({**summary, "headline_auc": value}, metrics=metrics)

@@ -14,10 +14,8 @@ from .train import Architecture, TestbedSpec, Training, build_untrained, train
 SHIPPED = Path(__file__).parent / "weights"  # made by `make testbed-weights` (see docs/testbed.md)
 
 
-def spec_from_json(path: Path) -> TestbedSpec:
-    raw = json.loads(path.read_text())
-    arch = raw["architecture"]
-    arch["block_out_channels"] = tuple(arch["block_out_channels"])
+def spec_from_dict(raw: dict) -> TestbedSpec:
+    arch = dict(raw["architecture"], block_out_channels=tuple(raw["architecture"]["block_out_channels"]))
     return TestbedSpec(Recipe(**raw["recipe"]), Architecture(**arch), Training(**raw["training"]))
 
 
@@ -27,7 +25,7 @@ def ensure_testbed(folder: str | Path) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     if (SHIPPED / "unet").is_dir():
-        spec = spec_from_json(SHIPPED / "testbed_spec.json")
+        spec = spec_from_dict(json.loads((SHIPPED / "testbed_spec.json").read_text()))
         model = build_untrained(spec.architecture, spec.recipe.resolution, spec.training.seed)
         model.unet = UNet2DConditionModel.from_pretrained(SHIPPED, subfolder="unet", use_safetensors=True)
         tmp = folder.with_name(folder.name + ".partial")

@@ -156,3 +156,13 @@ def write_metadata(recipe: Recipe, items: list[Item], folder: Path) -> Path:
     path = folder / "testbed.json"
     path.write_text(json.dumps({"recipe": asdict(recipe), "prompts": evaluation_prompts(items)}, indent=1) + "\n")
     return path
+
+
+def ground_truth(items: list[Item]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Per memorized caption: the training image it copies (for a local caption, any copy: the patch is the same
+    in all) and the planted mask (None for global captions)."""
+    truth = {}
+    for item in items:
+        if item.category in ("global", "local") and item.caption not in truth:
+            truth[item.caption] = (item.image, item.mask)
+    return truth

@@ -1,0 +1,25 @@
+# be-bench: `make setup run` on a fresh machine, `make test` for the tests.
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test test-all bench testbed-weights clean-outputs
+
+setup:              ## create .venv and install everything (CPU torch on these machines)
+	bash scripts/setup.sh
+
+run:                ## the main job: build or reuse the testbed, detect + localize on it, report
+	@start=$$(date +%s); \
+	$(PY) -m runners.detect && \
+	echo "make run wall time: $$(( $$(date +%s) - start )) s"
+
+test:               ## the fast suite (what CI runs)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all:           ## everything, including the minutes-long tests
+	$(PY) -m pytest -q
+
+bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py)
+	$(PY) -m runners.bench
+
+testbed-weights:    ## retrain the shipped testbed weights from scratch (about 15 min on 2 cores)
+	$(PY) -m runners.train_testbed

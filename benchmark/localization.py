@@ -1,0 +1,104 @@
+"""Localization and copying, where ground truth is known (the testbed; any set with training images and masks).
+
+- Localization: the BE mask of each generation against the copied region's ground-truth mask, as pixel AUROC
+  (threshold-free) and IoU after a stated binarisation, with the all-ones mask as the floor.
+- Copying: distance of each generation to its training image (inside the mask where there is one), against the
+  nearest training image for never-trained prompts, and how alike a prompt's generations are inside vs outside.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import scores as S
+from .metrics import binarize, iou, pixel_auroc
+
+
+@dataclass
+class Truth:
+    """What a prompt copies: its training image (3, H, W) in [0, 1], and the copied region for local copies."""
+
+    image: np.ndarray
+    mask: np.ndarray | None = None  # (H, W) bool; None = the whole image (global memorization)
+
+
+def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],
+                       layer_sets: dict[str, list[str]], rule: str = "otsu") -> pd.DataFrame:
+    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set."""
+    picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None]
+    if not picked:
+        return pd.DataFrame()
+    masks = np.stack([truth[prompt_ids[i]].mask for i in picked])
+    rows = []
+    candidates = {name: S.be_mask({k: v[picked] for k, v in end_maps.items()}, layers, masks.shape[-2:])
+                  for name, layers in layer_sets.items()}
+    candidates["all-ones (floor)"] = np.ones(masks.shape)
+    for name, soft in candidates.items():
+        ious = [iou(binarize(m, rule) if name != "all-ones (floor)" else m.astype(bool), t)
+                for m, t in zip(soft, masks)]
+        aurocs = [pixel_auroc(m, t) if m.std() > 0 else 0.5 for m, t in zip(soft, masks)]
+        rows.append({"layers": name, "binarisation": rule, "iou": float(np.mean(ious)),
+                     "iou_sd": float(np.std(ious)), "pixel_auroc": float(np.mean(aurocs)), "n": len(picked)})
+    return pd.DataFrame(rows)
+
+
+def rmse(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    diff = (a - b) ** 2
+    if where is not None:
+        diff = diff[:, where]
+    return float(np.sqrt(diff.mean()))
+
+
+def copy_table(images: list[np.ndarray], prompt_ids: list[str], kinds: list[str], truth: dict[str, Truth]) -> pd.DataFrame:
+    """Per generation: distance to its own training image (in its region), or for a prompt without ground
+    truth, to the nearest one of every kind (its chance level)."""
+    rows = []
+    for image, pid, kind in zip(images, prompt_ids, kinds):
+        if pid in truth:
+            t = truth[pid]
+            rows.append({"prompt_id": pid, "kind": kind, "distance": rmse(image, t.image, t.mask)})
+            continue
+        for ref_kind in sorted({"global" if t.mask is None else "local" for t in truth.values()}):
+            nearest = min(rmse(image, t.image, t.mask) for t in truth.values()
+                          if (t.mask is None) == (ref_kind == "global"))
+            rows.append({"prompt_id": pid, "kind": f"none vs {ref_kind}", "distance": nearest})
+    return pd.DataFrame(rows)
+
+
+def diversity_table(images: list[np.ndarray], prompt_ids: list[str], truth: dict[str, Truth]) -> pd.DataFrame:
+    """Mean pairwise RMSE among a local prompt's generations inside and outside its region: a planted region
+    that is copied while the rest is not shows low inside and high outside."""
+    rows = []
+    for pid in sorted(set(prompt_ids)):
+        t = truth.get(pid)
+        if t is None or t.mask is None:
+            continue
+        gens = [img for img, p in zip(images, prompt_ids) if p == pid]
+        pairs = list(itertools.combinations(gens, 2))
+        if pairs:
+            rows.append({"prompt_id": pid, "inside": np.mean([rmse(a, b, t.mask) for a, b in pairs]),
+                         "outside": np.mean([rmse(a, b, ~t.mask) for a, b in pairs])})
+    return pd.DataFrame(rows)
+
+
+def evaluate(end_maps: dict[str, np.ndarray], images: list[np.ndarray], prompt_ids: list[str], kinds: list[str],
+             truth: dict[str, Truth], layer_sets: dict[str, list[str]], rule: str = "otsu") -> dict[str, pd.DataFrame]:
+    """Every ground-truth table of one job."""
+    return {"localization": localization_table(end_maps, prompt_ids, truth, layer_sets, rule),
+            "copying": copy_table(images, prompt_ids, kinds, truth),
+            "diversity": diversity_table(images, prompt_ids, truth)}
+
+
+def summarise(tables: dict[str, pd.DataFrame]) -> dict:
+    """The ground-truth tables as plain values for metrics.json."""
+    out = {"localization": tables["localization"].to_dict(orient="records")}
+    copies = tables["copying"]
+    if not copies.empty:
+        out["copy_distance_median"] = copies.groupby("kind")["distance"].median().round(4).to_dict()
+    diversity = tables["diversity"]
+    if not diversity.empty:
+        out["local_diversity_mean"] = diversity[["inside", "outside"]].mean().round(4).to_dict()
+    return out

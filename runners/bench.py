@@ -1,0 +1,97 @@
+"""`make bench`: side-by-side timings on SD v1-4's architecture (random weights) at a reduced resolution.
+
+Prints one ``name: value`` line per figure:
+- capture_overhead_ratio: sampling with capture / diffusers' StableDiffusionPipeline, same seeds (goal <= 1.10);
+- rescore_ratio: re-scoring a 12-point layer x T grid from stored traces / one sampling pass (goal <= 0.02);
+- trace_kib_per_image: trace file + PNG on disk per image.
+A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from benchmark import detection
+from benchmark.capture import SamplerSettings, sample_with_capture
+from benchmark.models import sd14_architecture
+from benchmark.prompts import inline_prompt_set
+from benchmark.traces import TraceStore
+
+PROMPT = "Mothers influence on her young hippo"
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model = sd14_architecture().to(args.device, dtype)
+    settings = SamplerSettings(args.steps, 7.5, args.resolution, args.resolution)
+    seeds = list(range(args.images))
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=model.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def plain():
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        pipe(PROMPT, height=args.resolution, width=args.resolution, num_inference_steps=args.steps,
+             guidance_scale=7.5, num_images_per_prompt=len(seeds), generator=generators, output_type="latent")
+
+    def captured():
+        sample_with_capture(model, PROMPT, seeds, settings, decode=False)
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    plain(), captured(), sync()  # warm-up: the first call pays for allocations and kernel selection
+    plain_s, capture_s = [], []
+    for _ in range(args.repeats):
+        plain_s.append(timed(lambda: (plain(), sync())))
+        capture_s.append(timed(lambda: (captured(), sync())))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TraceStore(tmp)
+        prompts = inline_prompt_set("bench", [{"id": "p", "text": PROMPT, "kind": "global"},
+                                              {"id": "q", "text": "a photo of a cat"}])
+        plan = detection.plan(prompts, "sd14-architecture", detection.sampler_key(settings, args.dtype), seeds)
+        sample_s = timed(lambda: detection.generate(model, plan, settings, store, batch_size=len(seeds)))
+        layer_sets = {"all": ["*"], "res64": ["down_blocks.0", "up_blocks.3"],
+                      "res32": ["down_blocks.1", "up_blocks.2"], "res16": ["down_blocks.2", "up_blocks.1"]}
+        windows = sorted({1, max(1, args.steps // 5), args.steps})
+        windows = windows + [w for w in range(2, args.steps) if w not in windows][: 3 - len(windows)]
+
+        def rescore():
+            arrays = detection.load(store, plan)
+            scores = detection.score_grid(arrays, layer_sets, windows)
+            detection.detection_table(scores, n_boot=0)
+
+        rescore_s = min(timed(rescore) for _ in range(args.repeats))
+        files = [f for f in Path(tmp).rglob("*") if f.is_file()]
+        kib = sum(f.stat().st_size for f in files) / 1024 / (len(plan) * len(seeds))
+
+    print(f"device: {args.device} {args.dtype}, {args.resolution} px, {args.steps} steps, {args.images} images")
+    print(f"plain_seconds: {min(plain_s):.3f}")
+    print(f"capture_seconds: {min(capture_s):.3f}")
+    print(f"capture_overhead_ratio: {min(capture_s) / min(plain_s):.3f}")
+    print(f"rescore_grid_points: {len(layer_sets) * len(windows)}")
+    print(f"rescore_ratio: {rescore_s / sample_s:.4f}")  # the same images: re-scored vs sampled
+    print(f"trace_kib_per_image: {kib:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Train the testbed (resumable); with ``ship=true`` put its UNet into the package for `make run` to reuse."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from benchmark.testbed.build import SHIPPED, spec_from_dict
+from benchmark.testbed.train import train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_testbed")
+def main(cfg: DictConfig) -> None:
+    spec = spec_from_dict(OmegaConf.to_container(cfg.testbed, resolve=True))
+    folder = train(spec, Path(cfg.out), progress=cfg.progress)
+    print(f"testbed written to {folder}")
+    if cfg.ship:
+        shutil.rmtree(SHIPPED, ignore_errors=True)
+        shutil.copytree(folder / "unet", SHIPPED / "unet")
+        shutil.copy(folder / "testbed_spec.json", SHIPPED / "testbed_spec.json")
+        print(f"shipped to {SHIPPED}")
+
+
+if __name__ == "__main__":
+    main()
