@@ -1,0 +1,90 @@
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from benchmark.models import load_text_to_image
+from benchmark.prompts import testbed_prompt_set as load_testbed_prompts
+from benchmark.testbed.build import spec_from_dict
+from benchmark.testbed.data import Recipe, evaluation_prompts, make_dataset, training_items
+from benchmark.testbed.train import TestbedSpec, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def tiny_spec() -> TestbedSpec:
+    default = yaml.safe_load((ROOT / "conf/testbed/default.yaml").read_text())
+    tiny = yaml.safe_load((ROOT / "conf/testbed/tiny.yaml").read_text())
+    merged = {k: {**default[k], **tiny.get(k, {})} for k in ("recipe", "architecture", "training")}
+    return spec_from_dict(merged)
+
+
+def test_default_config_is_the_code_default():
+    default = yaml.safe_load((ROOT / "conf/testbed/default.yaml").read_text())
+    spec = asdict(TestbedSpec())
+    spec["architecture"]["block_out_channels"] = list(spec["architecture"]["block_out_channels"])
+    assert default == spec
+
+
+def test_recipe_plants_what_it_says():
+    recipe = Recipe(n_unique=10, n_global=2, global_copies=3, n_local=2, local_copies=5, n_heldout=4, seed=3)
+    items = make_dataset(recipe)
+    assert [sum(i.category == c for i in items) for c in ("unique", "global", "local", "heldout")] == [10, 6, 10, 4]
+    local = [i for i in items if i.category == "local"]
+    first = [i for i in local if i.caption == local[0].caption]
+    mask = first[0].mask
+    assert mask.mean() == pytest.approx(0.25)  # patch side 0.5 of the image side
+    for other in first[1:]:
+        np.testing.assert_array_equal(other.mask, mask)
+        np.testing.assert_array_equal(other.image[:, mask], first[0].image[:, mask])  # the planted patch
+    assert any(np.abs(o.image[:, ~mask] - first[0].image[:, ~mask]).max() > 0.1 for o in first[1:])  # the rest varies
+    glob = [i for i in items if i.category == "global"]
+    assert all(np.array_equal(g.image, glob[0].image) for g in glob if g.caption == glob[0].caption)
+    heldout = {i.caption for i in items if i.category == "heldout"}
+    assert not heldout & {i.caption for i in training_items(items)}
+    assert len({p["caption"] for p in evaluation_prompts(items)}) == 2 + 2 + 4
+    again = make_dataset(recipe)
+    assert [i.caption for i in again] == [i.caption for i in items]  # deterministic
+
+
+def test_tiny_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    spec = tiny_spec()
+    straight = train(spec, tmp_path / "a" / "pipeline", progress=False)
+    # kill after the step-2 checkpoint, then start again
+    from diffusers.training_utils import EMAModel
+    calls = {"n": 0}
+    original = EMAModel.step
+
+    def dying_step(self, params):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, params)
+
+    monkeypatch.setattr(EMAModel, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "b" / "pipeline", progress=False)
+    monkeypatch.setattr(EMAModel, "step", original)
+    resumed = train(spec, tmp_path / "b" / "pipeline", progress=False)
+    a, b = load_text_to_image(str(straight)), load_text_to_image(str(resumed))
+    for (name, p), q in zip(a.unet.named_parameters(), b.unet.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    # the folder is a testbed: labelled prompts with ground truth
+    prompts = load_testbed_prompts(resumed)
+    assert {p.kind for p in prompts} == {"global", "local", "none"}
+    assert {pid for pid in prompts.truth} == {p.id for p in prompts if p.memorized}
+    assert all(t.mask is not None for pid, t in prompts.truth.items() if pid.startswith("local"))
+
+
+def test_the_training_command_short_version_works(tmp_path):
+    out = tmp_path / "pipeline"
+    done = subprocess.run([sys.executable, "-m", "runners.train_testbed", "testbed=tiny", f"out={out}",
+                           f"paths.root={tmp_path}", "progress=false"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    spec = json.loads((out / "testbed_spec.json").read_text())
+    assert spec["training"]["steps"] == 4 and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
