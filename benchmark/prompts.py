@@ -22,6 +22,7 @@ class PromptSet:
     name: str
     prompts: list[Prompt] = field(default_factory=list)
     truth: dict = field(default_factory=dict)  # prompt id -> localization.Truth, where known
+    skipped: int = 0  # malformed records left out (only when a loader is told to skip them)
 
     def __post_init__(self):
         if not self.prompts:
@@ -74,18 +75,66 @@ def testbed_prompt_set(model_folder: str | Path, name: str = "testbed") -> Promp
     return PromptSet(name, prompts, truth)
 
 
+def shard(prompt_set: PromptSet, spec: str) -> PromptSet:
+    """Shard ``i/n``: every n-th prompt from position i. Shards are disjoint, cover the set, and depend only on
+    the set's order, so they are the same in every run."""
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise ValueError(f"prompt shard {spec!r} is not i/n with 0 <= i < n") from None
+    return subset(prompt_set, prompt_set.prompts[i::n])
+
+
+def subset(prompt_set: PromptSet, kept: list[Prompt], name: str | None = None) -> PromptSet:
+    return PromptSet(name or prompt_set.name, kept, {p.id: prompt_set.truth[p.id] for p in kept
+                                                     if p.id in prompt_set.truth})
+
+
+def select_ids(prompt_set: PromptSet, path: str | Path) -> PromptSet:
+    """Keep the prompts whose ids a file lists (one a line): e.g. the memorization-prone subset."""
+    wanted = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    known = {p.id for p in prompt_set}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} ids not in prompt set {prompt_set.name!r}, first {unknown[0]!r}")
+    keep = set(wanted)
+    return subset(prompt_set, [p for p in prompt_set if p.id in keep])
+
+
 def load_prompt_set(spec: dict) -> PromptSet:
-    """A prompt set from its config: ``loader`` names the format, the other keys are the loader's arguments."""
+    """A prompt set from its config: ``loader`` names the source, the other keys are its arguments; then
+    ``select_ids``, ``limit`` and ``shard`` narrow it, in that order."""
+    from . import prompt_files as files
+
     spec = dict(spec)
     loader = spec.pop("loader")
-    loaders = {"inline": lambda name, entries, **_: inline_prompt_set(name, list(entries)),
-               "testbed": lambda name, model_folder, **_: testbed_prompt_set(model_folder, name)}
+    loaders = {
+        "inline": lambda name, entries, **_: inline_prompt_set(name, list(entries)),
+        "testbed": lambda name, model_folder, **_: testbed_prompt_set(model_folder, name),
+        "file": files.file_prompt_set,
+        "random": files.random_prompt_set,
+        "hf": files.hf_prompt_set,
+        "union": lambda name, parts, **_: union(name, [load_prompt_set(part) for part in
+                                                       (parts.values() if isinstance(parts, dict) else parts)]),
+    }
     if loader not in loaders:
         raise ValueError(f"unknown prompt loader {loader!r} (one of {', '.join(loaders)})")
     prompt_set = loaders[loader](**spec)
-    limit = spec.get("limit")
-    if limit:
-        kept = prompt_set.prompts[:limit]
-        prompt_set = PromptSet(prompt_set.name, kept, {p.id: prompt_set.truth[p.id] for p in kept
-                                                       if p.id in prompt_set.truth})
+    if spec.get("select_ids"):
+        prompt_set = select_ids(prompt_set, spec["select_ids"])
+    if spec.get("limit"):
+        prompt_set = subset(prompt_set, prompt_set.prompts[:spec["limit"]])
+    if spec.get("shard"):
+        prompt_set = shard(prompt_set, spec["shard"])
     return prompt_set
+
+
+def union(name: str, parts: list[PromptSet]) -> PromptSet:
+    """Several sets as one; ids are prefixed with their part's name so they stay unique."""
+    prompts, truth = [], {}
+    for part in parts:
+        for p in part:
+            prompts.append(Prompt(f"{part.name}/{p.id}", p.text, p.memorized, p.kind, p.source or part.name))
+        truth |= {f"{part.name}/{k}": v for k, v in part.truth.items()}
+    return PromptSet(name, prompts, truth)

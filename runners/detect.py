@@ -32,7 +32,7 @@ def run(cfg: DictConfig, folder: Path) -> float:
         plan = detection.plan(prompt_set, m.name, detection.sampler_key(settings, m.dtype), seeds)
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
-                                     progress=lambda it: tqdm(it, desc="prompts"))
+                                     progress=lambda it: tqdm(it, desc="prompts", disable=None))
         sampling_s = time.perf_counter() - start
         arrays = detection.load(store, plan)
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}

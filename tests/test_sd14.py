@@ -1,0 +1,38 @@
+"""Capture on SD v1-4's real architecture (random weights): 16 cross-attention layers, 8 heads, 64x64 at 512 px."""
+import pytest
+import torch
+
+from benchmark.capture import SamplerSettings, cross_attention_layers, sample_with_capture
+from benchmark.models import sd14_architecture
+
+
+@pytest.fixture(scope="module")
+def sd14():
+    return sd14_architecture(with_vae=False)
+
+
+def test_sd14_layer_names_and_heads(sd14):
+    layers = cross_attention_layers(sd14.unet)
+    assert len(layers) == 16
+    assert {m.heads for m in layers.values()} == {8}
+    assert "down_blocks.0.attentions.0" in layers and "up_blocks.3.attentions.2" in layers
+
+
+@pytest.mark.slow
+def test_sd14_capture_at_512px_keeps_only_the_recorded_maps(sd14):
+    settings = SamplerSettings(steps=2, guidance=7.5, height=512, width=512)
+    batch = sample_with_capture(sd14, "Mothers influence on her young hippo", [0], settings, decode=False)
+    assert batch.delta_sq.shape == (1, 2, 64, 64)
+    assert batch.end_maps["down_blocks.0.attentions.0"].shape == (1, 64, 64)
+    assert batch.end_maps["down_blocks.2.attentions.1"].shape == (1, 16, 16)
+    assert batch.end_maps["mid_block.attentions.0"].shape == (1, 8, 8)
+    assert all(v.shape == (1, 2, 77) for v in batch.token_attn.values())
+    # what the pass keeps is exactly the trace: maps per layer, token vectors per step, delta per step
+    kept = sum(t.numel() for t in [batch.delta_sq, batch.latents, *batch.end_maps.values(), *batch.token_attn.values()])
+    expected = 2 * 64 * 64 + 4 * 64 * 64 + (2 * 64**2 + 2 * 32**2 + 2 * 16**2 + 8**2 + 3 * 16**2 + 3 * 32**2
+                                              + 3 * 64**2) + 16 * 2 * 77
+    assert kept == expected
+    fp16_kib = (kept - 4 * 64 * 64) * 2 / 1024  # float16 storage, without the latent
+    print(f"trace per image at 512 px, 2 steps: {fp16_kib:.0f} KiB (+ {4 * 64 * 64 * 2 / 1024:.0f} KiB latent);"
+          f" each extra step adds {(64 * 64 + 16 * 77) * 2 / 1024:.1f} KiB")
+    assert all(torch.isfinite(v).all() for v in batch.end_maps.values())
