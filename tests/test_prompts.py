@@ -110,3 +110,18 @@ def test_ren345_are_wens_first_345(shared_data):
            (shared_data / "prompts/diffusion_memorization/sdv1_500_memorized.jsonl").read_text().splitlines()]
     ren = file_prompt_set("r", str(shared_data / "prompts/MemAttn/sd1_mem345.txt"))
     assert [p.text for p in ren] == wen[:345]
+
+
+def test_prone_rule_takes_the_top_k_memorized_by_prompt_mean(tmp_path):
+    import pandas as pd
+
+    from benchmark.prompts import prone_ids
+
+    rows = [("a", True, 0, 1.0), ("a", True, 1, 3.0), ("b", True, 0, 5.0), ("c", True, 0, 0.5), ("n", False, 0, 9.0)]
+    table = pd.DataFrame([{"prompt_id": p, "kind": "memorized" if m else "none", "memorized": m, "seed": s,
+                           "detector": "D", "layers": "", "T": 1, "score": v} for p, m, s, v in rows])
+    path = tmp_path / "generations.csv"
+    table.to_csv(path, index=False)
+    assert prone_ids(path, 2) == ["b", "a"]
+    with pytest.raises(ValueError, match="no memorized rows for LD"):
+        prone_ids(path, 2, detector="LD")
