@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import scores as S
-from .capture import SamplerSettings, sample_with_capture
+from .capture import SamplerSettings, cross_attention_layers, sample_with_capture
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
@@ -35,6 +35,20 @@ class Generation:
 def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
     return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds))
             for p in prompt_set]
+
+
+def check_grid(model: TextToImage, layer_sets: dict[str, list[str]], windows: list[int], n_steps: int) -> None:
+    """Fail on an unknown layer name or an impossible step window before any sampling, not after it."""
+    available = list(cross_attention_layers(model.unet))
+    for layers in layer_sets.values():
+        S.select_layers(available, list(layers))
+    _check_windows(windows, n_steps)
+
+
+def _check_windows(windows: list[int], n_steps: int) -> None:
+    for T in windows:
+        if not 1 <= T <= n_steps:
+            raise ValueError(f"step window T={T} outside 1..{n_steps} sampled steps")
 
 
 def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
@@ -99,10 +113,7 @@ def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: lis
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
     """
-    n_steps = arrays.delta_sq.shape[1]
-    for T in steps:
-        if not 1 <= T <= n_steps:
-            raise ValueError(f"step window T={T} outside 1..{n_steps} sampled steps")
+    _check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
 
     def add(detector: str, layers: str, T: int, values: np.ndarray):

@@ -67,7 +67,8 @@ class TextToImage:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToImage":
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
-                module.to(device=device, dtype=dtype)
+                # a dtype equal to the current one is left out: diffusers warns on every cast, needed or not
+                module.to(device=device, dtype=dtype if dtype not in (None, module.dtype) else None)
         return self
 
     def end_token_index(self, prompts: list[str]) -> torch.Tensor:

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -15,16 +14,21 @@ from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set
 from benchmark.tracking import Tracker
 from benchmark.traces import TraceStore
+from reports.job import write_job_report
+from runners.common import CONF, job_device, run_job
 
 
-def run(cfg: DictConfig, folder: Path) -> float:
+def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     """The job itself, callable with a composed config (tests do)."""
     m, s = cfg.model, cfg.sampler
+    device = device or m.device
     tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
                       OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
                       cfg.logger.get("group"))
     try:
-        model = get_model(m.source, m.device, m.dtype, m.use_safetensors, m.build)
+        model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
+        detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
@@ -35,7 +39,6 @@ def run(cfg: DictConfig, folder: Path) -> float:
                                      progress=lambda it: tqdm(it, desc="prompts", disable=None))
         sampling_s = time.perf_counter() - start
         arrays = detection.load(store, plan)
-        layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
         metrics = detection.detection_table(scores, cfg.score.n_boot)
         summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
@@ -48,9 +51,11 @@ def run(cfg: DictConfig, folder: Path) -> float:
             tables = localization.evaluate(arrays.end_maps, images, list(rows.prompt_id), list(rows.kind),
                                            prompt_set.truth, layer_sets, cfg.localization.rule)
             summary |= localization.summarise(tables)
+        summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
         detection.write_results(folder, summary, metrics, scores)
-        value = detection.headline(metrics, **cfg.score.headline)
-        tracker.log({**summary, "headline_auc": value}, metrics=metrics)
+        report = write_job_report(folder)
+        tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, metrics=metrics)
+        print(report.read_text())
         print(f"{cfg.score.headline.detector} AUC ({cfg.score.headline.subset}, {cfg.score.headline.level}): "
               f"{value:.3f} | {sampled} images sampled now, results in {folder}")
         return value
@@ -58,9 +63,9 @@ def run(cfg: DictConfig, folder: Path) -> float:
         tracker.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="detect")
 def main(cfg: DictConfig) -> float:
-    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return run_job(lambda c, folder: run(c, folder, job_device(c.model.device)), cfg)
 
 
 if __name__ == "__main__":

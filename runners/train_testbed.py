@@ -7,11 +7,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from runners.common import CONF
 from benchmark.testbed.build import SHIPPED, spec_from_dict
 from benchmark.testbed.train import train
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_testbed")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train_testbed")
 def main(cfg: DictConfig) -> None:
     spec = spec_from_dict(OmegaConf.to_container(cfg.testbed, resolve=True))
     folder = train(spec, Path(cfg.out), progress=cfg.progress)

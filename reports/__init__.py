@@ -1,0 +1,1 @@
+"""Reports built from job folders (metrics.json + generations.csv + .hydra/config.yaml)."""

@@ -1,0 +1,65 @@
+"""A Markdown summary of one detection job folder: the detection table, and localization / copying where known.
+
+    python -m reports.job outputs/detect/testbed/testbed/<time>
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.scores import DETECTORS
+
+
+def _fmt(row: pd.Series, name: str) -> str:
+    if f"{name}_lo" in row and pd.notna(row.get(f"{name}_lo")):
+        return f"{row[name]:.3f} [{row[f'{name}_lo']:.2f}, {row[f'{name}_hi']:.2f}]"
+    return f"{row[name]:.3f}"
+
+
+def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str = "auc") -> str:
+    """Detector x (layers, T) rows, one column per subset, each cell ``value [95% CI]``."""
+    order = {name: i for i, name in enumerate(DETECTORS)}
+    table = metrics[metrics.level == level].copy()
+    table = table.sort_values(["detector", "layers", "T"], key=lambda c: c.map(order) if c.name == "detector" else c,
+                              kind="mergesort")
+    table["cell"] = table.apply(lambda r: _fmt(r, metric), axis=1)
+    table["method"] = table.apply(lambda r: r.detector + (f"[{r.layers}]" if r.layers else "")
+                                  + (f" T={r['T']}" if r["T"] else ""), axis=1)
+    wide = table.pivot_table(index="method", columns="subset", values="cell", aggfunc="first", sort=False)
+    return wide.to_markdown()
+
+
+def job_markdown(folder: str | Path) -> str:
+    folder = Path(folder)
+    result = json.loads((folder / "metrics.json").read_text())
+    metrics = pd.DataFrame(result["metrics"])
+    parts = [f"# {result['model']} on {result['prompt_set']}",
+             f"{result['n_prompts']} prompts, {result['n_generations']} generations "
+             f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s).",
+             "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",
+             detection_markdown(metrics, "prompt", "auc"),
+             "", "## Detection: TPR@1%FPR at prompt level", "", detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr")]
+    if result.get("localization"):
+        parts += ["", "## Localization: BE mask vs ground-truth mask (local memorization)", "",
+                  pd.DataFrame(result["localization"]).round(3).to_markdown(index=False)]
+    if result.get("copy_distance_median"):
+        parts += ["", "## Copying: median RMSE to the training image (inside the planted region for local)", ""]
+        parts += [f"- {k}: {v}" for k, v in result["copy_distance_median"].items()]
+    if result.get("local_diversity_mean"):
+        d = result["local_diversity_mean"]
+        parts += ["", f"Local prompts, mean pairwise RMSE among a prompt's generations: inside the region "
+                      f"{d['inside']}, outside {d['outside']}."]
+    return "\n".join(str(p) for p in parts) + "\n"
+
+
+def write_job_report(folder: str | Path) -> Path:
+    path = Path(folder) / "report.md"
+    path.write_text(job_markdown(folder))
+    return path
+
+
+if __name__ == "__main__":
+    print(job_markdown(sys.argv[1]))

@@ -1,0 +1,33 @@
+"""Hydra callbacks: the end-of-sweep summary (finished, skipped, failed jobs with their error line)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from runners.common import ERROR_FILE
+
+
+def sweep_status(sweep_dir: Path) -> dict[str, list]:
+    """Job folders of a sweep by state: ``done`` (metrics.json), ``failed`` (error.txt, with its first line)."""
+    status = {"done": [], "failed": []}
+    for config in sorted(sweep_dir.glob("**/.hydra/config.yaml")):
+        job = config.parent.parent
+        if (job / "metrics.json").exists():
+            status["done"].append(str(job.relative_to(sweep_dir)))
+        elif (job / ERROR_FILE).exists():
+            first = (job / ERROR_FILE).read_text().splitlines()[0]
+            status["failed"].append([str(job.relative_to(sweep_dir)), first])
+    return status
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        status = sweep_status(sweep_dir)
+        (sweep_dir / "sweep_summary.json").write_text(json.dumps(status, indent=1) + "\n")
+        print(f"sweep {sweep_dir}: {len(status['done'])} jobs finished, {len(status['failed'])} failed")
+        for job, line in status["failed"]:
+            print(f"  FAILED {job}: {line}")

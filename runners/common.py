@@ -1,0 +1,45 @@
+"""What every Hydra runner shares: finished-job skipping, failure capture in sweeps, the job's device."""
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from benchmark.devices import pick_device
+
+ERROR_FILE = "error.txt"
+CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
+
+
+def job_device(requested: str) -> str:
+    job = HydraConfig.get().job
+    return pick_device(requested, int(job.num) if job.get("num") is not None else 0)
+
+
+def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
+    """Run one job in its Hydra folder. A folder with metrics.json is finished and is not run again (a rerun
+    sweep resumes). In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir)
+    done = folder / "metrics.json"
+    if done.exists():
+        value = json.loads(done.read_text()).get("headline", math.nan)
+        print(f"finished already, skipped: {folder}")
+        return value
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return run(cfg, folder)
+    try:
+        value = run(cfg, folder)
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+        return value
+    except Exception as err:
+        line = f"{type(err).__name__}: {err}".splitlines()[0]
+        (folder / ERROR_FILE).write_text(line + "\n\n" + traceback.format_exc())
+        print(f"job failed: {line}")
+        return math.nan
