@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-all bench testbed-weights clean-outputs
+.PHONY: setup run test test-all bench testbed-weights sync
 
 setup:              ## create .venv and install everything (CPU torch on these machines)
 	bash scripts/setup.sh
@@ -23,3 +23,6 @@ bench:              ## side-by-side timings on SD v1-4's architecture (see runne
 
 testbed-weights:    ## retrain the shipped testbed weights from scratch (about 15 min on 2 cores)
 	$(PY) -m runners.train_testbed
+
+sync:               ## upload offline W&B runs of all jobs (needs `wandb login`)
+	find outputs -type d -name "offline-run-*" -exec .venv/bin/wandb sync {} +

@@ -36,3 +36,17 @@ def test_sd14_capture_at_512px_keeps_only_the_recorded_maps(sd14):
     print(f"trace per image at 512 px, 2 steps: {fp16_kib:.0f} KiB (+ {4 * 64 * 64 * 2 / 1024:.0f} KiB latent);"
           f" each extra step adds {(64 * 64 + 16 * 77) * 2 / 1024:.1f} KiB")
     assert all(torch.isfinite(v).all() for v in batch.end_maps.values())
+
+
+@pytest.mark.parametrize("option", ["sd", "sd_each"])
+def test_sd_layer_configs_name_real_layers(sd14, option):
+    from pathlib import Path
+
+    import yaml
+
+    from benchmark.scores import select_layers
+
+    sets = yaml.safe_load((Path(__file__).resolve().parents[1] / f"conf/layers/{option}.yaml").read_text())["sets"]
+    available = list(cross_attention_layers(sd14.unet))
+    for name, layers in sets.items():
+        assert select_layers(available, layers), name
