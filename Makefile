@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-all bench testbed-weights sync
+.PHONY: setup run test test-all bench report testbed-weights sync
 
 setup:              ## create .venv and install everything (CPU torch on these machines)
 	bash scripts/setup.sh
@@ -17,6 +17,9 @@ test:               ## the fast suite (what CI runs)
 
 test-all:           ## everything, including the minutes-long tests
 	$(PY) -m pytest -q
+
+report:             ## leaderboard (Markdown, CSV, LaTeX, HTML) from every job under outputs/
+	$(PY) -m reports.leaderboard outputs --out outputs/report
 
 bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py)
 	$(PY) -m runners.bench

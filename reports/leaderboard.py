@@ -1,0 +1,197 @@
+"""Aggregate job folders into paper-style tables with the published numbers beside ours.
+
+    python -m reports.leaderboard outputs/multirun/detect/table1 [more folders] --out reports/out
+
+Writes ``leaderboard.md``, ``leaderboard.csv``, ``table1.md``, ``table1.csv``, ``table1.tex`` and a self-contained
+``leaderboard.html`` (ROC curves, layer x T heat maps). Markdown and CSV are byte-identical for the same folders.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REFERENCE = Path(__file__).parent / "reference"
+METHOD_NAMES = {"D": "Wen (D)", "LD": "BE (LD)", "BE_intensity": "BE intensity", "Ren_E": "Ren (E)",
+                "Ren_D": "Ren (D)"}
+KEYS = ["model", "prompt_set", "steps", "n_images", "level", "detector", "layers", "T", "subset"]
+
+
+def job_folders(paths: list[str | Path]) -> list[Path]:
+    """Every finished job folder (one with metrics.json) under the given folders, in a stable order."""
+    found = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"no such folder: {path}")
+        found |= {p.parent for p in path.rglob("metrics.json")}
+    if not found:
+        raise ValueError(f"no finished job (metrics.json) under {', '.join(map(str, paths))}")
+    return sorted(found)
+
+
+def collect(paths: list[str | Path]) -> pd.DataFrame:
+    """One row per job x metric row, with the job's configuration columns."""
+    frames = []
+    for folder in job_folders(paths):
+        result = json.loads((folder / "metrics.json").read_text())
+        config_file = folder / ".hydra" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        sampler = config.get("sampler", {})
+        frame = pd.DataFrame(result["metrics"])
+        frame.insert(0, "job", str(folder))
+        frame.insert(1, "model", result["model"])
+        frame.insert(2, "prompt_set", result["prompt_set"])
+        frame.insert(3, "steps", sampler.get("steps", -1))
+        frame.insert(4, "n_images", sampler.get("n_images", -1))
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    table["layers"] = table["layers"].fillna("")
+    return table.sort_values(KEYS + ["job"], kind="mergesort").reset_index(drop=True)
+
+
+def _cell(row: pd.Series, name: str) -> str:
+    if pd.isna(row.get(name)):
+        return ""
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if lo is None or pd.isna(lo):
+        return f"{row[name]:.3f}"
+    return f"{row[name]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd.DataFrame:
+    """The seed paper's Table 1 layout: method x memorization type x T -> AUC, F1, TPR@1%FPR, ours and published."""
+    rows = ours[(ours.level == level) & ours.detector.isin(["D", "LD"]) & (ours.subset != "all")
+                & ((ours.detector == "D") | (ours.layers == layers))]
+    out = pd.DataFrame({
+        "source": "ours: " + rows.model + " / " + rows.prompt_set + " (" + rows.steps.astype(str) + " steps, "
+                  + rows.n_images.astype(str) + " images)",
+        "method": rows.detector.map(METHOD_NAMES), "memorization_type": rows.subset, "T": rows["T"],
+        "auc": [_cell(r, "auc") for _, r in rows.iterrows()],
+        "f1": [_cell(r, "f1") for _, r in rows.iterrows()],
+        "tpr_at_1pct_fpr": [_cell(r, "tpr_at_1pct_fpr") for _, r in rows.iterrows()]})
+    published = pd.read_csv(REFERENCE / "be2025_table1_detection.csv")
+    published = published.assign(source="published: " + published.source + ", " + published.model)
+    for name in ("auc", "f1", "tpr_at_1pct_fpr"):
+        published[name] = published[name].map(lambda v: f"{v:.3f}")
+    both = pd.concat([out, published[out.columns]], ignore_index=True)
+    return both.sort_values(["memorization_type", "method", "T", "source"], kind="mergesort").reset_index(drop=True)
+
+
+def leaderboard(ours: pd.DataFrame, metric: str = "auc", subset: str = "all", level: str = "prompt") -> pd.DataFrame:
+    """Every (job, detector, layers, T) on one subset, best first."""
+    rows = ours[(ours.level == level) & (ours.subset == subset)].copy()
+    rows["method"] = rows.detector.map(METHOD_NAMES) + rows.layers.map(lambda l: f" [{l}]" if l else "")
+    rows[f"{metric}_ci"] = [_cell(r, metric) for _, r in rows.iterrows()]
+    rows[metric] = rows[metric].round(4)
+    columns = ["model", "prompt_set", "steps", "n_images", "method", "T", metric, f"{metric}_ci", "n_pos", "n_neg"]
+    return rows.sort_values([metric, "model", "method", "T"], ascending=[False, True, True, True],
+                            kind="mergesort")[columns].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------- pictures
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def roc_figure(job: Path, T: int, layers: str = "all") -> str:
+    """ROC curves of every detector for one job, prompt level, all memorized vs not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from benchmark.scores import DETECTORS
+
+    gens = pd.read_csv(job / "generations.csv", keep_default_na=False, dtype={"prompt_id": str})
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for detector in DETECTORS:
+        rows = gens[(gens.detector == detector) & (gens.layers == ("" if detector == "D" else layers))
+                    & (gens["T"] == (T if DETECTORS[detector].uses_T else 0))]
+        if rows.empty:
+            continue
+        prompt = rows.groupby("prompt_id").agg(score=("score", "mean"), memorized=("memorized", "first"))
+        sign = 1 if DETECTORS[detector].higher_is_memorized else -1
+        fpr, tpr, _ = roc_curve(prompt.memorized.astype(bool), sign * prompt.score)
+        ax.plot(fpr, tpr, label=METHOD_NAMES[detector])
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"T={T}, layers={layers}")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def heatmap_figure(ours: pd.DataFrame, job: str, detector: str = "LD", metric: str = "auc") -> str:
+    """Layer set x T -> metric for one job (prompt level, all)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ours[(ours.job == job) & (ours.detector == detector) & (ours.level == "prompt") & (ours.subset == "all")]
+    grid = rows.pivot_table(index="layers", columns="T", values=metric)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * grid.shape[1], 0.9 + 0.35 * grid.shape[0]))
+    image = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
+                fontsize=8)
+    ax.set(xlabel="T (first steps)", title=f"{METHOD_NAMES[detector]} {metric}")
+    fig.colorbar(image, ax=ax)
+    return _png(fig)
+
+
+def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>be-bench leaderboard</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{margin:6px}</style></head><body>",
+             "<h1>be-bench leaderboard</h1>",
+             "<p>Rows marked <b>published</b> are quoted from the papers (reports/reference); all others are ours.</p>",
+             "<h2>Leaderboard (prompt level, all memorized vs not)</h2>", board.to_html(index=False),
+             "<h2>Table 1 layout</h2>", t1.to_html(index=False), "<h2>Pictures</h2>"]
+    for job in sorted(ours.job.unique()):
+        windows = sorted(t for t in ours[ours.job == job]["T"].unique() if t)
+        parts.append(f"<h3>{job}</h3>")
+        parts.append(f"<img alt='ROC' src='data:image/png;base64,{roc_figure(Path(job), windows[0])}'>")
+        parts.append(f"<img alt='heat map' src='data:image/png;base64,{heatmap_figure(ours, job)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = collect(paths)
+    board, t1 = leaderboard(ours, metric), table1(ours)
+    files = {"leaderboard.md": board.to_markdown(index=False) + "\n", "leaderboard.csv": board.to_csv(index=False),
+             "table1.md": t1.to_markdown(index=False) + "\n", "table1.csv": t1.to_csv(index=False),
+             "table1.tex": t1.to_latex(index=False), "leaderboard.html": html_page(ours, board, t1)}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return {name: out / name for name in files}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--out", default="outputs/report")
+    parser.add_argument("--metric", default="auc", choices=["auc", "tpr_at_1pct_fpr", "f1"])
+    args = parser.parse_args()
+    for name, path in write_report(args.folders, args.out, args.metric).items():
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The leaderboard from real (tiny) job folders: values match the jobs, Markdown/CSV are reproducible, the page opens."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from reports.leaderboard import collect, write_report
+from runners.detect import run
+from tests.test_runner import config
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for steps in (5, 6):
+        folder = root / "outputs" / f"steps={steps}"
+        run(config("debug=default", f"paths.root={root}", f"sampler.steps={steps}"), folder)
+        (folder / ".hydra").mkdir()
+        (folder / ".hydra" / "config.yaml").write_text(f"sampler:\n  steps: {steps}\n  n_images: 2\n")
+    return root / "outputs"
+
+
+def test_tables_hold_the_jobs_values(jobs, tmp_path):
+    files = write_report([jobs], tmp_path)
+    board = pd.read_csv(files["leaderboard.csv"])
+    for job in ("steps=5", "steps=6"):
+        metrics = pd.DataFrame(json.loads((jobs / job / "metrics.json").read_text())["metrics"])
+        expected = metrics[(metrics.level == "prompt") & (metrics.subset == "all") & (metrics.detector == "D")
+                           & (metrics["T"] == 5)].auc.iloc[0]
+        steps = int(job.split("=")[1])
+        got = board[(board.steps == steps) & (board.method == "Wen (D)") & (board["T"] == 5)].auc.iloc[0]
+        assert got == pytest.approx(expected, abs=1e-4)
+    t1 = pd.read_csv(files["table1.csv"])
+    assert t1.source.str.startswith("published").sum() == 12  # the paper's rows, marked as quoted
+    assert t1.source.str.startswith("ours").sum() == 2 * 2 * 2 * 2  # 2 jobs x {D, LD} x {global, local} x T
+    assert "\\begin{tabular}" in files["table1.tex"].read_text()
+    assert files["leaderboard.html"].read_text().count("data:image/png;base64,") == 4
+
+
+def test_markdown_and_csv_are_byte_identical_on_rerun(jobs, tmp_path):
+    a, b = write_report([jobs], tmp_path / "a"), write_report([jobs], tmp_path / "b")
+    for name in ("leaderboard.md", "leaderboard.csv", "table1.md", "table1.csv"):
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+
+
+def test_no_jobs_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no finished job"):
+        collect([tmp_path])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_html_page_opens_in_headless_chromium_without_errors(jobs, tmp_path):
+    page = write_report([jobs], tmp_path)["leaderboard.html"]
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,900",
+                           "--enable-logging=stderr", "--v=0", page.as_uri()], capture_output=True, text=True,
+                          timeout=120)
+    assert shot.exists(), done.stderr[-2000:]
+    assert "Uncaught" not in done.stderr and "CONSOLE" not in done.stderr.replace("CONSOLE(0)", "")
+    from PIL import Image
+    import numpy as np
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 5  # not blank
