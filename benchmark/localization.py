@@ -102,3 +102,27 @@ def summarise(tables: dict[str, pd.DataFrame]) -> dict:
     if not diversity.empty:
         out["local_diversity_mean"] = diversity[["inside", "outside"]].mean().round(4).to_dict()
     return out
+
+
+def mask_gallery(images: list[np.ndarray], soft_masks: np.ndarray, truths: list[np.ndarray], scale: int = 4) -> np.ndarray:
+    """Rows of (generated image | BE mask over it | ground-truth region over it), (H, W, 3) in [0, 1]."""
+    rows = []
+    for image, soft, truth in zip(images, soft_masks, truths):
+        rgb = image.transpose(1, 2, 0)
+        heat = (soft - soft.min()) / max(float(np.ptp(soft)), 1e-12)
+        be = 0.4 * rgb + 0.6 * np.stack([heat, heat * 0.6, 1 - heat], -1)
+        gt = 0.5 * rgb + 0.5 * np.stack([truth, truth, truth * 0], -1).astype(float)
+        rows.append(np.concatenate([rgb, be, gt], 1))
+    grid = np.concatenate(rows, 0)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def gallery(end_maps: dict[str, np.ndarray], prompt_ids: list[str], images: list[np.ndarray],
+            truth: dict[str, Truth], layers: list[str], n: int = 6) -> np.ndarray | None:
+    """The mask gallery of up to n local-memorization generations (every 4th, to span several prompts)."""
+    picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None][::4][:n]
+    if not picked:
+        return None
+    size = truth[prompt_ids[picked[0]]].mask.shape
+    soft = S.be_mask({k: v[picked] for k, v in end_maps.items()}, layers, size)
+    return mask_gallery([images[i] for i in picked], soft, [truth[prompt_ids[i]].mask for i in picked])

@@ -166,6 +166,10 @@ def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame) -> str:
         parts.append(f"<h3>{job}</h3>")
         parts.append(f"<img alt='ROC' src='data:image/png;base64,{roc_figure(Path(job), windows[0])}'>")
         parts.append(f"<img alt='heat map' src='data:image/png;base64,{heatmap_figure(ours, job)}'>")
+        gallery = Path(job) / "masks.png"
+        if gallery.exists():  # testbed jobs: generation | BE mask | ground-truth region
+            encoded = base64.b64encode(gallery.read_bytes()).decode("ascii")
+            parts.append(f"<img alt='BE masks and ground truth' src='data:image/png;base64,{encoded}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -13,7 +13,7 @@ from benchmark.capture import SamplerSettings
 from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set
 from benchmark.tracking import Tracker
-from benchmark.traces import TraceStore
+from benchmark.traces import TraceStore, to_png
 from reports.job import write_job_report
 from runners.common import CONF, job_device, run_job
 
@@ -51,6 +51,10 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
             tables = localization.evaluate(arrays.end_maps, images, list(rows.prompt_id), list(rows.kind),
                                            prompt_set.truth, layer_sets, cfg.localization.rule)
             summary |= localization.summarise(tables)
+            gallery = localization.gallery(arrays.end_maps, list(rows.prompt_id), images, prompt_set.truth,
+                                           next(iter(layer_sets.values())))
+            if gallery is not None:
+                to_png(gallery.transpose(2, 0, 1)).save(folder / "masks.png")
         summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
         detection.write_results(folder, summary, metrics, scores)
         report = write_job_report(folder)
