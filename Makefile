@@ -24,8 +24,8 @@ report:             ## leaderboard (Markdown, CSV, LaTeX, HTML) from every job u
 bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py)
 	$(PY) -m runners.bench
 
-testbed-weights:    ## retrain the shipped testbed weights from scratch (about 15 min on 2 cores)
-	$(PY) -m runners.train_testbed
+testbed-weights:    ## retrain the shipped testbed weights from scratch (about 45 min on 2 cores)
+	$(PY) -m runners.train_testbed ship=true
 
 sync:               ## upload offline W&B runs of all jobs (needs `wandb login`)
 	find outputs -type d -name "offline-run-*" -exec .venv/bin/wandb sync {} +

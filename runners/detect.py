@@ -22,6 +22,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     """The job itself, callable with a composed config (tests do)."""
     m, s = cfg.model, cfg.sampler
     device = device or m.device
+    folder.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
                       OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
                       cfg.logger.get("group"))

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from benchmark import scores as S
@@ -61,3 +62,15 @@ def test_one_pass_LD_equals_the_two_pass_protocol(tiny_model):
             one_pass = S.localized_LD(batch.delta_sq.numpy(), mask, T)[0]
             two_pass = _official_two_pass_LD(tiny_model, PROMPT, 7, layers, T)
             assert abs(one_pass - two_pass) <= 1e-4 * abs(two_pass), (layers, T, one_pass, two_pass)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_on_cuda_in_float16_matches_cpu():
+    from benchmark.models import tiny_text_to_image
+
+    cpu = sample_with_capture(tiny_text_to_image(seed=1), PROMPT, [0], SETTINGS)
+    gpu = sample_with_capture(tiny_text_to_image(seed=1).to("cuda", torch.float16), PROMPT, [0], SETTINGS)
+    assert gpu.delta_sq.dtype == torch.float32 and torch.isfinite(gpu.delta_sq).all()
+    torch.testing.assert_close(gpu.end_maps["down_blocks.0.attentions.0"],
+                               cpu.end_maps["down_blocks.0.attentions.0"], atol=2e-2, rtol=5e-2)

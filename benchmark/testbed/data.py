@@ -34,7 +34,7 @@ class Recipe:
     """Knobs of the data set. The defaults are the recipe measured in docs/testbed.md."""
 
     resolution: int = 32
-    n_unique: int = 500
+    n_unique: int = 300
     n_global: int = 8
     global_copies: int = 50
     n_local: int = 12

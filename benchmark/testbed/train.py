@@ -39,7 +39,7 @@ class Architecture:
 
 @dataclass
 class Training:
-    steps: int = 1500
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
