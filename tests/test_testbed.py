@@ -88,3 +88,17 @@ def test_the_training_command_short_version_works(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     spec = json.loads((out / "testbed_spec.json").read_text())
     assert spec["training"]["steps"] == 4 and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path):
+    from benchmark.testbed.build import SHIPPED, ensure_testbed
+
+    assert (SHIPPED / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 20 * 2**20
+    folder = ensure_testbed(tmp_path / "testbed" / "pipeline")
+    model = load_text_to_image(str(folder))
+    shipped = load_text_to_image.__globals__["UNet2DConditionModel"].from_pretrained(SHIPPED, subfolder="unet")
+    for p, q in zip(model.unet.parameters(), shipped.parameters()):
+        torch.testing.assert_close(p, q)
+    prompts = load_testbed_prompts(folder)
+    assert len(prompts) == 8 + 12 + 120 and sum(p.memorized for p in prompts) == 20
+    assert ensure_testbed(folder) == folder  # reused, not rebuilt
