@@ -23,13 +23,16 @@ class Tracker:
         except Exception as err:  # an outage or a missing login must never fail a benchmark job
             warnings.warn(f"W&B disabled for this job: {type(err).__name__}: {err}", stacklevel=2)
 
-    def log(self, values: dict, **tables) -> None:
+    def log(self, values: dict, images: dict | None = None, **tables) -> None:
+        """Scalars (also into the summary), pictures by name -> PNG path, and DataFrames as tables."""
         if self.run is None:
             return
         try:
             import wandb
 
-            self.run.log({**values, **{k: wandb.Table(dataframe=v) for k, v in tables.items()}})
+            media = {k: wandb.Table(dataframe=v) for k, v in tables.items()}
+            media |= {k: wandb.Image(str(v)) for k, v in (images or {}).items() if Path(v).exists()}
+            self.run.log({**values, **media})
             self.run.summary.update(values)
         except Exception as err:
             warnings.warn(f"W&B logging failed: {type(err).__name__}: {err}", stacklevel=2)

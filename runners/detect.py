@@ -59,7 +59,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
         detection.write_results(folder, summary, metrics, scores)
         report = write_job_report(folder)
-        tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, metrics=metrics)
+        tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                    images={"masks": folder / "masks.png"}, metrics=metrics, generations=scores)
         print(report.read_text())
         print(f"{cfg.score.headline.detector} AUC ({cfg.score.headline.subset}, {cfg.score.headline.level}): "
               f"{value:.3f} | {sampled} images sampled now, results in {folder}")

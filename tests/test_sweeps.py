@@ -112,6 +112,7 @@ def test_wandb_offline_run_holds_the_jobs_metrics(tmp_path):
     assert summary["headline"] == pytest.approx(result["headline"])
     assert summary["n_generations"] == result["n_generations"]
     assert summary["metrics/_type"] == "table-file"  # the metrics table
+    assert summary["generations/_type"] == "table-file"  # the per-generation table
 
 
 def test_wandb_failure_only_warns(tmp_path, monkeypatch):
