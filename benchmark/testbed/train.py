@@ -23,8 +23,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from ..models import TextToImage, load_text_to_image, save_text_to_image
-from .data import Item, Recipe, make_dataset, training_items, write_metadata
+from ..models import TextToImage, save_text_to_image
+from .data import Recipe, make_dataset, training_items, write_metadata
 
 NOISE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
