@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -15,7 +14,7 @@ from .capture import SamplerSettings, cross_attention_layers, sample_with_captur
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
-from .traces import Trace, TraceKey, TraceStore, traces_from_batch
+from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
 
 def sampler_key(settings: SamplerSettings, dtype: str) -> str:
@@ -164,9 +163,7 @@ def write_results(folder: Path, summary: dict, metrics: pd.DataFrame, scores: pd
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: str, level: str,

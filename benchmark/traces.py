@@ -109,7 +109,7 @@ class TraceStore:
         path = self.trace_path(key, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         # The image goes first: a trace on disk promises its image is there too.
-        _atomic(self.image_path(key, seed), lambda tmp: to_png(image).save(tmp, format="PNG"))
+        atomic_write(self.image_path(key, seed), lambda tmp: to_png(image).save(tmp, format="PNG"))
         arrays = {"delta_sq": trace.delta_sq, "latent": trace.latent}
         arrays |= {f"end_map/{k}": v for k, v in trace.end_maps.items()}
         arrays |= {f"token_attn/{k}": v for k, v in trace.token_attn.items()}
@@ -119,7 +119,7 @@ class TraceStore:
             if not np.isfinite(array).all():
                 raise ValueError(f"trace {path}: non-finite values in {name} (overflow at {self.dtype}?)")
         meta = {"version": TRACE_VERSION, "end_index": str(trace.end_index), "meta": json.dumps(trace.meta)}
-        _atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata=meta))
+        atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=meta))
         return path
 
     def read(self, key: TraceKey, seed: int) -> Trace:
@@ -143,7 +143,7 @@ class TraceStore:
         return np.asarray(Image.open(self.image_path(key, seed)).convert("RGB"), dtype=np.float32) / 255
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)

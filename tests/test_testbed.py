@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import UNet2DConditionModel
 
 from benchmark.models import load_text_to_image
 from benchmark.prompts import testbed_prompt_set as load_testbed_prompts
@@ -96,7 +97,7 @@ def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path):
     assert (SHIPPED / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 20 * 2**20
     folder = ensure_testbed(tmp_path / "testbed" / "pipeline")
     model = load_text_to_image(str(folder))
-    shipped = load_text_to_image.__globals__["UNet2DConditionModel"].from_pretrained(SHIPPED, subfolder="unet")
+    shipped = UNet2DConditionModel.from_pretrained(SHIPPED, subfolder="unet")
     for p, q in zip(model.unet.parameters(), shipped.parameters()):
         torch.testing.assert_close(p, q)
     prompts = load_testbed_prompts(folder)

@@ -93,7 +93,8 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     cfg = spec.training
-    items = training_items(make_dataset(spec.recipe))
+    dataset = make_dataset(spec.recipe)
+    items = training_items(dataset)
     model = build_untrained(spec.architecture, spec.recipe.resolution, cfg.seed)
     captions = sorted({item.caption for item in items})
     with torch.no_grad():
@@ -151,7 +152,7 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_text_to_image(model, tmp)
-    write_metadata(spec.recipe, make_dataset(spec.recipe), tmp)
+    write_metadata(spec.recipe, dataset, tmp)
     (tmp / "testbed_spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
