@@ -40,6 +40,7 @@ class Recipe:
     n_local: int = 12
     local_copies: int = 100
     patch_fraction: float = 0.5  # side of the planted patch as a fraction of the image side (0.5 -> 25% of pixels)
+    patch: str = "smooth"  # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
     n_heldout: int = 120
     seed: int = 0
 
@@ -96,6 +97,14 @@ def smooth_pattern(rng: np.random.Generator, size: int, blobs: int = 4) -> np.nd
     return image.astype(np.float32)
 
 
+def planted_patch(kind: str, rng: np.random.Generator, side: int) -> np.ndarray:
+    if kind == "smooth":
+        return smooth_pattern(rng, side, blobs=2)
+    if kind == "flat":
+        return np.ones((3, side, side), np.float32) * rng.uniform(0, 1, (3, 1, 1)).astype(np.float32)
+    raise ValueError(f"testbed recipe: unknown patch kind {kind!r} (smooth or flat)")
+
+
 def make_dataset(recipe: Recipe) -> list[Item]:
     """Every training item (copies included) and every held-out caption, deterministic from ``recipe.seed``."""
     rng = np.random.default_rng(recipe.seed)
@@ -120,7 +129,7 @@ def make_dataset(recipe: Recipe) -> list[Item]:
     side = int(round(recipe.patch_fraction * size))
     for _ in range(recipe.n_local):
         caption, _, _ = fresh_caption()
-        patch = smooth_pattern(rng, side, blobs=2)
+        patch = planted_patch(recipe.patch, rng, side)
         top, left = rng.integers(0, size - side + 1, size=2)
         mask = np.zeros((size, size), bool)
         mask[top:top + side, left:left + side] = True

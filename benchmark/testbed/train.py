@@ -46,6 +46,7 @@ class Training:
     ema_decay: float = 0.995
     caption_dropout: float = 0.1  # classifier-free guidance needs the empty caption
     checkpoint_every: int = 250
+    snapshot_every: int = 0  # > 0: also save the EMA pipeline every so many steps, as <folder>-step<N>
     seed: int = 0
 
 
@@ -146,9 +147,18 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
                      "ema": ema.state_dict(), "generator": generator.get_state(), "step": step}
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+            _save(model, spec, dataset, folder.with_name(f"{folder.name}-step{step}"))
+            ema.restore(unet.parameters())
     bar.close()
     ema.copy_to(unet.parameters())
     model.unet = unet.eval()
+    return _save(model, spec, dataset, folder)
+
+
+def _save(model: TextToImage, spec: TestbedSpec, dataset, folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_text_to_image(model, tmp)
