@@ -122,10 +122,13 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
 
 @torch.no_grad()
 def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-                        record: bool = True, decode: bool = True) -> CapturedBatch | torch.Tensor:
-    """Sample ``len(seeds)`` images of one prompt; with ``record`` return their traces, else only the latents."""
+                        record: bool = True, decode: bool = True, cond: torch.Tensor | None = None
+                        ) -> CapturedBatch | torch.Tensor:
+    """Sample ``len(seeds)`` images of one prompt; with ``record`` return their traces, else only the latents.
+
+    ``cond`` (n, tokens, dim) replaces the prompt's encoding, e.g. by a mitigated embedding per image."""
     n = len(seeds)
-    cond = model.encode([prompt]).expand(n, -1, -1)
+    cond = model.encode([prompt]).expand(n, -1, -1) if cond is None else cond.to(model.device, model.dtype)
     uncond = model.encode([""]).expand(n, -1, -1)
     context = torch.cat([uncond, cond])  # diffusers' order: unconditional half first
     latents = initial_noise(model, seeds, settings)

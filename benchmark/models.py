@@ -6,6 +6,7 @@ scheduler and, for latent models, a VAE. SD v1-4 and the planted-memorization te
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -148,6 +149,21 @@ def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str
         raise ModelLoadError(f"cannot load model {source}: {first}") from err
     model = TextToImage(source, unet, text_encoder.eval(), tokenizer, scheduler, vae.eval() if vae else None)
     return model.to(device, dtype)
+
+
+def weights_fingerprint(source: str | Path) -> str:
+    """A short hash of a local folder's UNet (config, weight file sizes and first MiB): traces of different weights
+    under one model name must not mix. Empty for a hub id or a model built in-process."""
+    unet = Path(source).expanduser() / "unet"
+    if not unet.is_dir():
+        return ""
+    digest = hashlib.sha1()
+    for path in sorted(unet.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin"):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:10]
 
 
 # ------------------------------------------------------------------------------------------ tokenizers

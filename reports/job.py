@@ -1,4 +1,4 @@
-"""A Markdown summary of one detection job folder: the detection table, and localization / copying where known.
+"""A Markdown summary of one job folder: detection (with localization / copying where known) or mitigation.
 
     python -m reports.job outputs/detect/testbed/testbed/<time>
 """
@@ -32,9 +32,27 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
     return wide.to_markdown()
 
 
+def mitigation_markdown(result: dict) -> str:
+    points = pd.DataFrame(result["curves"])
+    points["target_loss"] = points.target_loss.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+    parts = [f"# Mitigation: {result['model']} on {result['prompt_set']}",
+             f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
+             f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "
+             "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss.",
+             "", "## Trade-off points: mean per kind, method and target loss", "",
+             points.round(4).to_markdown(index=False)]
+    for similarity, rows in result.get("equal_utility", {}).items():
+        if rows:
+            parts += ["", f"## {similarity} at equal utility ({result['utility']}), interpolated along each curve", "",
+                      pd.DataFrame(rows).round(4).to_markdown(index=False)]
+    return "\n".join(str(p) for p in parts) + "\n"
+
+
 def job_markdown(folder: str | Path) -> str:
     folder = Path(folder)
     result = json.loads((folder / "metrics.json").read_text())
+    if result.get("task") == "mitigate":
+        return mitigation_markdown(result)
     metrics = pd.DataFrame(result["metrics"])
     parts = [f"# {result['model']} on {result['prompt_set']}",
              f"{result['n_prompts']} prompts, {result['n_generations']} generations "

@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from benchmark.devices import pick_device
+from benchmark.models import weights_fingerprint
 
 ERROR_FILE = "error.txt"
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
@@ -20,6 +21,13 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from
 def job_device(requested: str) -> str:
     job = HydraConfig.get().job
     return pick_device(requested, int(job.num) if job.get("num") is not None else 0)
+
+
+def model_key(m: DictConfig) -> str:
+    """The model's name in the trace store: its config name, plus its weights' fingerprint for a local folder, so
+    that retrained weights never reuse another model's traces. Call after the model is loaded (or built)."""
+    fingerprint = weights_fingerprint(m.source)
+    return f"{m.name}@{fingerprint}" if fingerprint else m.name
 
 
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:

@@ -15,7 +15,7 @@ from benchmark.prompts import load_prompt_set
 from benchmark.tracking import Tracker
 from benchmark.traces import TraceStore, to_png
 from reports.job import write_job_report
-from runners.common import CONF, job_device, run_job
+from runners.common import CONF, job_device, model_key, run_job
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -34,7 +34,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = [s.seed + k for k in range(s.n_images)]
-        plan = detection.plan(prompt_set, m.name, detection.sampler_key(settings, m.dtype), seeds)
+        plan = detection.plan(prompt_set, model_key(m), detection.sampler_key(settings, m.dtype), seeds)
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
                                      progress=lambda it: tqdm(it, desc="prompts", disable=None))

@@ -92,7 +92,7 @@ def test_the_training_command_short_version_works(tmp_path):
 
 
 def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path):
-    from benchmark.testbed.build import SHIPPED, ensure_testbed
+    from benchmark.testbed.build import ASSEMBLED, SHIPPED, ensure_testbed
 
     assert (SHIPPED / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 20 * 2**20
     folder = ensure_testbed(tmp_path / "testbed" / "pipeline")
@@ -103,3 +103,9 @@ def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path):
     prompts = load_testbed_prompts(folder)
     assert len(prompts) == 8 + 12 + 120 and sum(p.memorized for p in prompts) == 20
     assert ensure_testbed(folder) == folder  # reused, not rebuilt
+    (folder / "unet" / "stale").write_text("x")
+    (folder / ASSEMBLED).write_text("weights-shipped-before\n")  # the package now ships other weights
+    assert ensure_testbed(folder) == folder and not (folder / "unet" / "stale").exists()  # reassembled
+    (folder / ASSEMBLED).unlink()  # a folder someone trained: never replaced
+    (folder / "unet" / "stale").write_text("x")
+    assert ensure_testbed(folder) == folder and (folder / "unet" / "stale").exists()

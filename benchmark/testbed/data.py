@@ -64,6 +64,24 @@ def describe(rng: np.random.Generator) -> tuple[str, list[tuple[str, str, str]],
     return f"{words} on a {background} background", objects, background
 
 
+def parse_caption(caption: str) -> tuple[list[tuple[str, str, str]], str]:
+    """The scene a caption of the grammar names (inverse of ``describe``): what the prompt asks for."""
+    try:
+        words, tail = caption.rsplit(" on a ", 1)
+        background = tail.removesuffix(" background")
+        objects = []
+        for part in words.split(" and "):
+            head, place = part.split(" at the ")
+            _, colour, shape = head.split(" ")
+            objects.append((colour, shape, place))
+        if background not in COLOURS or any(c not in COLOURS or s not in SHAPES or p not in POSITIONS
+                                             for c, s, p in objects):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"not a testbed caption: {caption!r}") from None
+    return objects, background
+
+
 def render(objects, background: str, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Draw the scene; ``rng`` jitters sizes and places slightly so repeated descriptions differ."""
     yy, xx = np.mgrid[0:size, 0:size] / size

@@ -1,0 +1,124 @@
+"""Inference-time mitigation: Wen et al.'s prompt-embedding optimisation, plain or with the BE mask in the loss.
+
+At the first denoising step the conditional prompt embedding is optimised with AdamW to lower the text-guidance
+magnitude ``||eps_cond - eps_uncond||`` (BE: the mask-weighted ``||(eps_cond - eps_uncond) * m|| / mean(m)``), at most
+``max_iters`` iterations, stopping once the loss is at or below the target; the BOS token's gradient is zeroed. The
+image is then sampled from the same seed with the optimised embedding.
+
+Each generation gets its own embedding and its own early stop, so a result depends on its seed alone, not on the
+batch it was computed in (Wen's code shares one embedding across a prompt's batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .capture import CapturedBatch, SamplerSettings, initial_noise, sample_with_capture
+from .models import TextToImage
+from .scores import be_mask
+
+METHODS = ("wen", "be")
+MASK_NORMS = ("per_image", "batch")
+
+
+@dataclass(frozen=True)
+class MitigationSettings:
+    method: str  # "wen" (plain magnitude) or "be" (BE-masked magnitude)
+    target_loss: float
+    lr: float = 0.05
+    max_iters: int = 10
+    # "per_image" divides each image's masked norm by its own mask mean, as BE's detection does; "batch" divides by
+    # one mean over the prompt's masks, as BE's released mitigation code does.
+    mask_norm: str = "per_image"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.mask_norm not in MASK_NORMS:
+            raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
+        if not (self.target_loss >= 0 and self.lr > 0 and self.max_iters >= 0):
+            raise ValueError(f"mitigation needs target_loss >= 0, lr > 0, max_iters >= 0: {self}")
+
+    @property
+    def tag(self) -> str:
+        norm = "" if self.method == "wen" or self.mask_norm == "per_image" else "-batchnorm"
+        return f"{self.method}{norm}-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
+
+
+def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_norm: str = "per_image") -> torch.Tensor:
+    """Per image (n,): ``||delta||`` or ``||delta * m|| / mean(m)``; delta (n, c, h, w), mask (n, h, w)."""
+    if mask is None:
+        return delta.flatten(1).norm(dim=1)
+    weighted = (delta * mask[:, None]).flatten(1).norm(dim=1)
+    mean = mask.flatten(1).mean(1) if mask_norm == "per_image" else mask.mean().expand(len(mask))
+    return weighted / mean
+
+
+@dataclass
+class Optimised:
+    embedding: torch.Tensor  # (n, tokens, dim)
+    losses: torch.Tensor  # (iterations evaluated, n): the loss of each image before each step
+    iterations: torch.Tensor  # (n,) optimiser steps each image took
+
+
+def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor,
+                       t: torch.Tensor, settings: MitigationSettings, mask: torch.Tensor | None = None) -> Optimised:
+    """Wen's loop on a batch of independent images; ``cond``/``uncond`` (n, tokens, dim), ``latents`` at step ``t``."""
+    unet = model.unet
+    x = model.scheduler.scale_model_input(latents, t)
+    with torch.no_grad():
+        eps_uncond = unet(x, t, encoder_hidden_states=uncond).sample
+    bos = cond[:, :1].detach().clone()
+    emb = cond.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([emb], lr=settings.lr)
+    final = emb.detach().clone()
+    active = torch.ones(len(emb), dtype=torch.bool, device=emb.device)
+    steps = torch.zeros(len(emb), dtype=torch.long)
+    history = []
+    for _ in range(settings.max_iters):
+        losses = magnitude_loss(unet(x, t, encoder_hidden_states=emb).sample - eps_uncond, mask, settings.mask_norm)
+        history.append(losses.detach().float().cpu())
+        stop = active & (losses.detach() <= settings.target_loss)
+        final[stop] = emb.detach()[stop]  # an image that reached its target keeps this embedding
+        active &= ~stop
+        if not active.any():
+            break
+        (grad,) = torch.autograd.grad(losses[active].sum(), emb)  # images are independent: the sum splits
+        grad[:, 0] = 0  # the BOS token stays as it is (Wen)
+        emb.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            emb[:, :1] = bos  # AdamW's weight decay would still shrink it
+        steps[active.cpu()] += 1
+    final[active] = emb.detach()[active]
+    return Optimised(final, torch.stack(history) if history else torch.empty(0, len(emb)), steps)
+
+
+def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """The BE mask (n, h, w) at the latent resolution, from stored final-step end-token maps."""
+    return torch.from_numpy(be_mask(end_maps, layers, size)).float()
+
+
+def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: SamplerSettings,
+             settings: MitigationSettings, mask: torch.Tensor | None = None) -> tuple[CapturedBatch, Optimised]:
+    """Optimise each seed's embedding at the first step, then sample (with traces) from the same seeds."""
+    if (mask is None) != (settings.method == "wen"):
+        raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
+    n = len(seeds)
+    cond = model.encode([prompt]).expand(n, -1, -1)
+    uncond = model.encode([""]).expand(n, -1, -1)
+    latents = initial_noise(model, seeds, sampler)
+    model.scheduler.set_timesteps(sampler.steps, device=model.device)
+    t0 = model.scheduler.timesteps[0]
+    if mask is not None:
+        size = tuple(latents.shape[-2:])
+        if tuple(mask.shape[-2:]) != size:
+            mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        mask = mask.to(model.device, model.dtype)
+    with torch.enable_grad():
+        opt = optimise_embedding(model, cond, uncond, latents, t0, settings, mask)
+    return sample_with_capture(model, prompt, seeds, sampler, cond=opt.embedding), opt

@@ -1,0 +1,147 @@
+"""Privacy vs utility of mitigation: regenerate prompts under each method and target loss, and measure.
+
+Every generation (unmitigated baseline included) is a stored trace + image, keyed by a sampler name that carries
+the mitigation setting, so a rerun samples nothing twice. Measures per generation:
+- similarity to the prompt's training image, where known: ``S``, ``LS`` (with the generation's own BE mask),
+  ``train_rmse`` (RMSE on [0, 1], inside the planted region for local memorization), ``SSCD`` when configured;
+- utility: ``CLIP`` score when configured; on the testbed, ``caption_rmse``: RMSE to the scene the caption names,
+  drawn by the data recipe (lower = more faithful), which needs no downloaded network.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from . import scores as S
+from .capture import SamplerSettings
+from .detection import Generation, generate
+from .localization import Truth, rmse
+from .mitigation import MitigationSettings, latent_mask, mitigate
+from .models import TextToImage
+from .similarity import SSCD, CLIPScore, pixel_LS, pixel_S
+from .testbed.data import parse_caption, render
+from .traces import TraceKey, TraceStore, traces_from_batch
+
+BASELINE = "none"
+
+
+@dataclass
+class Measures:
+    mask_layers: list[str]  # the layer set of BE masks (mitigation loss and LS)
+    sscd: SSCD | None = None
+    clip: CLIPScore | None = None
+
+
+def mitigated_key(key: TraceKey, settings: MitigationSettings) -> TraceKey:
+    return replace(key, sampler=f"{key.sampler}+{settings.tag}")
+
+
+def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: SamplerSettings, store: TraceStore,
+                   settings: list[MitigationSettings], layers: list[str], batch_size: int = 8,
+                   progress: Callable[[Iterable], Iterable] = iter) -> int:
+    """Sample every missing baseline and mitigated generation; return how many images were sampled now."""
+    sampled = generate(model, baseline, sampler, store, batch_size, progress)
+    for mit in settings:
+        for gen in progress(baseline):
+            key = mitigated_key(gen.key, mit)
+            missing = store.missing_seeds(key, gen.seeds)
+            for start in range(0, len(missing), batch_size):
+                seeds = missing[start:start + batch_size]
+                mask = None
+                if mit.method == "be":  # the mask of the unmitigated generation of the same seed: no extra pass
+                    traces = [store.read(gen.key, s) for s in seeds]
+                    maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
+                    mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
+                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask)
+                meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": key.model,
+                        "sampler": asdict(sampler), "prompt_set": key.prompt_set, "mitigation": asdict(mit)}
+                for i, (trace, image) in enumerate(zip(traces_from_batch(batch, meta, seeds), batch.images)):
+                    losses = opt.losses[:, i]
+                    trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
+                                   "loss_last": float(losses[-1]) if len(losses) else None,
+                                   "iterations": int(opt.iterations[i])}
+                    store.write(key, trace, image)
+                sampled += len(seeds)
+    return sampled
+
+
+def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], truth: Truth | None,
+            measures: Measures) -> dict:
+    """Every available measure of one generation ((3, H, W) in [0, 1])."""
+    out = {}
+    if truth is not None:
+        mask = S.be_mask({k: v[None] for k, v in end_maps.items()}, measures.mask_layers, image.shape[-2:])[0]
+        out |= {"S": pixel_S(image, truth.image), "LS": pixel_LS(image, truth.image, mask),
+                "train_rmse": rmse(image, truth.image, truth.mask)}
+        if measures.sscd is not None:
+            out["SSCD"] = float(measures.sscd.similarity(image[None], truth.image[None])[0])
+    if measures.clip is not None:
+        out["CLIP"] = float(measures.clip.score(image[None], [prompt])[0])
+    try:
+        objects, background = parse_caption(prompt)
+        out["caption_rmse"] = rmse(image, render(objects, background, image.shape[-1]))
+    except ValueError:
+        pass  # not a testbed caption
+    return out
+
+
+def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings],
+                truth: dict[str, Truth], measures: Measures) -> pd.DataFrame:
+    """One row per (method, target loss, prompt, seed), the unmitigated baseline as method ``none``."""
+    rows = []
+    for mit in [None] + list(settings):
+        for gen in baseline:
+            key = gen.key if mit is None else mitigated_key(gen.key, mit)
+            for seed in gen.seeds:
+                trace = store.read(key, seed)
+                image = store.read_image(key, seed).transpose(2, 0, 1)
+                rows.append({
+                    "method": BASELINE if mit is None else mit.method,
+                    "target_loss": np.nan if mit is None else mit.target_loss,
+                    "prompt_id": gen.prompt.id, "kind": gen.prompt.kind, "seed": seed,
+                    "D1": float(np.sqrt(trace.delta_sq[0].sum())),
+                    "iterations": trace.meta.get("iterations", 0),
+                    **measure(image, gen.prompt.text, trace.end_maps, truth.get(gen.prompt.id), measures)})
+    return pd.DataFrame(rows)
+
+
+def curves(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean of every measure per (kind, method, target loss): the points of the trade-off curves."""
+    measures = [c for c in rows.columns if c not in ("method", "target_loss", "prompt_id", "kind", "seed")]
+    table = rows.assign(target_loss=rows.target_loss.fillna(-1))
+    out = table.groupby(["kind", "method", "target_loss"])[measures].mean().reset_index()
+    out["n"] = table.groupby(["kind", "method", "target_loss"]).size().to_numpy()
+    out["target_loss"] = out.target_loss.where(out.target_loss >= 0)
+    return out
+
+
+def at_equal_utility(points: pd.DataFrame, utility: str, similarity: str, methods: tuple[str, str] = ("wen", "be"),
+                     n: int = 5) -> pd.DataFrame:
+    """Each method's similarity at ``n`` utility levels both curves reach, interpolated linearly along each curve
+    (baseline point included, sorted by utility); ``difference`` = second method minus first."""
+    rows = []
+    for kind, group in points.groupby("kind"):
+        base = group[group.method == BASELINE]
+        lines = {}
+        for m in methods:
+            curve = pd.concat([base, group[group.method == m]]).dropna(subset=[utility, similarity])
+            if len(curve) < 2:
+                break
+            curve = curve.sort_values(utility)
+            lines[m] = (curve[utility].to_numpy(), curve[similarity].to_numpy())
+        if len(lines) < 2:
+            continue
+        lo = max(x.min() for x, _ in lines.values())
+        hi = min(x.max() for x, _ in lines.values())
+        if lo >= hi:
+            continue
+        for u in np.linspace(lo, hi, n):
+            row = {"kind": kind, utility: u}
+            for m, (x, y) in lines.items():
+                row[m] = float(np.interp(u, x, y))
+            row["difference"] = row[methods[1]] - row[methods[0]]
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,94 @@
+"""Mitigation job: baseline and mitigated generations of memorized prompts, their similarity and utility."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from benchmark import detection, tradeoff
+from benchmark.capture import SamplerSettings, cross_attention_layers
+from benchmark.mitigation import MitigationSettings
+from benchmark.models import get_model
+from benchmark.prompts import load_prompt_set, subset
+from benchmark.scores import select_layers
+from benchmark.similarity import SSCD, CLIPScore
+from benchmark.tracking import Tracker
+from benchmark.traces import TraceStore, atomic_write
+from reports.job import write_job_report
+from runners.common import CONF, job_device, model_key, run_job
+
+
+def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
+    m, s, mit = cfg.model, cfg.sampler, cfg.mitigation
+    device = device or m.device
+    folder.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
+                      OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
+                      cfg.logger.get("group"))
+    try:
+        # every setting is checked before any sampling
+        settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm)
+                    for method in mit.methods for target in mit.target_losses]
+        if mit.mask_layers not in cfg.layers.sets:
+            raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
+        model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        layers = select_layers(list(cross_attention_layers(model.unet)), list(cfg.layers.sets[mit.mask_layers]))
+        sim = cfg.similarity
+        measures = tradeoff.Measures(layers, SSCD(sim.sscd, device) if sim.sscd else None,
+                                     CLIPScore(sim.clip_architecture, sim.clip_weights, device)
+                                     if sim.clip_weights else None)
+        full = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
+        kinds = set(mit.kinds) if mit.kinds else {p.kind for p in full if p.memorized}
+        chosen = [p for p in full if p.memorized and p.kind in kinds]
+        if not chosen:
+            raise ValueError(f"prompt set {full.name}: no memorized prompts of kind {sorted(kinds)} to mitigate")
+        prompt_set = subset(full, chosen)
+        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
+        seeds = [s.seed + k for k in range(mit.n_images)]
+        baseline = detection.plan(prompt_set, model_key(m), detection.sampler_key(sampler, m.dtype), seeds)
+        start = time.perf_counter()
+        sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
+                                          progress=lambda it: tqdm(it, desc="prompts", disable=None))
+        sampling_s = time.perf_counter() - start
+        rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures)
+        points = tradeoff.curves(rows)
+        utility = "CLIP" if "CLIP" in rows else "caption_rmse" if "caption_rmse" in rows else None
+        equal = {sim_name: tradeoff.at_equal_utility(points, utility, sim_name).to_dict(orient="records")
+                 for sim_name in ("SSCD", "S", "LS", "train_rmse") if utility and sim_name in rows}
+        value = headline(points, **cfg.headline)
+        summary = {"task": "mitigate", "model": m.name, "prompt_set": full.name, "n_prompts": len(prompt_set),
+                   "n_generations": len(rows), "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
+                   "utility": utility, "headline": value, "settings": [s.tag for s in settings],
+                   "curves": points.to_dict(orient="records"), "equal_utility": equal}
+        atomic_write(folder / "mitigation.csv", lambda tmp: rows.to_csv(tmp, index=False))
+        atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        report = write_job_report(folder)
+        tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, generations=rows)
+        print(report.read_text())
+        print(f"{sampled} images sampled now, results in {folder}")
+        return value
+    finally:
+        tracker.finish()
+
+
+def headline(points, method: str, measure: str) -> float:
+    """The mean ``measure`` of ``method`` at its strongest setting (lowest target loss), over every kind."""
+    part = points[points.method == method]
+    if part.empty or measure not in part:
+        return math.nan
+    return float(part[part.target_loss == part.target_loss.min()][measure].mean())
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="mitigate")
+def main(cfg: DictConfig) -> float:
+    return run_job(lambda c, folder: run(c, folder, job_device(c.model.device)), cfg)
+
+
+if __name__ == "__main__":
+    main()

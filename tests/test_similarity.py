@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from benchmark.similarity import SSCD, CLIPScore, pixel_LS, pixel_S
+
+
+def test_S_is_minus_rms_distance_on_the_0_255_scale():
+    a = np.zeros((3, 8, 8))
+    assert pixel_S(a, a) == 0
+    assert pixel_S(a, a + 0.2) == pytest.approx(-51.0)
+    b = a.copy()
+    b[:, :4] = 1.0  # half the image differs by 1
+    assert pixel_S(a, b) == pytest.approx(-255 / np.sqrt(2))
+
+
+def test_LS_with_a_binary_mask_is_S_inside_it():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(size=(3, 8, 8)), rng.uniform(size=(3, 8, 8))
+    b[:, :4, :4] = a[:, :4, :4]  # the copied corner
+    mask = np.zeros((8, 8))
+    mask[:4, :4] = 1
+    assert pixel_LS(a, b, mask) == 0
+    outside = ((a - b) ** 2).mean(0)[mask == 0]
+    assert pixel_LS(a, b, 1 - mask) == pytest.approx(-255 * np.sqrt(outside.mean()))
+    assert pixel_LS(a, b, np.ones((8, 8))) == pytest.approx(pixel_S(a, b))
+    # a low-resolution mask is upsampled: a 2x2 mask bright in one quadrant still favours that corner
+    assert pixel_LS(a, b, np.array([[1.0, 0], [0, 0]])) > pixel_S(a, b)
+    with pytest.raises(ValueError, match="positive weight"):
+        pixel_LS(a, b, np.zeros((8, 8)))
+
+
+def test_sscd_missing_file_is_one_clear_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="SSCD: file not found: .*nope.pt"):
+        SSCD(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="SSCD: no file configured"):
+        SSCD(None)
+
+
+def test_sscd_preprocessing_and_cosine_with_a_scripted_stand_in(tmp_path):
+    class Descriptor(torch.nn.Module):  # stands in for the real network: any scripted module works the same way
+        def forward(self, x):
+            assert x.shape[-2:] == (224, 224)
+            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+    path = tmp_path / "sscd.pt"
+    torch.jit.script(Descriptor()).save(str(path))
+    sscd = SSCD(path)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(2, 3, 32, 48)).astype(np.float32)
+    same = sscd.similarity(x, x)
+    assert same == pytest.approx([1.0, 1.0], abs=1e-5)
+    other = sscd.similarity(x, 1 - x[::-1] ** 3)
+    assert (other < 0.999).all() and (other >= -1).all()
+
+
+def test_clip_score_without_weights_says_what_to_provide():
+    with pytest.raises(FileNotFoundError, match="CLIP score: no file configured"):
+        CLIPScore("ViT-H-14", None)
