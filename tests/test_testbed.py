@@ -109,3 +109,38 @@ def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path):
     (folder / ASSEMBLED).unlink()  # a folder someone trained: never replaced
     (folder / "unet" / "stale").write_text("x")
     assert ensure_testbed(folder) == folder and (folder / "unet" / "stale").exists()
+
+
+def test_flat_patch_and_caption_parsing():
+    from benchmark.testbed.data import describe, parse_caption
+
+    items = make_dataset(Recipe(n_unique=2, n_global=1, global_copies=1, n_local=1, local_copies=2, n_heldout=1,
+                                patch="flat"))
+    local = next(i for i in items if i.category == "local")
+    patch = local.image[:, local.mask]
+    assert np.ptp(patch, axis=1).max() == 0  # one colour
+    with pytest.raises(ValueError, match="unknown patch kind 'noise'"):
+        make_dataset(Recipe(patch="noise"))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        caption, objects, background = describe(rng)
+        assert parse_caption(caption) == (objects, background)
+    with pytest.raises(ValueError, match="not a testbed caption: 'a cat'"):
+        parse_caption("a cat")
+
+
+def test_snapshots_and_training_time_mitigation(tmp_path):
+    from dataclasses import replace
+
+    spec = tiny_spec()
+    spec = replace(spec, training=replace(spec.training, snapshot_every=2, mitigation_threshold=1e-6))
+    folder = train(spec, tmp_path / "pipeline", progress=False)
+    snapshot = tmp_path / "pipeline-step2"
+    assert json.loads((snapshot / "training.json").read_text())["steps"] == 2
+    load_text_to_image(str(snapshot))
+    log = json.loads((folder / "training.json").read_text())
+    # a threshold below every magnitude drops every captioned sample (not the caption-dropped ones)
+    assert log["steps"] == 4 and 0 < log["dropped_samples"] <= 4 * spec.training.batch_size
+    spec = replace(spec, training=replace(spec.training, snapshot_every=0, mitigation_threshold=1e9))
+    assert json.loads((train(spec, tmp_path / "p2", progress=False) / "training.json").read_text())[
+        "dropped_samples"] == 0

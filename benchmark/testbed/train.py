@@ -47,6 +47,9 @@ class Training:
     caption_dropout: float = 0.1  # classifier-free guidance needs the empty caption
     checkpoint_every: int = 250
     snapshot_every: int = 0  # > 0: also save the EMA pipeline every so many steps, as <folder>-step<N>
+    # Wen et al.'s training-time mitigation: > 0 drops from each batch's loss the captioned samples whose
+    # ||eps_cond - eps_uncond|| exceeds this threshold (one extra forward pass without gradient).
+    mitigation_threshold: float = 0.0
     seed: int = 0
 
 
@@ -112,7 +115,7 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     noise_schedule = DDPMScheduler(**NOISE)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    step = dropped = 0
     checkpoint = folder.with_name(folder.name + ".checkpoint.pt")
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)  # our own file, written below
@@ -121,7 +124,7 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
         schedule.load_state_dict(state["schedule"])
         ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
-        step = state["step"]
+        step, dropped = state["step"], state.get("dropped", 0)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="testbed training")
     while step < cfg.steps:
         idx = torch.randint(len(items), (cfg.batch_size,), generator=generator)
@@ -131,8 +134,14 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(NOISE["num_train_timesteps"], (cfg.batch_size,), generator=generator)
-        pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        noisy = noise_schedule.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        per_sample = (pred - noise).pow(2).flatten(1).mean(1)
+        keep = torch.ones_like(drop)
+        if cfg.mitigation_threshold > 0:
+            keep = drop | (guidance_magnitude(unet, noisy, t, pred, empty) <= cfg.mitigation_threshold)
+            dropped += int((~keep).sum())
+        loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -141,29 +150,40 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
         ema.step(unet.parameters())
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", **({"dropped": dropped} if cfg.mitigation_threshold else {}))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "ema": ema.state_dict(), "generator": generator.get_state(), "step": step}
+                     "ema": ema.state_dict(), "generator": generator.get_state(), "step": step,
+                     "dropped": dropped}
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
-            _save(model, spec, dataset, folder.with_name(f"{folder.name}-step{step}"))
+            _save(model, spec, dataset, folder.with_name(f"{folder.name}-step{step}"),
+                  {"steps": step, "dropped_samples": dropped})
             ema.restore(unet.parameters())
     bar.close()
     ema.copy_to(unet.parameters())
     model.unet = unet.eval()
-    return _save(model, spec, dataset, folder)
+    return _save(model, spec, dataset, folder, {"steps": step, "dropped_samples": dropped})
 
 
-def _save(model: TextToImage, spec: TestbedSpec, dataset, folder: Path) -> Path:
+@torch.no_grad()
+def guidance_magnitude(unet, noisy: torch.Tensor, t: torch.Tensor, eps_cond: torch.Tensor,
+                       empty: torch.Tensor) -> torch.Tensor:
+    """Per sample ||eps_cond - eps_uncond||: Wen et al.'s memorization signal, here on training inputs."""
+    eps_uncond = unet(noisy, t, encoder_hidden_states=empty.expand(len(noisy), -1, -1)).sample
+    return (eps_cond.detach() - eps_uncond).flatten(1).norm(dim=1)
+
+
+def _save(model: TextToImage, spec: TestbedSpec, dataset, folder: Path, log: dict) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_text_to_image(model, tmp)
     write_metadata(spec.recipe, dataset, tmp)
     (tmp / "testbed_spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
+    (tmp / "training.json").write_text(json.dumps(log) + "\n")  # steps done, samples training-time mitigation dropped
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
