@@ -63,3 +63,11 @@ def test_bad_input_gets_one_clear_error(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message.replace(".", r"\.").replace("[", r"\[")):
         run(cfg, tmp_path / "job")
     assert not (tmp_path / "job" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("task, group", [("ddpm", "ddpm_model"), ("mitigate", "model")])
+def test_other_jobs_compose(task, group, tmp_path):
+    for option in options(group):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(task, overrides=[f"{group}={option}", f"paths.root={tmp_path}"])
+        OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,92 @@
+"""DDPM job: train (when asked and missing) or load an unconditional DDPM, sample into the store, and measure
+memorization against its training set."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from benchmark import copying
+from benchmark.ddpm import DDPMSampler, load_ddpm, sample_ddpm, to_rgb, trace_of
+from benchmark.ddpm_train import (DDPMArchitecture, DDPMData, DDPMSpec, DDPMTraining, load_images,
+                                  read_training_set, train_ddpm)
+from benchmark.models import weights_fingerprint
+from benchmark.tracking import Tracker
+from benchmark.traces import TraceKey, TraceStore, atomic_write, to_png
+from runners.common import CONF, job_device, run_job
+
+
+def spec_of(m: DictConfig) -> DDPMSpec:
+    raw = OmegaConf.to_container(m, resolve=True)
+    arch = dict(raw["architecture"], block_out_channels=tuple(raw["architecture"]["block_out_channels"]))
+    return DDPMSpec(DDPMData(**raw["data"]), DDPMArchitecture(**arch), DDPMTraining(**raw["training"]))
+
+
+def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
+    m, s, ms = cfg.ddpm_model, cfg.sampler, cfg.measure
+    folder.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
+                      OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
+                      cfg.logger.get("group"))
+    try:
+        settings = DDPMSampler(s.steps, s.sampler, s.eta)
+        if m.train and not (Path(m.source) / "model_index.json").exists():
+            train_ddpm(spec_of(m), m.source)
+        model = load_ddpm(m.source, m.use_safetensors, device)
+        if m.training_data:
+            training, duplicated = load_images(m.training_data, model.image_shape[-1]), None
+        else:
+            training, duplicated = read_training_set(m.source)
+        fingerprint = weights_fingerprint(m.source)
+        key = TraceKey(f"{m.name}@{fingerprint}" if fingerprint else m.name, settings.key, "unconditional",
+                       "samples", "")
+        store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
+        missing = store.missing_seeds(key, [s.seed + k for k in range(s.n_images)])
+        start = time.perf_counter()
+        for i in range(0, len(missing), s.batch_size):
+            seeds = missing[i:i + s.batch_size]
+            images, energy = sample_ddpm(model, seeds, settings)
+            for seed, image, e in zip(seeds, images, energy):
+                meta = {"model": key.model, "sampler": asdict(settings), "seed": int(seed)}
+                store.write(key, trace_of(e, image, meta), to_rgb(image[None].numpy())[0])
+        sampling_s = time.perf_counter() - start
+        seeds = [s.seed + k for k in range(s.n_images)]
+        images = np.stack([store.read_image(key, seed).transpose(2, 0, 1) for seed in seeds])
+        training = to_rgb(training)
+        masks = copying.copy_masks(images, training, ms.patch, ms.patch_ratio_below)
+        table = copying.memorization_table(images, training, masks, duplicated, ms.grid, ms.carlini_n, ms.copy_below)
+        table.insert(0, "seed", seeds)
+        summary = {"task": "ddpm", "model": m.name, "n_training_images": len(training), "n_generations": len(table),
+                   "sampled_now": len(missing), "sampling_seconds": round(sampling_s, 2),
+                   "copy_rate": float(table.is_copy.mean()), "nn_ratio_median": float(table.nn_ratio.median()),
+                   "carlini_median": float(table.carlini.median()),
+                   "copied_fraction_mean": float(table.copied_fraction.mean())}
+        if duplicated is not None:
+            summary["duplicated_share_of_training"] = float(np.mean(duplicated))
+            summary["copies_of_duplicated"] = (float(table[table.is_copy].nearest_duplicated.mean())
+                                               if table.is_copy.any() else None)
+        summary["headline"] = summary["copy_rate"]
+        to_png(copying.copy_gallery(images, training, table, masks).transpose(2, 0, 1)).save(folder / "copies.png")
+        atomic_write(folder / "generations.csv", lambda tmp: table.to_csv(tmp, index=False))
+        atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                    images={"copies": folder / "copies.png"}, generations=table)
+        print(json.dumps(summary, indent=1))
+        print(f"results in {folder}")
+        return summary["headline"]
+    finally:
+        tracker.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="ddpm")
+def main(cfg: DictConfig) -> float:
+    return run_job(lambda c, folder: run(c, folder, job_device(c.device)), cfg)
+
+
+if __name__ == "__main__":
+    main()
