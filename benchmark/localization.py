@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import f1_score, precision_recall_curve
 
 from . import scores as S
 from .metrics import binarize, iou, pixel_auroc
+from .similarity import pixel_LS, pixel_S
 
 
 @dataclass
@@ -84,17 +86,59 @@ def diversity_table(images: list[np.ndarray], prompt_ids: list[str], truth: dict
     return pd.DataFrame(rows)
 
 
+def similarity_table(images: list[np.ndarray], end_maps: dict[str, np.ndarray], prompt_ids: list[str],
+                     kinds: list[str], truth: dict[str, Truth], layers: list[str]) -> pd.DataFrame:
+    """Per generation, the BE paper's S and LS (``benchmark.similarity``; LS with the generation's own BE mask)
+    to its training image; a prompt without one is compared with every training image of each memorization kind
+    and keeps the closest, so it is a negative for each kind."""
+    size = images[0].shape[-2:]
+    masks = S.be_mask(end_maps, layers, size)
+    by_kind = {k: [t.image for t in truth.values() if (t.mask is None) == (k == "global")] for k in ("global", "local")}
+    rows = []
+    for image, mask, pid, kind in zip(images, masks, prompt_ids, kinds):
+        if pid in truth:
+            rows.append({"prompt_id": pid, "kind": kind, "memorized": True, "S": pixel_S(image, truth[pid].image),
+                         "LS": pixel_LS(image, truth[pid].image, mask)})
+            continue
+        for ref_kind, refs in by_kind.items():
+            if refs:
+                rows.append({"prompt_id": pid, "kind": f"none vs {ref_kind}", "memorized": False,
+                             "S": max(pixel_S(image, r) for r in refs),
+                             "LS": max(pixel_LS(image, r, mask) for r in refs)})
+    return pd.DataFrame(rows)
+
+
+def similarity_f1(table: pd.DataFrame, threshold: float = -50.0) -> pd.DataFrame:
+    """Table 2 of the BE paper on ground truth: F1 of "similarity > threshold" as the memorization call, per
+    kind (its generations vs the negatives compared with its training images), and the best F1 over thresholds."""
+    rows = []
+    for kind in ("global", "local"):
+        part = table[(table.kind == kind) | (table.kind == f"none vs {kind}")]
+        if part.empty or part.memorized.all() or not part.memorized.any():
+            continue
+        for metric in ("S", "LS"):
+            precision, recall, _ = precision_recall_curve(part.memorized, part[metric])
+            best = np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+            rows.append({"metric": metric, "kind": kind, "threshold": threshold,
+                         "f1": f1_score(part.memorized, part[metric] > threshold), "best_f1": float(best),
+                         "n_pos": int(part.memorized.sum()), "n_neg": int((~part.memorized).sum())})
+    return pd.DataFrame(rows)
+
+
 def evaluate(end_maps: dict[str, np.ndarray], images: list[np.ndarray], prompt_ids: list[str], kinds: list[str],
              truth: dict[str, Truth], layer_sets: dict[str, list[str]], rule: str = "otsu") -> dict[str, pd.DataFrame]:
     """Every ground-truth table of one job."""
+    similarity = similarity_table(images, end_maps, prompt_ids, kinds, truth, next(iter(layer_sets.values())))
     return {"localization": localization_table(end_maps, prompt_ids, truth, layer_sets, rule),
             "copying": copy_table(images, prompt_ids, kinds, truth),
-            "diversity": diversity_table(images, prompt_ids, truth)}
+            "diversity": diversity_table(images, prompt_ids, truth),
+            "similarity_f1": similarity_f1(similarity)}
 
 
 def summarise(tables: dict[str, pd.DataFrame]) -> dict:
     """The ground-truth tables as plain values for metrics.json."""
-    out = {"localization": tables["localization"].to_dict(orient="records")}
+    out = {"localization": tables["localization"].to_dict(orient="records"),
+           "similarity_f1": tables["similarity_f1"].to_dict(orient="records")}
     copies = tables["copying"]
     if not copies.empty:
         out["copy_distance_median"] = copies.groupby("kind")["distance"].median().round(4).to_dict()

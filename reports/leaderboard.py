@@ -2,8 +2,10 @@
 
     python -m reports.leaderboard outputs/multirun/detect/table1 [more folders] --out reports/out
 
-Writes ``leaderboard.md``, ``leaderboard.csv``, ``table1.md``, ``table1.csv``, ``table1.tex`` and a self-contained
-``leaderboard.html`` (ROC curves, layer x T heat maps). Markdown and CSV are byte-identical for the same folders.
+Writes Markdown + CSV (+ LaTeX for the paper tables) of: the leaderboard, Table 1 and Table 2 layouts, localization,
+BE intensity by type, mitigation trade-off points; and one self-contained ``leaderboard.html`` (ROC curves, layer x T
+heat maps, mask galleries, trade-off curves beside the paper's). Markdown and CSV are byte-identical for the same
+folders. Rows marked ``published`` are quoted from ``reports/reference``; all others are ours.
 """
 from __future__ import annotations
 
@@ -35,11 +37,20 @@ def job_folders(paths: list[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def collect(paths: list[str | Path]) -> pd.DataFrame:
-    """One row per job x metric row, with the job's configuration columns."""
-    frames = []
+def results(paths: list[str | Path], task: str) -> list[tuple[Path, dict]]:
+    """(folder, metrics.json) of every finished job of one task (``detect``, ``mitigate``, ``ddpm``)."""
+    out = []
     for folder in job_folders(paths):
         result = json.loads((folder / "metrics.json").read_text())
+        if result.get("task", "detect") == task:
+            out.append((folder, result))
+    return out
+
+
+def collect(paths: list[str | Path]) -> pd.DataFrame:
+    """One row per detection job x metric row, with the job's configuration columns (empty without such jobs)."""
+    frames = []
+    for folder, result in results(paths, "detect"):
         config_file = folder / ".hydra" / "config.yaml"
         config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
         sampler = config.get("sampler", {})
@@ -50,6 +61,8 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
         frame.insert(3, "steps", sampler.get("steps", -1))
         frame.insert(4, "n_images", sampler.get("n_images", -1))
         frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=KEYS + ["job"])
     table = pd.concat(frames, ignore_index=True)
     table["layers"] = table["layers"].fillna("")
     return table.sort_values(KEYS + ["job"], kind="mergesort").reset_index(drop=True)
@@ -67,8 +80,9 @@ def _cell(row: pd.Series, name: str) -> str:
 def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd.DataFrame:
     """The seed paper's Table 1 layout: method x memorization type x T -> AUC, F1, TPR@1%FPR, ours and published."""
     rows = ours[(ours.level == level) & ours.detector.isin(["D", "LD"]) & (ours.subset != "all")
-                & ((ours.detector == "D") | (ours.layers == layers))]
-    out = pd.DataFrame({
+                & ((ours.detector == "D") | (ours.layers == layers))] if not ours.empty else ours
+    out = pd.DataFrame(columns=["source", "method", "memorization_type", "T", "auc", "f1", "tpr_at_1pct_fpr"]) \
+        if rows.empty else pd.DataFrame({
         "source": "ours: " + rows.model + " / " + rows.prompt_set + " (" + rows.steps.astype(str) + " steps, "
                   + rows.n_images.astype(str) + " images)",
         "method": rows.detector.map(METHOD_NAMES), "memorization_type": rows.subset, "T": rows["T"],
@@ -85,13 +99,79 @@ def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd
 
 def leaderboard(ours: pd.DataFrame, metric: str = "auc", subset: str = "all", level: str = "prompt") -> pd.DataFrame:
     """Every (job, detector, layers, T) on one subset, best first."""
+    columns = ["model", "prompt_set", "steps", "n_images", "method", "T", metric, f"{metric}_ci", "n_pos", "n_neg"]
+    if ours.empty:
+        return pd.DataFrame(columns=columns)
     rows = ours[(ours.level == level) & (ours.subset == subset)].copy()
     rows["method"] = rows.detector.map(METHOD_NAMES) + rows.layers.map(lambda l: f" [{l}]" if l else "")
     rows[f"{metric}_ci"] = [_cell(r, metric) for _, r in rows.iterrows()]
     rows[metric] = rows[metric].round(4)
-    columns = ["model", "prompt_set", "steps", "n_images", "method", "T", metric, f"{metric}_ci", "n_pos", "n_neg"]
     return rows.sort_values([metric, "model", "method", "T"], ascending=[False, True, True, True],
                             kind="mergesort")[columns].reset_index(drop=True)
+
+
+def _published(name: str) -> pd.DataFrame:
+    table = pd.read_csv(REFERENCE / name)
+    return table.assign(source="published: " + table.source)
+
+
+def table2(paths: list[str | Path]) -> pd.DataFrame:
+    """The seed paper's Table 2: F1 of similarity metrics as memorization calls, ours (ground-truth jobs) and
+    published."""
+    rows = []
+    for folder, result in results(paths, "detect"):
+        if not result.get("similarity_f1"):
+            continue
+        for (metric, threshold), part in pd.DataFrame(result["similarity_f1"]).groupby(["metric", "threshold"]):
+            f1 = part.set_index("kind")
+            rows.append({"source": f"ours: {result['model']} / {result['prompt_set']}", "metric": metric,
+                         "threshold": f">{threshold:g}",
+                         **{f"f1_{k}": f"{f1.f1[k]:.3f} (best {f1.best_f1[k]:.3f})" if k in f1.index else ""
+                            for k in ("local", "global")}})
+    published = _published("be2025_table2_similarity_f1.csv")
+    for k in ("local", "global"):
+        published[f"f1_{k}"] = published[f"f1_{k}"].map(lambda v: f"{v:.3f}")
+    return pd.concat([pd.DataFrame(rows), published[["source", "metric", "threshold", "f1_local", "f1_global"]]],
+                     ignore_index=True)
+
+
+def localization_summary(paths: list[str | Path]) -> pd.DataFrame:
+    """Mask IoU (and pixel AUROC, ours only) per layer set, with the third-party BE IoU on SD v1-4 beside it."""
+    rows = [{"source": f"ours: {result['model']} / {result['prompt_set']}", "subset": "local (planted)",
+             "method": "all-ones mask" if r["layers"].startswith("all-ones") else f"BE [{r['layers']}]",
+             "iou": f"{r['iou']:.3f}", "pixel_auroc": f"{r['pixel_auroc']:.3f}"}
+            for _, result in results(paths, "detect") for r in result.get("localization", [])]
+    published = _published("localization_iou_thirdparty.csv")
+    published["iou"] = published.iou.map(lambda v: f"{v:.3f}")
+    published["pixel_auroc"] = ""
+    return pd.concat([pd.DataFrame(rows), published[["source", "subset", "method", "iou", "pixel_auroc"]]],
+                     ignore_index=True)
+
+
+def intensity_summary(paths: list[str | Path], layers: str = "all") -> pd.DataFrame:
+    """BE intensity quartiles per memorization type (the paper's Fig. 5 box plot as numbers), ours and published.
+    Our scale is the testbed's, not SD's: compare the ordering, not the values."""
+    rows = []
+    for folder, result in results(paths, "detect"):
+        gens = pd.read_csv(folder / "generations.csv", keep_default_na=False)
+        part = gens[(gens.detector == "BE_intensity") & (gens.layers == layers)]
+        for kind, values in part.groupby("kind")["score"]:
+            q1, median, q3 = values.quantile([0.25, 0.5, 0.75]).to_numpy()
+            reach = 1.5 * (q3 - q1)  # Tukey's whiskers, as box plots draw them
+            rows.append({"source": f"ours: {result['model']} / {result['prompt_set']}",
+                         "memorization_type": "non-memorized" if kind == "none" else kind,
+                         "lower_whisker": values[values >= q1 - reach].min(), "q1": q1, "median": median, "q3": q3,
+                         "upper_whisker": values[values <= q3 + reach].max()})
+    published = _published("be2025_fig5_be_intensity_box.csv")
+    return pd.concat([pd.DataFrame(rows), published], ignore_index=True).round(5)
+
+
+def mitigation_points(paths: list[str | Path]) -> pd.DataFrame:
+    """Every mitigation job's trade-off points (kind x method x target loss)."""
+    frames = [pd.DataFrame(result["curves"]).assign(model=result["model"], prompt_set=result["prompt_set"],
+                                                    utility=result["utility"], job=str(folder))
+              for folder, result in results(paths, "mitigate")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 # --------------------------------------------------------------------------------------------------- pictures
@@ -153,14 +233,59 @@ def heatmap_figure(ours: pd.DataFrame, job: str, detector: str = "LD", metric: s
     return _png(fig)
 
 
-def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame) -> str:
+def tradeoff_figure(points: pd.DataFrame) -> str:
+    """Similarity vs utility per memorization kind: our mitigation curves (left) and the paper's digitized Fig. 6/7
+    (right; SSCD vs CLIP score on SD v1-4). Ours use the similarity and utility measures the job had."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    published = pd.read_csv(REFERENCE / "be2025_fig6_fig7_mitigation_digitized.csv")
+    # distances (train_rmse, caption_rmse) are drawn on inverted axes, so that up = more similar to the training
+    # image and right = more faithful to the prompt, as SSCD and CLIP score are in the paper's figures
+    similarity = next((m for m in ("SSCD", "train_rmse", "S") if m in points), None)
+    kinds = sorted(points.kind.unique())
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3.4 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
+        part = points[points.kind == kind]
+        for (job, method), curve in part.groupby(["job", "method"], sort=True):
+            curve = curve.sort_values("target_loss", na_position="last")
+            style = "*" if method == "none" else "o-"
+            row[0].plot(curve[curve.utility.iloc[0]], curve[similarity], style, label=f"{method}")
+        utility = part.utility.iloc[0]
+        row[0].set(xlabel=utility + (" (axis inverted)" if utility == "caption_rmse" else ""),
+                   ylabel=similarity + (" to the training image (axis inverted)" if similarity == "train_rmse" else ""),
+                   title=f"ours: {kind}")
+        if utility == "caption_rmse":
+            row[0].invert_xaxis()
+        if similarity == "train_rmse":
+            row[0].invert_yaxis()
+        row[0].legend(fontsize=8)
+        ref = published[(published.mem_type == kind) & (published.y_metric == "SSCD")]
+        for method, curve in ref.groupby("method", sort=True):
+            row[1].plot(curve.clip_score, curve.similarity, "o-" if len(curve) > 1 else "*", label=method)
+        row[1].set(xlabel="CLIP score", ylabel="SSCD", title=f"published (BE Fig. 6/7, digitized): {kind}")
+        row[1].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame, extra: dict[str, pd.DataFrame],
+              points: pd.DataFrame) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>be-bench leaderboard</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{margin:6px}</style></head><body>",
              "<h1>be-bench leaderboard</h1>",
              "<p>Rows marked <b>published</b> are quoted from the papers (reports/reference); all others are ours.</p>",
              "<h2>Leaderboard (prompt level, all memorized vs not)</h2>", board.to_html(index=False),
-             "<h2>Table 1 layout</h2>", t1.to_html(index=False), "<h2>Pictures</h2>"]
+             "<h2>Table 1 layout</h2>", t1.to_html(index=False)]
+    for title, table in extra.items():
+        parts += [f"<h2>{title}</h2>", table.to_html(index=False)]
+    if not points.empty and points.utility.notna().all() and {"SSCD", "train_rmse", "S"} & set(points):
+        parts += ["<h2>Mitigation trade-off</h2>",
+                  f"<img alt='trade-off curves' src='data:image/png;base64,{tradeoff_figure(points)}'>"]
+    parts.append("<h2>Pictures</h2>")
     for job in sorted(ours.job.unique()):
         windows = sorted(t for t in ours[ours.job == job]["T"].unique() if t)
         parts.append(f"<h3>{job}</h3>")
@@ -179,9 +304,21 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     out.mkdir(parents=True, exist_ok=True)
     ours = collect(paths)
     board, t1 = leaderboard(ours, metric), table1(ours)
+    extra = {"Table 2 layout: similarity metrics as memorization calls (F1)": table2(paths),
+             "Localization: BE mask vs ground truth": localization_summary(paths),
+             "BE intensity by memorization type (Fig. 5 as numbers)": intensity_summary(paths),
+             "Published third-party re-run of detection (not ours)": _published("sail2025_detection_rerun.csv")}
+    points = mitigation_points(paths)
     files = {"leaderboard.md": board.to_markdown(index=False) + "\n", "leaderboard.csv": board.to_csv(index=False),
              "table1.md": t1.to_markdown(index=False) + "\n", "table1.csv": t1.to_csv(index=False),
-             "table1.tex": t1.to_latex(index=False), "leaderboard.html": html_page(ours, board, t1)}
+             "table1.tex": t1.to_latex(index=False)}
+    for stem, table in zip(("table2", "localization", "intensity"), extra.values()):
+        files |= {f"{stem}.md": table.to_markdown(index=False) + "\n", f"{stem}.csv": table.to_csv(index=False)}
+    files["table2.tex"] = extra["Table 2 layout: similarity metrics as memorization calls (F1)"].to_latex(index=False)
+    if not points.empty:
+        files |= {"mitigation.md": points.round(4).to_markdown(index=False) + "\n",
+                  "mitigation.csv": points.to_csv(index=False)}
+    files["leaderboard.html"] = html_page(ours, board, t1, extra, points)
     for name, text in files.items():
         (out / name).write_text(text)
     return {name: out / name for name in files}

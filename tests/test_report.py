@@ -6,9 +6,13 @@ import subprocess
 import pandas as pd
 import pytest
 
+from benchmark.testbed.train import train
 from reports.leaderboard import collect, write_report
 from runners.detect import run
+from runners.mitigate import run as run_mitigation
+from tests.test_mitigation import _config as mitigation_config
 from tests.test_runner import config
+from tests.test_testbed import tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +23,11 @@ def jobs(tmp_path_factory):
         run(config("debug=default", f"paths.root={root}", f"sampler.steps={steps}"), folder)
         (folder / ".hydra").mkdir()
         (folder / ".hydra" / "config.yaml").write_text(f"sampler:\n  steps: {steps}\n  n_images: 2\n")
+    # a mitigation job on a testbed trained in seconds (it has ground truth and captions)
+    testbed = train(tiny_spec(), root / "testbed", progress=False)
+    run_mitigation(mitigation_config(f"paths.root={root}", f"model.source={testbed}", "model.build=null",
+                                     "sampler.steps=4", "mitigation.n_images=1", "mitigation.target_losses=[0.1,1]"),
+                   root / "outputs" / "mitigation")
     return root / "outputs"
 
 
@@ -36,12 +45,18 @@ def test_tables_hold_the_jobs_values(jobs, tmp_path):
     assert t1.source.str.startswith("published").sum() == 12  # the paper's rows, marked as quoted
     assert t1.source.str.startswith("ours").sum() == 2 * 2 * 2 * 2  # 2 jobs x {D, LD} x {global, local} x T
     assert "\\begin{tabular}" in files["table1.tex"].read_text()
-    assert files["leaderboard.html"].read_text().count("data:image/png;base64,") == 4
+    assert files["leaderboard.html"].read_text().count("data:image/png;base64,") == 4 + 1  # + trade-off curves
+    points = pd.read_csv(files["mitigation.csv"])
+    curves = pd.DataFrame(json.loads((jobs / "mitigation" / "metrics.json").read_text())["curves"])
+    assert len(points) == len(curves) == 2 * (1 + 2 * 2)  # kinds x (baseline + methods x targets)
+    pd.testing.assert_series_equal(points.train_rmse, curves.train_rmse, check_exact=False)
+    assert pd.read_csv(files["table2.csv"]).source.str.startswith("published").sum() == 3
 
 
 def test_markdown_and_csv_are_byte_identical_on_rerun(jobs, tmp_path):
     a, b = write_report([jobs], tmp_path / "a"), write_report([jobs], tmp_path / "b")
-    for name in ("leaderboard.md", "leaderboard.csv", "table1.md", "table1.csv"):
+    for name in ("leaderboard.md", "leaderboard.csv", "table1.md", "table1.csv", "table2.csv", "mitigation.csv",
+                 "intensity.csv", "localization.csv"):
         assert a[name].read_bytes() == b[name].read_bytes(), name
 
 

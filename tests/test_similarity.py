@@ -57,3 +57,29 @@ def test_sscd_preprocessing_and_cosine_with_a_scripted_stand_in(tmp_path):
 def test_clip_score_without_weights_says_what_to_provide():
     with pytest.raises(FileNotFoundError, match="CLIP score: no file configured"):
         CLIPScore("ViT-H-14", None)
+
+
+def test_table2_on_constructed_copies():
+    from benchmark.localization import Truth, similarity_f1, similarity_table
+
+    rng = np.random.default_rng(0)
+    train_g, train_l = rng.uniform(size=(3, 8, 8)), rng.uniform(size=(3, 8, 8))
+    region = np.zeros((8, 8), bool)
+    region[:4] = True
+    truth = {"g": Truth(train_g), "l": Truth(train_l, region)}
+    images, ids, kinds, maps = [], [], [], []
+    for _ in range(3):
+        images.append(np.clip(train_g + rng.normal(0, 0.02, train_g.shape), 0, 1)); ids.append("g"); kinds.append("global")
+        local = rng.uniform(size=(3, 8, 8))
+        local[:, region] = train_l[:, region]
+        images.append(local); ids.append("l"); kinds.append("local")
+        images.append(rng.uniform(size=(3, 8, 8))); ids.append("n"); kinds.append("none")
+    bright_top = np.zeros((len(images), 4, 4))
+    bright_top[:, :2] = 1.0  # a BE mask bright over the top half: the planted region
+    table = similarity_table(images, {"layer": bright_top}, ids, kinds, truth, ["layer"])
+    assert len(table) == 3 + 3 + 3 * 2
+    local = table[table.kind == "local"]
+    assert (local.LS > -50).all() and (local.S < -50).all()  # the mask finds the copy S misses
+    f1 = similarity_f1(table).set_index(["metric", "kind"])
+    assert f1.loc[("S", "global"), "f1"] == 1.0 and f1.loc[("LS", "local"), "f1"] == 1.0
+    assert f1.loc[("S", "local"), "f1"] < 1.0
