@@ -2,15 +2,17 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-all bench report testbed-weights sync
+.PHONY: setup run test test-all bench report testbed-weights ddpm sync
 
 setup:              ## create .venv and install everything (CPU torch on these machines)
 	bash scripts/setup.sh
 
-run:                ## the main job: build or reuse the testbed, detect + localize on it, report
+run:                ## the main job: build or reuse the testbed; detection, localization, mitigation on it; report
 	@start=$$(date +%s); \
 	$(PY) -m runners.detect && \
-	echo "make run wall time: $$(( $$(date +%s) - start )) s"
+	$(PY) -m runners.mitigate && \
+	$(PY) -m reports.leaderboard outputs/detect/testbed outputs/mitigate/testbed --out outputs/report && \
+	echo "make run wall time: $$(( $$(date +%s) - start )) s (report: outputs/report/leaderboard.html)"
 
 test:               ## the fast suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow"
@@ -26,6 +28,9 @@ bench:              ## side-by-side timings on SD v1-4's architecture (see runne
 
 testbed-weights:    ## retrain the shipped testbed weights from scratch (about 45 min on 2 cores)
 	$(PY) -m runners.train_testbed ship=true
+
+ddpm:               ## train (first time) and measure the digits DDPM with planted duplicates
+	$(PY) -m runners.ddpm
 
 sync:               ## upload offline W&B runs of all jobs (needs `wandb login`)
 	find outputs -type d -name "offline-run-*" -exec .venv/bin/wandb sync {} +

@@ -37,6 +37,18 @@ class Tracker:
         except Exception as err:
             warnings.warn(f"W&B logging failed: {type(err).__name__}: {err}", stacklevel=2)
 
+    def save(self, *paths: str | Path) -> None:
+        """Attach job files to the run (metrics.json, the per-generation table): the report can rebuild the job
+        folder from W&B alone (``reports.leaderboard --wandb entity/project``)."""
+        if self.run is None:
+            return
+        try:
+            for path in paths:
+                if Path(path).exists():
+                    self.run.save(str(path), base_path=str(Path(path).parent), policy="now")
+        except Exception as err:
+            warnings.warn(f"W&B file upload failed: {type(err).__name__}: {err}", stacklevel=2)
+
     def finish(self) -> None:
         if self.run is not None:
             try:

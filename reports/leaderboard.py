@@ -324,13 +324,41 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     return {name: out / name for name in files}
 
 
+JOB_FILES = ("metrics.json", "generations.csv", "mitigation.csv", "masks.png")
+
+
+def fetch_wandb(project: str, out: str | Path, api=None) -> Path:
+    """Rebuild job folders from the W&B runs of ``entity/project`` (the files each job attached to its run), so
+    the report reads them like any other folder. Needs network access and a login; ``api`` is for tests."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    root = Path(out) / "wandb"
+    for run in api.runs(project):
+        names = {f.name for f in run.files()}
+        if "metrics.json" not in names:
+            continue  # a run without the job files (e.g. still running)
+        folder = root / run.id
+        for name in JOB_FILES:
+            if name in names:
+                run.file(name).download(root=str(folder), replace=True)
+        (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(dict(run.config), sort_keys=True))
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+")
+    parser.add_argument("folders", nargs="*")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of a W&B project")
     parser.add_argument("--out", default="outputs/report")
     parser.add_argument("--metric", default="auc", choices=["auc", "tpr_at_1pct_fpr", "f1"])
     args = parser.parse_args()
-    for name, path in write_report(args.folders, args.out, args.metric).items():
+    folders = list(args.folders) + ([fetch_wandb(args.wandb, args.out)] if args.wandb else [])
+    if not folders:
+        parser.error("give job folders and/or --wandb ENTITY/PROJECT")
+    for name, path in write_report(folders, args.out, args.metric).items():
         print(path)
 
 

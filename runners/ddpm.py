@@ -74,6 +74,7 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         to_png(copying.copy_gallery(images, training, table, masks).transpose(2, 0, 1)).save(folder / "copies.png")
         atomic_write(folder / "generations.csv", lambda tmp: table.to_csv(tmp, index=False))
         atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        tracker.save(folder / "metrics.json", folder / "generations.csv")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                     images={"copies": folder / "copies.png"}, generations=table)
         print(json.dumps(summary, indent=1))

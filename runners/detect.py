@@ -59,6 +59,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
         detection.write_results(folder, summary, metrics, scores)
         report = write_job_report(folder)
+        tracker.save(folder / "metrics.json", folder / "generations.csv", folder / "masks.png")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                     images={"masks": folder / "masks.png"}, metrics=metrics, generations=scores)
         print(report.read_text())

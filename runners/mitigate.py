@@ -69,6 +69,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         atomic_write(folder / "mitigation.csv", lambda tmp: rows.to_csv(tmp, index=False))
         atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
         report = write_job_report(folder)
+        tracker.save(folder / "metrics.json", folder / "mitigation.csv")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, generations=rows)
         print(report.read_text())
         print(f"{sampled} images sampled now, results in {folder}")

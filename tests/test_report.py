@@ -2,6 +2,7 @@
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -58,6 +59,31 @@ def test_markdown_and_csv_are_byte_identical_on_rerun(jobs, tmp_path):
     for name in ("leaderboard.md", "leaderboard.csv", "table1.md", "table1.csv", "table2.csv", "mitigation.csv",
                  "intensity.csv", "localization.csv"):
         assert a[name].read_bytes() == b[name].read_bytes(), name
+
+
+def test_report_from_wandb_runs_equals_the_report_from_folders(jobs, tmp_path):
+    from types import SimpleNamespace
+
+    from reports.leaderboard import fetch_wandb
+
+    class FakeRun:  # what wandb.Api().runs() yields: id, config, files(), file(name).download(root, replace)
+        def __init__(self, folder):
+            self.id, self.config, self.folder = folder.name, {"sampler": {"steps": 5, "n_images": 2}}, folder
+
+        def files(self):
+            return [SimpleNamespace(name=p.name) for p in self.folder.iterdir() if p.is_file()]
+
+        def file(self, name):
+            def download(root, replace):
+                Path(root).mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.folder / name, Path(root) / name)
+            return SimpleNamespace(download=download)
+
+    api = SimpleNamespace(runs=lambda project: [FakeRun(jobs / "steps=5")])
+    fetched = fetch_wandb("me/be-bench", tmp_path / "w", api=api)
+    from_wandb = pd.read_csv(write_report([fetched], tmp_path / "a")["leaderboard.csv"])
+    direct = pd.read_csv(write_report([jobs / "steps=5"], tmp_path / "b")["leaderboard.csv"])
+    pd.testing.assert_frame_equal(from_wandb, direct)
 
 
 def test_no_jobs_is_a_clear_error(tmp_path):
