@@ -113,6 +113,8 @@ def test_wandb_offline_run_holds_the_jobs_metrics(tmp_path):
     assert summary["n_generations"] == result["n_generations"]
     assert summary["metrics/_type"] == "table-file"  # the metrics table
     assert summary["generations/_type"] == "table-file"  # the per-generation table
+    attached = runs[0].parent / "files" / "metrics.json"  # the job file the report can fetch back
+    assert json.loads(attached.read_text()) == result
 
 
 def test_wandb_failure_only_warns(tmp_path, monkeypatch):
