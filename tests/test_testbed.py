@@ -144,3 +144,16 @@ def test_snapshots_and_training_time_mitigation(tmp_path):
     spec = replace(spec, training=replace(spec.training, snapshot_every=0, mitigation_threshold=1e9))
     assert json.loads((train(spec, tmp_path / "p2", progress=False) / "training.json").read_text())[
         "dropped_samples"] == 0
+
+
+def test_causal_text_encoder_survives_the_folder_round_trip(tmp_path):
+    from dataclasses import replace
+
+    spec = tiny_spec()
+    spec = replace(spec, architecture=replace(spec.architecture, text_encoder="minilm-causal"))
+    model = load_text_to_image(str(train(spec, tmp_path / "pipeline", progress=False)))
+    states = model.encode(["a red circle at the top", "a red circle at the left"])
+    torch.testing.assert_close(states[0, :5], states[1, :5])  # a shared prefix: the same states, as in CLIP
+    assert (states[0, 6] - states[1, 6]).norm() > 1
+    with pytest.raises(ValueError, match="unknown text encoder 'gpt'"):
+        train(replace(spec, architecture=replace(spec.architecture, text_encoder="gpt")), tmp_path / "x")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..models import TextToImage, save_text_to_image
 from .data import Recipe, make_dataset, training_items, write_metadata
@@ -35,6 +35,9 @@ class Architecture:
     layers_per_block: int = 1
     attention_heads: int = 4
     context_tokens: int = 32  # the text encoder's context, padded like SD's 77
+    # "minilm": bidirectional, every token state sees the whole caption; "minilm-causal": the same weights run
+    # causally, so that, as in SD's CLIP, only the end token (and the padding after it) sees the whole caption
+    text_encoder: str = "minilm"
 
 
 @dataclass
@@ -80,7 +83,10 @@ def build_untrained(arch: Architecture, resolution: int, seed: int) -> TextToIma
     torch.manual_seed(seed)
     encoder_dir = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir, model_max_length=arch.context_tokens)
-    text_encoder = AutoModel.from_pretrained(encoder_dir).eval().requires_grad_(False)
+    if arch.text_encoder not in ("minilm", "minilm-causal"):
+        raise ValueError(f"testbed: unknown text encoder {arch.text_encoder!r} (minilm or minilm-causal)")
+    config = AutoConfig.from_pretrained(encoder_dir, is_decoder=arch.text_encoder == "minilm-causal")
+    text_encoder = AutoModel.from_pretrained(encoder_dir, config=config).eval().requires_grad_(False)
     unet = UNet2DConditionModel(
         sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=arch.layers_per_block,
         block_out_channels=arch.block_out_channels, cross_attention_dim=text_encoder.config.hidden_size,
