@@ -8,7 +8,6 @@ duplicated (``training_set.npz``), so measurement needs nothing else. Determinis
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .ddpm import DDPM, save_ddpm
+from .training import Trainer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -119,45 +118,24 @@ def train_ddpm(spec: DDPMSpec, folder: str | Path, progress: bool = True) -> Pat
     repeats = np.where(duplicated, spec.data.copies, 1)
     images = torch.from_numpy(np.repeat(unique, repeats, axis=0)) * 2 - 1
     unet = build_unet(images.shape[1], spec.data.resolution, spec.architecture, cfg.seed).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     noise_schedule = DDPMScheduler(num_train_timesteps=1000)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    checkpoint = folder.with_name(folder.name + ".checkpoint.pt")
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)  # our own file, written below
-        for part, obj in (("unet", unet), ("optimizer", optimizer), ("schedule", schedule), ("ema", ema)):
-            obj.load_state_dict(state[part])
-        generator.set_state(state["generator"])
-        step = state["step"]
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="DDPM training")
-    while step < cfg.steps:
+    trainer = Trainer(unet, cfg.steps, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.seed,
+                      folder.with_name(folder.name + ".checkpoint.pt"), cfg.checkpoint_every)
+    generator = trainer.generator
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="DDPM training")
+    while not trainer.done:
         x0 = images[torch.randint(len(images), (cfg.batch_size,), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(1000, (cfg.batch_size,), generator=generator)
         loss = F.mse_loss(unet(noise_schedule.add_noise(x0, noise, t), t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.step(unet.parameters())
-        step += 1
+        trainer.update(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "ema": ema.state_dict(), "generator": generator.get_state(), "step": step}
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
     bar.close()
-    ema.copy_to(unet.parameters())
+    unet = trainer.finish()
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_ddpm(DDPM("trained", unet.eval(), noise_schedule), tmp)
+    save_ddpm(DDPM("trained", unet, noise_schedule), tmp)
     np.savez_compressed(tmp / "training_set.npz", images=(unique * 255).round().astype(np.uint8),
                         duplicated=duplicated)
     (tmp / "ddpm_spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")

@@ -9,10 +9,11 @@ from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
+from benchmark.tracking import Tracker
 
 ERROR_FILE = "error.txt"
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
@@ -21,6 +22,12 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from
 def job_device(requested: str) -> str:
     job = HydraConfig.get().job
     return pick_device(requested, int(job.num) if job.get("num") is not None else 0)
+
+
+def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
+    """The job's W&B run (a no-op unless ``logger=wandb``)."""
+    return Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"), OmegaConf.to_container(cfg, resolve=True),
+                   folder, cfg.logger.get("mode", "offline"), cfg.logger.get("group"))
 
 
 def model_key(m: DictConfig) -> str:

