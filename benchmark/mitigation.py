@@ -31,7 +31,8 @@ class MitigationSettings:
     lr: float = 0.05
     max_iters: int = 10
     # "per_image" divides each image's masked norm by its own mask mean, as BE's detection does; "batch" divides by
-    # one mean over the prompt's masks, as BE's released mitigation code does.
+    # one mean over the masks optimised together (a prompt's batch), as BE's released mitigation code does, so that
+    # a result then depends on its batch.
     mask_norm: str = "per_image"
 
     def __post_init__(self):
@@ -71,15 +72,16 @@ def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Ten
     x = model.scheduler.scale_model_input(latents, t)
     with torch.no_grad():
         eps_uncond = unet(x, t, encoder_hidden_states=uncond).sample
-    bos = cond[:, :1].detach().clone()
-    emb = cond.detach().clone().requires_grad_(True)
+    bos = cond[:, :1].detach().float()
+    emb = cond.detach().float().clone().requires_grad_(True)  # a float32 master copy: fp16 loses AdamW steps
     optimizer = torch.optim.AdamW([emb], lr=settings.lr)
     final = emb.detach().clone()
     active = torch.ones(len(emb), dtype=torch.bool, device=emb.device)
     steps = torch.zeros(len(emb), dtype=torch.long)
     history = []
     for _ in range(settings.max_iters):
-        losses = magnitude_loss(unet(x, t, encoder_hidden_states=emb).sample - eps_uncond, mask, settings.mask_norm)
+        eps_cond = unet(x, t, encoder_hidden_states=emb.to(unet.dtype)).sample
+        losses = magnitude_loss((eps_cond - eps_uncond).float(), mask, settings.mask_norm)
         history.append(losses.detach().float().cpu())
         stop = active & (losses.detach() <= settings.target_loss)
         final[stop] = emb.detach()[stop]  # an image that reached its target keeps this embedding
@@ -118,7 +120,7 @@ def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: Sampler
         size = tuple(latents.shape[-2:])
         if tuple(mask.shape[-2:]) != size:
             mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        mask = mask.to(model.device, model.dtype)
+        mask = mask.to(model.device, torch.float32)
     with torch.enable_grad():
         opt = optimise_embedding(model, cond, uncond, latents, t0, settings, mask)
     return sample_with_capture(model, prompt, seeds, sampler, cond=opt.embedding), opt
