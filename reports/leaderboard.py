@@ -3,7 +3,7 @@
     python -m reports.leaderboard outputs/multirun/detect/table1 [more folders] --out reports/out
 
 Writes Markdown + CSV (+ LaTeX for the paper tables) of: the leaderboard, Table 1 and Table 2 layouts, localization,
-BE intensity by type, mitigation trade-off points; and one self-contained ``leaderboard.html`` (ROC curves, layer x T
+BE intensity by type, mitigation trade-off points, unconditional-DDPM copies; and one self-contained ``leaderboard.html`` (ROC curves, layer x T
 heat maps, mask galleries, trade-off curves beside the paper's). Markdown and CSV are byte-identical for the same
 folders. Rows marked ``published`` are quoted from ``reports/reference``; all others are ours.
 """
@@ -174,6 +174,17 @@ def mitigation_points(paths: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+DDPM_COLUMNS = ["model", "sampler", "n_train", "duplicated", "copies", "n_generations", "copy_rate",
+                "copies_of_duplicated", "nn_ratio_median", "carlini_median", "copied_fraction_mean"]
+
+
+def ddpm_summary(paths: list[str | Path]) -> pd.DataFrame:
+    """One row per unconditional-DDPM job: its training-set knobs, sampler and memorization measures."""
+    rows = [{k: result.get(k) for k in DDPM_COLUMNS} for _, result in results(paths, "ddpm")]
+    table = pd.DataFrame(rows, columns=DDPM_COLUMNS)
+    return table.sort_values(["model", "sampler"], kind="mergesort").reset_index(drop=True).round(4)
+
+
 # --------------------------------------------------------------------------------------------------- pictures
 
 def _png(fig) -> str:
@@ -272,7 +283,7 @@ def tradeoff_figure(points: pd.DataFrame) -> str:
 
 
 def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame, extra: dict[str, pd.DataFrame],
-              points: pd.DataFrame) -> str:
+              points: pd.DataFrame, ddpm_jobs: list[tuple[Path, dict]]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>be-bench leaderboard</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{margin:6px}</style></head><body>",
@@ -285,6 +296,10 @@ def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame, extra: 
     if not points.empty and points.utility.notna().all() and {"SSCD", "train_rmse", "S"} & set(points):
         parts += ["<h2>Mitigation trade-off</h2>",
                   f"<img alt='trade-off curves' src='data:image/png;base64,{tradeoff_figure(points)}'>"]
+    for folder, _ in ddpm_jobs:
+        encoded = base64.b64encode((folder / "copies.png").read_bytes()).decode("ascii")
+        parts.append(f"<h3>{folder}</h3><img alt='copies: generation | nearest | copied patches' "
+                     f"src='data:image/png;base64,{encoded}'>")
     parts.append("<h2>Pictures</h2>")
     for job in sorted(ours.job.unique()):
         windows = sorted(t for t in ours[ours.job == job]["T"].unique() if t)
@@ -307,18 +322,20 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     extra = {"Table 2 layout: similarity metrics as memorization calls (F1)": table2(paths),
              "Localization: BE mask vs ground truth": localization_summary(paths),
              "BE intensity by memorization type (Fig. 5 as numbers)": intensity_summary(paths),
+             "Unconditional DDPMs: copies of training images": ddpm_summary(paths),
              "Published third-party re-run of detection (not ours)": _published("sail2025_detection_rerun.csv")}
     points = mitigation_points(paths)
     files = {"leaderboard.md": board.to_markdown(index=False) + "\n", "leaderboard.csv": board.to_csv(index=False),
              "table1.md": t1.to_markdown(index=False) + "\n", "table1.csv": t1.to_csv(index=False),
              "table1.tex": t1.to_latex(index=False)}
-    for stem, table in zip(("table2", "localization", "intensity"), extra.values()):
+    for stem, table in zip(("table2", "localization", "intensity", "ddpm"), extra.values()):
         files |= {f"{stem}.md": table.to_markdown(index=False) + "\n", f"{stem}.csv": table.to_csv(index=False)}
     files["table2.tex"] = extra["Table 2 layout: similarity metrics as memorization calls (F1)"].to_latex(index=False)
     if not points.empty:
         files |= {"mitigation.md": points.round(4).to_markdown(index=False) + "\n",
                   "mitigation.csv": points.to_csv(index=False)}
-    files["leaderboard.html"] = html_page(ours, board, t1, extra, points)
+    ddpm_jobs = [(f, r) for f, r in results(paths, "ddpm") if (f / "copies.png").exists()]
+    files["leaderboard.html"] = html_page(ours, board, t1, extra, points, ddpm_jobs)
     for name, text in files.items():
         (out / name).write_text(text)
     return {name: out / name for name in files}

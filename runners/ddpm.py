@@ -58,7 +58,10 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         masks = copying.copy_masks(images, training, ms.patch, ms.patch_ratio_below)
         table = copying.memorization_table(images, training, masks, duplicated, ms.grid, ms.carlini_n, ms.copy_below)
         table.insert(0, "seed", seeds)
-        summary = {"task": "ddpm", "model": m.name, "n_training_images": len(training), "n_generations": len(table),
+        data = OmegaConf.to_container(m.data, resolve=True) if "data" in m else {}
+        summary = {"task": "ddpm", "model": m.name, "sampler": settings.key, "n_train": data.get("n_train"),
+                   "duplicated": data.get("duplicated"), "copies": data.get("copies"),
+                   "n_training_images": len(training), "n_generations": len(table),
                    "sampled_now": len(missing), "sampling_seconds": round(sampling_s, 2),
                    "copy_rate": float(table.is_copy.mean()), "nn_ratio_median": float(table.nn_ratio.median()),
                    "carlini_median": float(table.carlini.median()),

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 
 from benchmark.testbed.train import train
 from reports.leaderboard import collect, write_report
 from runners.detect import run
+from runners.common import CONF
+from runners.ddpm import run as run_ddpm
 from runners.mitigate import run as run_mitigation
 from tests.test_mitigation import _config as mitigation_config
 from tests.test_runner import config
@@ -29,6 +32,10 @@ def jobs(tmp_path_factory):
     run_mitigation(mitigation_config(f"paths.root={root}", f"model.source={testbed}", "model.build=null",
                                      "sampler.steps=4", "mitigation.n_images=1", "mitigation.target_losses=[0.1,1]"),
                    root / "outputs" / "mitigation")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        ddpm = compose("ddpm", overrides=["ddpm_model=tiny", f"paths.root={root}", "sampler.n_images=4",
+                                          "sampler.steps=3"])
+    run_ddpm(ddpm, root / "outputs" / "ddpm")
     return root / "outputs"
 
 
@@ -46,18 +53,21 @@ def test_tables_hold_the_jobs_values(jobs, tmp_path):
     assert t1.source.str.startswith("published").sum() == 12  # the paper's rows, marked as quoted
     assert t1.source.str.startswith("ours").sum() == 2 * 2 * 2 * 2  # 2 jobs x {D, LD} x {global, local} x T
     assert "\\begin{tabular}" in files["table1.tex"].read_text()
-    assert files["leaderboard.html"].read_text().count("data:image/png;base64,") == 4 + 1  # + trade-off curves
+    assert files["leaderboard.html"].read_text().count("data:image/png;base64,") == 4 + 1 + 1  # + trade-off, DDPM
     points = pd.read_csv(files["mitigation.csv"])
     curves = pd.DataFrame(json.loads((jobs / "mitigation" / "metrics.json").read_text())["curves"])
     assert len(points) == len(curves) == 2 * (1 + 2 * 2)  # kinds x (baseline + methods x targets)
     pd.testing.assert_series_equal(points.train_rmse, curves.train_rmse, check_exact=False)
     assert pd.read_csv(files["table2.csv"]).source.str.startswith("published").sum() == 3
+    ddpm = pd.read_csv(files["ddpm.csv"])
+    job = json.loads((jobs / "ddpm" / "metrics.json").read_text())
+    assert len(ddpm) == 1 and ddpm.n_train[0] == 20 and ddpm.copy_rate[0] == pytest.approx(job["copy_rate"])
 
 
 def test_markdown_and_csv_are_byte_identical_on_rerun(jobs, tmp_path):
     a, b = write_report([jobs], tmp_path / "a"), write_report([jobs], tmp_path / "b")
     for name in ("leaderboard.md", "leaderboard.csv", "table1.md", "table1.csv", "table2.csv", "mitigation.csv",
-                 "intensity.csv", "localization.csv"):
+                 "intensity.csv", "localization.csv", "ddpm.csv"):
         assert a[name].read_bytes() == b[name].read_bytes(), name
 
 
