@@ -61,7 +61,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         value = headline(points, **cfg.headline)
         summary = {"task": "mitigate", "model": m.name, "prompt_set": full.name, "n_prompts": len(prompt_set),
                    "n_generations": len(rows), "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
-                   "utility": utility, "headline": value, "settings": [s.tag for s in settings],
+                   "utility": utility, "headline": value, "settings": [setting.tag for setting in settings],
                    "curves": points.to_dict(orient="records"), "equal_utility": equal}
         atomic_write(folder / "mitigation.csv", lambda tmp: rows.to_csv(tmp, index=False))
         atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
