@@ -41,8 +41,10 @@ class _Recording:
     end_index: torch.Tensor  # (n_cond,) first end token per image
     latent_hw: tuple[int, int]
     n_steps: int
+    token_maps: bool = False  # also keep the final-step map of every token (diagnostics; large for SD)
     step: int = 0
     end_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    all_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     token_attn: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
@@ -78,6 +80,8 @@ class RecordingCrossAttnProcessor:
             index = rec.end_index.to(cond.device).view(-1, 1, 1, 1).expand(-1, cond.shape[1], pixels, 1)
             end = cond.gather(3, index).squeeze(3).mean(1)  # (n, pixels), mean over heads
             rec.end_maps[self.layer] = end.view(-1, h, w).cpu()
+            if rec.token_maps:
+                rec.all_maps[self.layer] = cond.mean(1).transpose(1, 2).reshape(len(cond), -1, h, w).cpu()
 
 
 def install_recorders(unet: torch.nn.Module) -> dict[str, RecordingCrossAttnProcessor]:
@@ -111,6 +115,7 @@ class CapturedBatch:
     end_index: torch.Tensor  # (n,)
     latents: torch.Tensor  # (n, c, h, w)
     images: torch.Tensor | None  # (n, 3, H, W) in [0, 1]; None when not decoded
+    token_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, tokens, h_l, w_l), opt-in
 
 
 def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
@@ -122,11 +127,12 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
 
 @torch.no_grad()
 def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-                        record: bool = True, decode: bool = True, cond: torch.Tensor | None = None
-                        ) -> CapturedBatch | torch.Tensor:
+                        record: bool = True, decode: bool = True, cond: torch.Tensor | None = None,
+                        token_maps: bool = False) -> CapturedBatch | torch.Tensor:
     """Sample ``len(seeds)`` images of one prompt; with ``record`` return their traces, else only the latents.
 
-    ``cond`` (n, tokens, dim) replaces the prompt's encoding, e.g. by a mitigated embedding per image."""
+    ``cond`` (n, tokens, dim) replaces the prompt's encoding, e.g. by a mitigated embedding per image;
+    ``token_maps`` also records the final-step map of every token, not only the end token's."""
     n = len(seeds)
     cond = model.encode([prompt]).expand(n, -1, -1) if cond is None else cond.to(model.device, model.dtype)
     uncond = model.encode([""]).expand(n, -1, -1)
@@ -136,7 +142,7 @@ def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], setti
     scheduler.set_timesteps(settings.steps, device=model.device)
     recorders = install_recorders(model.unet)
     rec = _Recording(n, model.end_token_index([prompt]).expand(n).clone(), tuple(latents.shape[-2:]),
-                     len(scheduler.timesteps)) if record else None
+                     len(scheduler.timesteps), token_maps) if record else None
     for processor in recorders.values():
         processor.recording = rec
     delta_sq = []
@@ -162,4 +168,5 @@ def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], setti
         end_index=rec.end_index,
         latents=latents.float().cpu(),
         images=model.to_images(latents) if decode else None,
+        token_maps=rec.all_maps,
     )

@@ -51,14 +51,15 @@ def _check_windows(windows: list[int], n_steps: int) -> None:
 
 
 def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
-             batch_size: int = 8, progress: Callable[[Iterable], Iterable] = iter) -> int:
-    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled."""
+             batch_size: int = 8, progress: Callable[[Iterable], Iterable] = iter, token_maps: bool = False) -> int:
+    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled. ``token_maps``
+    also stores every token's final-step map (a diagnostic; only traces sampled now get them)."""
     sampled = 0
     for gen in progress(generations):
         missing = store.missing_seeds(gen.key, gen.seeds)
         for start in range(0, len(missing), batch_size):
             seeds = missing[start:start + batch_size]
-            batch = sample_with_capture(model, gen.prompt.text, seeds, settings)
+            batch = sample_with_capture(model, gen.prompt.text, seeds, settings, token_maps=token_maps)
             meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
                     "sampler": asdict(settings), "prompt_set": gen.key.prompt_set}
             for trace, image in zip(traces_from_batch(batch, meta, seeds), batch.images):
@@ -76,6 +77,7 @@ class TraceArrays:
     end_maps: dict[str, np.ndarray]
     token_attn: dict[str, np.ndarray]
     end_index: np.ndarray
+    token_maps: dict[str, np.ndarray]  # layer -> (n, tokens, h, w); empty unless every trace has them
 
     @classmethod
     def stack(cls, traces: list[Trace], labels: list[Prompt]) -> "TraceArrays":
@@ -86,7 +88,9 @@ class TraceArrays:
         return cls(rows, np.stack([t.delta_sq for t in traces]),
                    {k: np.stack([t.end_maps[k] for t in traces]) for k in layers},
                    {k: np.stack([t.token_attn[k] for t in traces]) for k in layers},
-                   np.array([t.end_index for t in traces]))
+                   np.array([t.end_index for t in traces]),
+                   {k: np.stack([t.token_maps[k] for t in traces]) for k in layers}
+                   if all(t.token_maps for t in traces) else {})
 
     @property
     def layers(self) -> list[str]:

@@ -47,6 +47,34 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
     return pd.DataFrame(rows)
 
 
+def token_roles(end_index: int, n_tokens: int) -> list[str]:
+    return ["start" if i == 0 else "word" if i < end_index else "end" if i == end_index else "padding"
+            for i in range(n_tokens)]
+
+
+def token_table(token_maps: dict[str, np.ndarray], end_index: np.ndarray, prompt_ids: list[str],
+                truth: dict[str, Truth], layers: list[str]) -> pd.DataFrame:
+    """Which tokens' final-step maps localize the copied region: pixel AUROC against the planted mask, per token
+    role (start, word, end, padding; mean over a role's tokens) and for the best word, mean over generations."""
+    picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None]
+    if not picked or not token_maps:
+        return pd.DataFrame()
+    size = truth[prompt_ids[picked[0]]].mask.shape
+    chosen = S.select_layers(list(token_maps), layers)
+    rows = []
+    for i in picked:
+        maps = np.mean([S.resize_maps(token_maps[layer][i], size) for layer in chosen], axis=0)  # (tokens, H, W)
+        target = truth[prompt_ids[i]].mask
+        aurocs = np.array([pixel_auroc(m, target) if m.std() > 0 else 0.5 for m in maps])
+        roles = np.array(token_roles(int(end_index[i]), len(maps)))
+        for role in ("start", "word", "end", "padding"):
+            if (roles == role).any():
+                rows.append({"role": role, "pixel_auroc": float(aurocs[roles == role].mean())})
+        rows.append({"role": "best word", "pixel_auroc": float(aurocs[roles == "word"].max())})
+    table = pd.DataFrame(rows).groupby("role", sort=False).pixel_auroc.agg(["mean", "std", "size"]).reset_index()
+    return table.rename(columns={"mean": "pixel_auroc", "std": "sd", "size": "n"})
+
+
 def rmse(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
     diff = (a - b) ** 2
     if where is not None:

@@ -35,7 +35,8 @@ def _all_metrics(labels: np.ndarray, scores: np.ndarray, fpr_target: float = 0.0
     # precision_recall_curve; tests hold them to that.
     tps, fps = _ranked(labels, scores)
     n_pos, n_neg = tps[-1], fps[-1]
-    keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+    keep = (np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True] if len(tps) > 2
+            else np.ones(len(tps), bool))  # one or two distinct scores: every point is a corner
     tpr, fpr = np.r_[0, tps[keep]] / n_pos, np.r_[0, fps[keep]] / n_neg
     auc = float(np.trapezoid(tpr, fpr))
     f1 = 2 * tps / (tps + fps + n_pos)  # = 2PR/(P+R) with P = tps/(tps+fps), R = tps/n_pos

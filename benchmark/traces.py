@@ -43,6 +43,7 @@ class Trace:
     end_index: int
     latent: np.ndarray
     meta: dict = field(default_factory=dict)
+    token_maps: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (tokens, h_l, w_l); opt-in
 
     @property
     def layers(self) -> list[str]:
@@ -63,6 +64,7 @@ def traces_from_batch(batch: CapturedBatch, meta: dict, seeds: list[int]) -> lis
             end_index=int(batch.end_index[i]),
             latent=batch.latents[i].numpy(),
             meta={**meta, "seed": int(seed)},
+            token_maps={k: v[i].numpy() for k, v in batch.token_maps.items()},
         ))
     return out
 
@@ -113,6 +115,7 @@ class TraceStore:
         arrays = {"delta_sq": trace.delta_sq, "latent": trace.latent}
         arrays |= {f"end_map/{k}": v for k, v in trace.end_maps.items()}
         arrays |= {f"token_attn/{k}": v for k, v in trace.token_attn.items()}
+        arrays |= {f"token_map/{k}": v for k, v in trace.token_maps.items()}
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
             arrays = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in arrays.items()}
         for name, array in arrays.items():
@@ -136,6 +139,7 @@ class TraceStore:
             end_index=int(meta["end_index"]),
             latent=arrays["latent"].astype(np.float32),
             meta=json.loads(meta["meta"]),
+            token_maps=pick("token_map/"),
         )
 
     def read_image(self, key: TraceKey, seed: int) -> np.ndarray:

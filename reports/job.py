@@ -63,6 +63,9 @@ def job_markdown(folder: str | Path) -> str:
     if result.get("localization"):
         parts += ["", "## Localization: BE mask vs ground-truth mask (local memorization)", "",
                   pd.DataFrame(result["localization"]).round(3).to_markdown(index=False)]
+    if result.get("token_localization"):
+        parts += ["", "## Which tokens' final-step maps localize the copied region (pixel AUROC, first layer set)", "",
+                  pd.DataFrame(result["token_localization"]).round(3).to_markdown(index=False)]
     if result.get("similarity_f1"):
         parts += ["", "## Similarity metrics as memorization calls (BE Table 2 layout; S, LS on the 0-255 scale)", "",
                   pd.DataFrame(result["similarity_f1"]).round(3).to_markdown(index=False)]

@@ -34,7 +34,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         plan = detection.plan(prompt_set, model_key(m), detection.sampler_key(settings, m.dtype), seeds)
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
-                                     progress=lambda it: tqdm(it, desc="prompts", disable=None))
+                                     progress=lambda it: tqdm(it, desc="prompts", disable=None),
+                                     token_maps=cfg.capture.token_maps)
         sampling_s = time.perf_counter() - start
         arrays = detection.load(store, plan)
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
@@ -49,6 +50,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
             tables = localization.evaluate(arrays.end_maps, images, list(rows.prompt_id), list(rows.kind),
                                            prompt_set.truth, layer_sets, cfg.localization.rule)
             summary |= localization.summarise(tables)
+            tokens = localization.token_table(arrays.token_maps, arrays.end_index, list(rows.prompt_id),
+                                              prompt_set.truth, next(iter(layer_sets.values())))
+            summary["token_localization"] = tokens.to_dict(orient="records")
             gallery = localization.gallery(arrays.end_maps, list(rows.prompt_id), images, prompt_set.truth,
                                            next(iter(layer_sets.values())))
             if gallery is not None:

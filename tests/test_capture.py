@@ -74,3 +74,33 @@ def test_capture_on_cuda_in_float16_matches_cpu():
     assert gpu.delta_sq.dtype == torch.float32 and torch.isfinite(gpu.delta_sq).all()
     torch.testing.assert_close(gpu.end_maps["down_blocks.0.attentions.0"],
                                cpu.end_maps["down_blocks.0.attentions.0"], atol=2e-2, rtol=5e-2)
+
+
+def test_every_token_map_on_request_and_the_end_map_is_one_of_them(tiny_model, tmp_path):
+    from benchmark.traces import TraceKey, TraceStore, traces_from_batch
+
+    batch = sample_with_capture(tiny_model, PROMPT, [0, 1], SETTINGS, token_maps=True)
+    maps = batch.token_maps["down_blocks.0.attentions.0"]
+    assert maps.shape == (2, 77, 16, 16)
+    torch.testing.assert_close(maps[:, 7], batch.end_maps["down_blocks.0.attentions.0"])  # end token at 7
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 16, 16))
+    assert sample_with_capture(tiny_model, PROMPT, [0], SETTINGS).token_maps == {}  # off by default
+    store, key = TraceStore(tmp_path), TraceKey("m", "s", "p", "id", PROMPT)
+    trace = traces_from_batch(batch, {}, [0, 1])[0]
+    store.write(key, trace, batch.images[0])
+    np.testing.assert_allclose(store.read(key, 0).token_maps["mid_block.attentions.0"],
+                               batch.token_maps["mid_block.attentions.0"][0].numpy(), atol=1e-3)
+
+
+def test_token_table_names_the_token_that_localizes():
+    from benchmark.localization import Truth, token_table
+
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    maps = np.full((1, 6, 8, 8), 0.1)
+    maps[0, 2][mask] = 0.5  # the second word is bright over the region
+    maps[0, 4][~mask] = 0.3  # the end token (index 4) is bright outside it
+    table = token_table({"layer": maps}, np.array([4]), ["p"], {"p": Truth(np.zeros((3, 8, 8)), mask)}, ["layer"])
+    auroc = dict(zip(table.role, table.pixel_auroc))
+    assert auroc["best word"] == 1.0 and auroc["end"] == 0.0 and auroc["start"] == 0.5
+    assert auroc["word"] == pytest.approx((0.5 + 1.0 + 0.5) / 3) and auroc["padding"] == 0.5

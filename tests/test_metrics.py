@@ -30,6 +30,14 @@ def test_same_as_sklearn_on_random_cases():
         assert M.best_f1(labels, scores) == pytest.approx(f1.max(), abs=1e-12)
 
 
+def test_one_or_two_distinct_scores_as_sklearn():
+    labels = np.array([True, False, True, False])
+    for scores in (np.zeros(4), np.array([1.0, 0.0, 0.0, 0.0])):
+        fpr, tpr, _ = roc_curve(labels, scores)
+        assert M.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+        assert M.tpr_at_fpr(labels, scores) == pytest.approx(tpr[np.where(fpr < 0.01)[0][-1]])
+
+
 def test_bootstrap_interval_brackets_the_estimate():
     rng = np.random.default_rng(0)
     labels = np.r_[np.ones(50), np.zeros(150)].astype(bool)
