@@ -83,3 +83,30 @@ def test_table2_on_constructed_copies():
     f1 = similarity_f1(table).set_index(["metric", "kind"])
     assert f1.loc[("S", "global"), "f1"] == 1.0 and f1.loc[("LS", "local"), "f1"] == 1.0
     assert f1.loc[("S", "local"), "f1"] < 1.0
+
+
+def test_clip_score_pipeline_with_a_stand_in_open_clip(tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    class Model(torch.nn.Module):  # image embedding = mean colour; text embedding = a colour named in the prompt
+        visual = SimpleNamespace(image_size=(16, 16), image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
+
+        def encode_image(self, x):
+            assert x.shape[-2:] == (16, 16)
+            return x.mean(dim=(2, 3))
+
+        def encode_text(self, tokens):
+            return tokens.float()
+
+    colours = {"red": [1.0, 0, 0], "green": [0, 1.0, 0]}
+    fake = SimpleNamespace(create_model=lambda arch, pretrained, device: Model(),
+                           get_tokenizer=lambda arch: lambda prompts: torch.tensor([colours[p] for p in prompts]))
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x")
+    clip = CLIPScore("ViT-test", weights)
+    red = np.zeros((1, 3, 24, 32), np.float32)
+    red[:, 0] = 1.0
+    assert clip.score(red, ["red"]) == pytest.approx([100.0])
+    assert clip.score(red, ["green"]) == pytest.approx([0.0], abs=1e-5)
