@@ -80,7 +80,7 @@ class TraceArrays:
     token_maps: dict[str, np.ndarray]  # layer -> (n, tokens, h, w); empty unless every trace has them
 
     @classmethod
-    def stack(cls, traces: list[Trace], labels: list[Prompt]) -> "TraceArrays":
+    def stack(cls, traces: list[Trace], labels: list[Prompt]) -> TraceArrays:
         rows = pd.DataFrame({"prompt_id": [p.id for p in labels], "kind": [p.kind for p in labels],
                              "memorized": [p.memorized for p in labels],
                              "seed": [t.meta["seed"] for t in traces]})

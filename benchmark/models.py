@@ -65,7 +65,7 @@ class TextToImage:
     def max_length(self) -> int:
         return min(self.tokenizer.model_max_length, 512)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToImage":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TextToImage:
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
                 # a dtype equal to the current one is left out: diffusers warns on every cast, needed or not

@@ -13,8 +13,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmark import copying
 from benchmark.ddpm import DDPMSampler, load_ddpm, sample_ddpm, to_rgb, trace_of
-from benchmark.ddpm_train import (DDPMArchitecture, DDPMData, DDPMSpec, DDPMTraining, load_images,
-                                  read_training_set, train_ddpm)
+from benchmark.ddpm_train import (
+    DDPMArchitecture,
+    DDPMData,
+    DDPMSpec,
+    DDPMTraining,
+    load_images,
+    read_training_set,
+    train_ddpm,
+)
 from benchmark.models import weights_fingerprint
 from benchmark.traces import TraceKey, TraceStore, atomic_write, to_png
 from runners.common import CONF, job_device, job_tracker, run_job

@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from runners.common import CONF
 from benchmark.testbed.build import SHIPPED, spec_from_dict
 from benchmark.testbed.train import train
+from runners.common import CONF
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train_testbed")

@@ -94,8 +94,9 @@ SHARED = {  # config name -> (count, memorized, kinds)
 
 @pytest.mark.parametrize("name", sorted(SHARED))
 def test_every_shared_file_loads_with_its_count_and_labels(name, shared_data):
-    from tests.test_runner import config  # the same composition the runner uses
     from omegaconf import OmegaConf
+
+    from tests.test_runner import config  # the same composition the runner uses
 
     cfg = config(f"prompts={name}", f"paths.data_dir={shared_data}")
     ps = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 
 from benchmark.testbed.train import train
 from reports.leaderboard import collect, write_report
-from runners.detect import run
 from runners.common import CONF
 from runners.ddpm import run as run_ddpm
+from runners.detect import run
 from runners.mitigate import run as run_mitigation
 from tests.test_mitigation import _config as mitigation_config
 from tests.test_runner import config
@@ -116,8 +116,8 @@ def test_html_page_opens_in_headless_chromium_without_errors(jobs, tmp_path):
                           timeout=120)
     assert shot.exists(), done.stderr[-2000:]
     assert "Uncaught" not in done.stderr and "CONSOLE" not in done.stderr.replace("CONSOLE(0)", "")
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 5  # not blank
