@@ -22,9 +22,8 @@ from benchmark.ddpm_train import (
     read_training_set,
     train_ddpm,
 )
-from benchmark.models import weights_fingerprint
 from benchmark.traces import TraceKey, TraceStore, atomic_write, to_png
-from runners.common import CONF, job_device, job_tracker, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job
 
 
 def spec_of(m: DictConfig) -> DDPMSpec:
@@ -46,9 +45,7 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
             training, duplicated = load_images(m.training_data, model.image_shape[-1]), None
         else:
             training, duplicated = read_training_set(m.source)
-        fingerprint = weights_fingerprint(m.source)
-        key = TraceKey(f"{m.name}@{fingerprint}" if fingerprint else m.name, settings.key, "unconditional",
-                       "samples", "")
+        key = TraceKey(model_key(m), settings.key, "unconditional", "samples", "")
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         missing = store.missing_seeds(key, [s.seed + k for k in range(s.n_images)])
         start = time.perf_counter()
