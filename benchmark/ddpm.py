@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from .models import ModelLoadError
+from .models import check_pipeline_folder, load_error
 from .traces import Trace
 
 
@@ -36,23 +36,12 @@ class DDPM:
 
 def load_ddpm(source: str, use_safetensors: bool = True, device: str = "cpu") -> DDPM:
     """A DDPM pipeline folder (local path or hub id), with one-line errors naming the culprit."""
-    path = Path(source).expanduser()
-    local = path.is_absolute() or source.startswith((".", "~")) or path.exists()
-    if local:
-        if not path.is_dir():
-            raise ModelLoadError(f"DDPM folder not found: {source}")
-        missing = [c for c in ("unet", "scheduler") if not (path / c).is_dir()]
-        if missing:
-            raise ModelLoadError(f"DDPM folder {source} is incomplete: missing {', '.join(missing)}/")
-        if use_safetensors and not any((path / "unet").glob("*.safetensors")):
-            raise ModelLoadError(f"DDPM folder {source}: no unet/*.safetensors (set use_safetensors=false to "
-                                 "allow pickle weights you trust)")
+    check_pipeline_folder(source, ("unet", "scheduler"), use_safetensors, "DDPM")
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load DDPM {source}: {first}") from err
+        raise load_error("DDPM", source, err) from err
     return DDPM(source, unet.eval().to(device), scheduler)
 
 

@@ -114,6 +114,28 @@ class TextToImage:
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
+def check_pipeline_folder(source: str, required: tuple[str, ...], use_safetensors: bool, what: str) -> Path | None:
+    """A local pipeline folder, checked before any loader runs (one-line errors naming it); None for a hub id."""
+    path = Path(source).expanduser()
+    if not (path.is_absolute() or source.startswith((".", "~")) or path.exists()):
+        return None
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} folder not found: {source}")
+    missing = [c for c in required if not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{what} folder {source} is incomplete: missing {', '.join(missing)}/")
+    if use_safetensors and not any((path / "unet").glob("*.safetensors")):
+        raise ModelLoadError(f"{what} folder {source}: no unet/*.safetensors (set use_safetensors=false to "
+                             "allow pickle weights you trust)")
+    return path
+
+
+def load_error(what: str, source: str, err: Exception) -> ModelLoadError:
+    """A loader's exception as one line (libraries' messages run to many)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"cannot load {what} {source}: {first}")
+
+
 def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str = "cpu",
                        dtype: torch.dtype = torch.float32) -> TextToImage:
     """Load a diffusers pipeline folder (local path or hub id) component by component.
@@ -121,22 +143,10 @@ def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str
     Loading components rather than ``StableDiffusionPipeline`` lets a pixel-space model (no VAE) or any
     transformers text encoder use the same path as SD v1-4. The scheduler is always turned into DDIM.
     """
-    path = Path(source).expanduser()
-    looks_local = path.is_absolute() or source.startswith((".", "~")) or path.exists()
-    if looks_local:
-        if not path.is_dir():
-            raise ModelLoadError(f"model folder not found: {source}")
-        missing = [c for c in REQUIRED if not (path / c).is_dir()]
-        if missing:
-            raise ModelLoadError(f"model folder {source} is incomplete: missing {', '.join(missing)}/")
-        if use_safetensors and not any((path / "unet").glob("*.safetensors")):
-            raise ModelLoadError(f"model folder {source}: no unet/*.safetensors (set use_safetensors=false to "
-                                 "allow pickle weights you trust)")
-        has_vae = (path / "vae").is_dir()
-        location = str(path)
-    else:
-        has_vae = True  # hub SD checkpoints always ship one; a missing one fails below with the hub's message
-        location = source
+    path = check_pipeline_folder(source, REQUIRED, use_safetensors, "model")
+    # hub SD checkpoints always ship a VAE; a missing one fails below with the hub's message
+    has_vae = path is None or (path / "vae").is_dir()
+    location = str(path) if path else source
     try:
         unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors)
         text_encoder = AutoModel.from_pretrained(location, subfolder="text_encoder", use_safetensors=use_safetensors)
@@ -145,8 +155,7 @@ def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str
         vae = (AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors)
                if has_vae else None)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load model {source}: {first}") from err
+        raise load_error("model", source, err) from err
     model = TextToImage(source, unet, text_encoder.eval(), tokenizer, scheduler, vae.eval() if vae else None)
     return model.to(device, dtype)
 
