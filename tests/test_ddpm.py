@@ -51,6 +51,12 @@ def test_ddpm_folder_round_trip_and_errors(tmp_path):
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="incomplete: missing scheduler/"):
         load_ddpm(str(tmp_path / "half"))
+    (tmp_path / "half" / "scheduler").mkdir()
+    with pytest.raises(ModelLoadError, match="no unet/\\*.safetensors"):
+        load_ddpm(str(tmp_path / "half"))
+    (folder / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=f"^cannot load DDPM {folder}: "):
+        load_ddpm(str(folder))
 
 
 def test_sampling_depends_on_the_seed_alone():
