@@ -29,22 +29,45 @@ class Truth:
 
 def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],
                        layer_sets: dict[str, list[str]], rule: str = "otsu") -> pd.DataFrame:
-    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set."""
+    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set.
+
+    ``control_*``: the same scores for the generations of never-trained prompts against every ground-truth mask
+    (unrelated to them). A map with a spatial bias (brighter centre, say) scores above 0.5 there: the floor a
+    localization has to beat, where the all-ones mask only gives 0.5."""
     picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None]
     if not picked:
         return pd.DataFrame()
     masks = np.stack([truth[prompt_ids[i]].mask for i in picked])
+    unrelated = [i for i, p in enumerate(prompt_ids) if p not in truth]
+    distinct = np.unique(masks, axis=0)
     rows = []
-    candidates = {name: S.be_mask({k: v[picked] for k, v in end_maps.items()}, layers, masks.shape[-2:])
-                  for name, layers in layer_sets.items()}
-    candidates["all-ones (floor)"] = np.ones(masks.shape)
-    for name, soft in candidates.items():
-        ious = [iou(binarize(m, rule) if name != "all-ones (floor)" else m.astype(bool), t)
-                for m, t in zip(soft, masks)]
-        aurocs = [pixel_auroc(m, t) if m.std() > 0 else 0.5 for m, t in zip(soft, masks)]
-        rows.append({"layers": name, "binarisation": rule, "iou": float(np.mean(ious)),
-                     "iou_sd": float(np.std(ious)), "pixel_auroc": float(np.mean(aurocs)), "n": len(picked)})
+    for name, layers in list(layer_sets.items()) + [("all-ones (floor)", None)]:
+        iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, picked, masks.shape[-2:]), masks, rule)
+        row = {"layers": name, "binarisation": rule, "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
+               "pixel_auroc": float(np.mean(auroc_)), "n": len(picked)}
+        if unrelated:
+            soft = _soft_masks(end_maps, layers, unrelated, masks.shape[-2:])
+            pairs = [(m, t) for m in soft for t in distinct]
+            iou_, auroc_ = _mask_scores(np.stack([m for m, _ in pairs]), np.stack([t for _, t in pairs]), rule)
+            row |= {"control_iou": float(np.mean(iou_)), "control_auroc": float(np.mean(auroc_)),
+                    "n_control": len(unrelated)}
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _soft_masks(end_maps: dict[str, np.ndarray], layers: list[str] | None, rows: list[int],
+                shape: tuple[int, ...]) -> np.ndarray:
+    """The BE masks of some generations (``layers`` None: the all-ones floor)."""
+    if layers is None:
+        return np.ones((len(rows),) + tuple(shape))
+    return S.be_mask({k: v[rows] for k, v in end_maps.items()}, layers, shape)
+
+
+def _mask_scores(soft: np.ndarray, truths: np.ndarray, rule: str) -> tuple[list[float], list[float]]:
+    """Per pair: IoU after binarisation (a constant map counts as all-ones) and pixel AUROC (0.5 if constant)."""
+    ious = [iou(binarize(m, rule) if m.std() > 0 else np.ones(m.shape, bool), t) for m, t in zip(soft, truths)]
+    aurocs = [pixel_auroc(m, t) if m.std() > 0 else 0.5 for m, t in zip(soft, truths)]
+    return ious, aurocs
 
 
 def token_roles(end_index: int, n_tokens: int) -> list[str]:

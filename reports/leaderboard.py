@@ -136,15 +136,18 @@ def table2(paths: list[str | Path]) -> pd.DataFrame:
 
 
 def localization_summary(paths: list[str | Path]) -> pd.DataFrame:
-    """Mask IoU (and pixel AUROC, ours only) per layer set, with the third-party BE IoU on SD v1-4 beside it."""
+    """Mask IoU (and pixel AUROC, ours only, with its unrelated-mask control) per layer set, with the third-party
+    BE IoU on SD v1-4 beside it."""
     rows = [{"source": f"ours: {result['model']} / {result['prompt_set']}", "subset": "local (planted)",
              "method": "all-ones mask" if r["layers"].startswith("all-ones") else f"BE [{r['layers']}]",
-             "iou": f"{r['iou']:.3f}", "pixel_auroc": f"{r['pixel_auroc']:.3f}"}
+             "iou": f"{r['iou']:.3f}", "pixel_auroc": f"{r['pixel_auroc']:.3f}",
+             "control_auroc": f"{r['control_auroc']:.3f}" if "control_auroc" in r else ""}
             for _, result in results(paths, "detect") for r in result.get("localization", [])]
     published = _published("localization_iou_thirdparty.csv")
     published["iou"] = published.iou.map(lambda v: f"{v:.3f}")
-    published["pixel_auroc"] = ""
-    return pd.concat([pd.DataFrame(rows), published[["source", "subset", "method", "iou", "pixel_auroc"]]],
+    published["pixel_auroc"] = published["control_auroc"] = ""
+    return pd.concat([pd.DataFrame(rows), published[["source", "subset", "method", "iou", "pixel_auroc",
+                                                     "control_auroc"]]],
                      ignore_index=True)
 
 

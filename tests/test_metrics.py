@@ -68,3 +68,21 @@ def test_localization_metrics():
     assert M.pixel_auroc(1 - soft, truth) == 0.0
     with pytest.raises(ValueError, match="unknown binarisation"):
         M.binarize(soft, "median")
+
+
+def test_localization_control_exposes_a_spatially_biased_map():
+    from benchmark.localization import Truth, localization_table
+    rng = np.random.default_rng(0)
+    corner, centre = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    corner[:4, :4], centre[2:6, 2:6] = True, True
+    masks = {"local-a": corner, "local-b": centre}
+    # memorized generations bright on their own region; never-trained ones always bright at the centre
+    maps = [masks[p] + 0.1 * rng.random((8, 8)) for p in masks] + [centre + 0.1 * rng.random((8, 8))] * 3
+    ids = list(masks) + ["heldout-0", "heldout-1", "heldout-2"]
+    truth = {p: Truth(np.zeros((3, 8, 8)), m) for p, m in masks.items()}
+    table = localization_table({"l": np.stack(maps)}, ids, truth, {"all": ["l"]}).set_index("layers")
+    assert table.loc["all", "pixel_auroc"] == 1.0 and table.loc["all", "n_control"] == 3
+    # against the corner mask the centre map scores below 1, against the centre mask 1: mean well above 0.5
+    assert 0.6 < table.loc["all", "control_auroc"] < 1.0
+    assert table.loc["all-ones (floor)", "control_auroc"] == 0.5
+    assert table.loc["all-ones (floor)", "iou"] == table.loc["all-ones (floor)", "control_iou"] == pytest.approx(0.25)
