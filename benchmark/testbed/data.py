@@ -34,13 +34,13 @@ class Recipe:
     """Knobs of the data set. The defaults are the recipe measured in docs/testbed.md."""
 
     resolution: int = 32
-    n_unique: int = 300
+    n_unique: int = 2400
     n_global: int = 8
     global_copies: int = 50
     n_local: int = 12
     local_copies: int = 100
     patch_fraction: float = 0.5  # side of the planted patch as a fraction of the image side (0.5 -> 25% of pixels)
-    patch: str = "smooth"  # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
+    patch: str = "flat"  # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
     n_heldout: int = 120
     seed: int = 0
 

@@ -35,12 +35,12 @@ class Architecture:
     context_tokens: int = 32  # the text encoder's context, padded like SD's 77
     # "minilm": bidirectional, every token state sees the whole caption; "minilm-causal": the same weights run
     # causally, so that, as in SD's CLIP, only the end token (and the padding after it) sees the whole caption
-    text_encoder: str = "minilm"
+    text_encoder: str = "minilm-causal"
 
 
 @dataclass
 class Training:
-    steps: int = 4000
+    steps: int = 4500
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
