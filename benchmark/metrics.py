@@ -20,27 +20,43 @@ def _check(labels, scores, what: str = "scores") -> tuple[np.ndarray, np.ndarray
     return labels, scores
 
 
-def _ranked(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True and false positives above each distinct threshold, highest first (sklearn's binary curve)."""
-    order = np.argsort(-scores, kind="mergesort")
-    ranked = scores[order]
-    cut = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
-    tps = np.cumsum(labels[order])[cut]
-    return tps, cut + 1 - tps
+def _metric_rows(labels: np.ndarray, scores: np.ndarray, fpr_target: float = 0.01) -> dict[str, np.ndarray]:
+    """AUC, TPR@FPR and best F1 for each row of (replicates, n) arrays: one sort serves all three.
+
+    The results equal sklearn's roc_auc_score, roc_curve (drop_intermediate=True, as Wen's code calls it) and
+    precision_recall_curve row by row (tests hold them to that). Whole rows at once, rather than a Python loop
+    over replicates, make the 1000-replicate bootstrap 2-6x cheaper (`make run`'s rescoring).
+    """
+    rows, n = scores.shape
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(scores, order, 1)
+    tps = np.cumsum(np.take_along_axis(labels, order, 1), axis=1)
+    fps = np.arange(1, n + 1) - tps
+    n_pos, n_neg = tps[:, -1:], fps[:, -1:]
+    # A ROC point ends each run of tied scores; prev/next: the neighbouring points' positions (-1: the origin).
+    point = np.ones((rows, n), bool)
+    point[:, :-1] = ranked[:, 1:] != ranked[:, :-1]
+    at = np.arange(n)
+    prev = np.c_[np.full(rows, -1), np.maximum.accumulate(np.where(point, at, -1), axis=1)[:, :-1]]
+    nxt = np.flip(np.minimum.accumulate(np.flip(np.where(point, at, n), 1), axis=1), 1)
+    nxt = np.c_[nxt[:, 1:], np.full(rows, n)]
+
+    def at_(values, where):  # values at positions ``where``; the origin (-1) is 0 and past the end is unused
+        return np.where(where < 0, 0, np.take_along_axis(values, np.clip(where, 0, n - 1), 1))
+
+    tp_prev, fp_prev = at_(tps, prev), at_(fps, prev)
+    auc = np.where(point, (fps - fp_prev) * (tps + tp_prev), 0).sum(1) / (2 * n_pos[:, 0] * n_neg[:, 0])
+    # drop_intermediate keeps the first and last points and every corner (a non-zero second difference)
+    tp_next, fp_next = at_(tps, nxt), at_(fps, nxt)
+    corner = (tp_next - 2 * tps + tp_prev != 0) | (fp_next - 2 * fps + fp_prev != 0)
+    kept = point & (corner | (prev < 0) | (nxt >= n))
+    tpr = np.where(kept & (fps / n_neg < fpr_target), tps, 0).max(1) / n_pos[:, 0]
+    f1 = np.where(point, 2 * tps / (tps + fps + n_pos), 0).max(1)
+    return {"auc": auc, "tpr_at_1pct_fpr": tpr, "f1": f1}
 
 
 def _all_metrics(labels: np.ndarray, scores: np.ndarray, fpr_target: float = 0.01) -> dict[str, float]:
-    # One sort serves all three metrics, which makes a 1000-replicate bootstrap affordable. The results equal
-    # sklearn's roc_auc_score, roc_curve (drop_intermediate=True, as Wen's code calls it) and
-    # precision_recall_curve; tests hold them to that.
-    tps, fps = _ranked(labels, scores)
-    n_pos, n_neg = tps[-1], fps[-1]
-    keep = (np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True] if len(tps) > 2
-            else np.ones(len(tps), bool))  # one or two distinct scores: every point is a corner
-    tpr, fpr = np.r_[0, tps[keep]] / n_pos, np.r_[0, fps[keep]] / n_neg
-    auc = float(np.trapezoid(tpr, fpr))
-    f1 = 2 * tps / (tps + fps + n_pos)  # = 2PR/(P+R) with P = tps/(tps+fps), R = tps/n_pos
-    return {"auc": auc, "tpr_at_1pct_fpr": float(tpr[np.flatnonzero(fpr < fpr_target)[-1]]), "f1": float(f1.max())}
+    return {name: float(v[0]) for name, v in _metric_rows(labels[None], scores[None], fpr_target).items()}
 
 
 def roc_auc(labels, scores) -> float:
@@ -69,12 +85,15 @@ def detection_metrics(labels, scores, n_boot: int = 1000, seed: int = 0, what: s
     if n_boot:
         rng = np.random.default_rng(seed)
         pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
-        reps = []
-        for _ in range(n_boot):
-            idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-            reps.append(_all_metrics(labels[idx], scores[idx]))
+        reps: dict[str, list] = {name: [] for name in names}
+        chunk = max(1, 2**21 // labels.size)  # replicates per batch: bounds memory for large score sets
+        for start in range(0, n_boot, chunk):
+            k = min(chunk, n_boot - start)
+            idx = np.concatenate([rng.choice(pos, (k, pos.size)), rng.choice(neg, (k, neg.size))], axis=1)
+            for name, values in _metric_rows(labels[idx], scores[idx]).items():
+                reps[name].append(values)
         for name in names:
-            lo, hi = np.percentile([r[name] for r in reps], [2.5, 97.5])
+            lo, hi = np.percentile(np.concatenate(reps[name]), [2.5, 97.5])
             out[f"{name}_lo"], out[f"{name}_hi"] = float(lo), float(hi)
     return out
 

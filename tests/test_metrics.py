@@ -30,6 +30,25 @@ def test_same_as_sklearn_on_random_cases():
         assert M.best_f1(labels, scores) == pytest.approx(f1.max(), abs=1e-12)
 
 
+def test_replicate_rows_same_as_sklearn_row_by_row():
+    # the bootstrap's batched path: every row its own ROC, with ties and rows of one or two distinct scores
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.ones(30), np.zeros(120)].astype(bool)
+    scores = np.round(rng.normal(size=150) + labels, 1)
+    idx = np.concatenate([rng.choice(30, (200, 30)), rng.choice(np.arange(30, 150), (200, 120))], axis=1)
+    rows_l, rows_s = labels[idx], scores[idx]
+    rows_s[0] = 0.0
+    rows_s[1] = rows_l[1]
+    got = M._metric_rows(rows_l, rows_s)
+    for r in range(len(idx)):
+        fpr, tpr, _ = roc_curve(rows_l[r], rows_s[r])
+        assert got["auc"][r] == pytest.approx(roc_auc_score(rows_l[r], rows_s[r]), abs=1e-12)
+        assert got["tpr_at_1pct_fpr"][r] == pytest.approx(tpr[np.where(fpr < 0.01)[0][-1]], abs=1e-12)
+        precision, recall, _ = precision_recall_curve(rows_l[r], rows_s[r])
+        f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
+        assert got["f1"][r] == pytest.approx(f1.max(), abs=1e-12)
+
+
 def test_one_or_two_distinct_scores_as_sklearn():
     labels = np.array([True, False, True, False])
     for scores in (np.zeros(4), np.array([1.0, 0.0, 0.0, 0.0])):
