@@ -24,8 +24,8 @@ def _metric_rows(labels: np.ndarray, scores: np.ndarray, fpr_target: float = 0.0
     """AUC, TPR@FPR and best F1 for each row of (replicates, n) arrays: one sort serves all three.
 
     The results equal sklearn's roc_auc_score, roc_curve (drop_intermediate=True, as Wen's code calls it) and
-    precision_recall_curve row by row (tests hold them to that). Whole rows at once, rather than a Python loop
-    over replicates, make the 1000-replicate bootstrap 2-6x cheaper (`make run`'s rescoring).
+    precision_recall_curve row by row (tests hold them to that). Whole rows at once, not a Python loop over
+    replicates, keep a 1000-replicate bootstrap of every sweep cell cheap.
     """
     rows, n = scores.shape
     order = np.argsort(-scores, axis=1, kind="stable")
