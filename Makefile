@@ -26,9 +26,10 @@ report:             ## leaderboard (Markdown, CSV, LaTeX, HTML) from every job u
 bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py)
 	$(PY) -m runners.bench
 
-testbed-weights:    ## retrain the shipped testbed weights from scratch (about 60 min on 2 idle cores)
+testbed-weights:    ## retrain the shipped testbed weights from scratch (about 100 min on 2 idle cores)
 	$(PY) -m runners.train_testbed testbed.training.steps=3000
-	$(PY) -m runners.train_testbed ship=true   # resumes at step 3000 and goes on to 4500 (docs/testbed.md, attempt 7)
+	$(PY) -m runners.train_testbed testbed.training.steps=4500   # resumes at step 3000 (docs/testbed.md, attempt 7)
+	$(PY) -m runners.train_testbed ship=true                     # resumes at step 4500 and goes on to 7500
 
 ddpm:               ## train (first time) and measure the digits DDPM with planted duplicates
 	$(PY) -m runners.ddpm

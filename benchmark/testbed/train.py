@@ -40,7 +40,7 @@ class Architecture:
 
 @dataclass
 class Training:
-    steps: int = 4500
+    steps: int = 7500
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
