@@ -41,13 +41,14 @@ def _metric_rows(labels: np.ndarray, scores: np.ndarray, fpr_target: float = 0.0
     nxt = np.flip(np.minimum.accumulate(np.flip(np.where(point, at, n), 1), axis=1), 1)
     nxt = np.c_[nxt[:, 1:], np.full(rows, n)]
 
-    def at_(values, where):  # values at positions ``where``; the origin (-1) is 0 and past the end is unused
+    def value_at(values, where):  # the origin (-1) is 0; past the end (n) only matters for the last point, kept
         return np.where(where < 0, 0, np.take_along_axis(values, np.clip(where, 0, n - 1), 1))
 
-    tp_prev, fp_prev = at_(tps, prev), at_(fps, prev)
+    tp_prev, fp_prev = value_at(tps, prev), value_at(fps, prev)
+    # trapezoids between consecutive points; collinear points add nothing, so dropping them would not change it
     auc = np.where(point, (fps - fp_prev) * (tps + tp_prev), 0).sum(1) / (2 * n_pos[:, 0] * n_neg[:, 0])
     # drop_intermediate keeps the first and last points and every corner (a non-zero second difference)
-    tp_next, fp_next = at_(tps, nxt), at_(fps, nxt)
+    tp_next, fp_next = value_at(tps, nxt), value_at(fps, nxt)
     corner = (tp_next - 2 * tps + tp_prev != 0) | (fp_next - 2 * fps + fp_prev != 0)
     kept = point & (corner | (prev < 0) | (nxt >= n))
     tpr = np.where(kept & (fps / n_neg < fpr_target), tps, 0).max(1) / n_pos[:, 0]
