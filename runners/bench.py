@@ -3,7 +3,9 @@
 Prints one ``name: value`` line per figure:
 - capture_overhead_ratio: sampling with capture / diffusers' StableDiffusionPipeline, same seeds (goal <= 1.10);
 - rescore_ratio: re-scoring a 12-point layer x T grid from stored traces / one sampling pass (goal <= 0.02);
-- trace_kib_per_image: trace file + PNG on disk per image.
+- trace_kib_per_image: trace file + PNG on disk per image;
+- bootstrap_batch_ratio_n<N>: 1000 bootstrap replicates of AUC/TPR/F1 on N scores, all rows at once (as
+  ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores).
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
 """
 from __future__ import annotations
@@ -13,11 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
 from benchmark import detection
 from benchmark.capture import SamplerSettings, sample_with_capture
+from benchmark.metrics import _metric_rows
 from benchmark.models import sd14_architecture
 from benchmark.prompts import inline_prompt_set
 from benchmark.traces import TraceStore
@@ -29,6 +33,17 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def bootstrap_ratio(n: int, n_pos: int, replicates: int = 1000, repeats: int = 2) -> float:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) < n_pos
+    scores = rng.normal(size=n) + labels
+    idx = np.concatenate([rng.choice(n_pos, (replicates, n_pos)),
+                          rng.choice(np.arange(n_pos, n), (replicates, n - n_pos))], axis=1)
+    batched = [timed(lambda: _metric_rows(labels[idx], scores[idx])) for _ in range(repeats)]
+    looped = [timed(lambda: [_metric_rows(labels[i][None], scores[i][None]) for i in idx]) for _ in range(repeats)]
+    return min(batched) / min(looped)
 
 
 def main() -> None:
@@ -91,6 +106,8 @@ def main() -> None:
     print(f"rescore_grid_points: {len(layer_sets) * len(windows)}")
     print(f"rescore_ratio: {rescore_s / sample_s:.4f}")  # the same images: re-scored vs sampled
     print(f"trace_kib_per_image: {kib:.1f}")
+    for n, n_pos in ((140, 20), (560, 80)):
+        print(f"bootstrap_batch_ratio_n{n}: {bootstrap_ratio(n, n_pos):.3f}")
 
 
 if __name__ == "__main__":
