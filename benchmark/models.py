@@ -86,9 +86,11 @@ class TextToImage:
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         kwargs = {}
-        # SD's CLIP encoder is run without a mask (its padding states are real end tokens); BERT-style encoders
-        # need the mask so that padding positions are well defined.
-        if "attention_mask" in tok and not isinstance(self.text_encoder, CLIPTextModel):
+        # SD's CLIP encoder is run without a mask (its padding states are real end tokens), and so is any encoder
+        # whose tokenizer pads with its end token; BERT-style encoders padding with [PAD] need the mask so that
+        # padding positions are well defined.
+        if "attention_mask" in tok and not (isinstance(self.text_encoder, CLIPTextModel)
+                                            or pads_with_end_token(self.tokenizer)):
             kwargs["attention_mask"] = tok.attention_mask.to(self.device)
         out = self.text_encoder(tok.input_ids.to(self.device), **kwargs)
         return out[0].to(self.dtype)
@@ -107,6 +109,13 @@ class TextToImage:
         else:
             x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def pads_with_end_token(tokenizer) -> bool:
+    """Whether the tokenizer pads with its own end token (CLIP's <|endoftext|>, BERT's [SEP] when so set), as
+    SD v1-4's tokenizer does: the padding copies are then real end-token states, encoded without a mask."""
+    pad = tokenizer.pad_token_id
+    return pad is not None and pad in {i for i in (tokenizer.sep_token_id, tokenizer.eos_token_id) if i is not None}
 
 
 # ----------------------------------------------------------------------------------------------- loading
