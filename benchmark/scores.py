@@ -111,7 +111,7 @@ def layer_mean_attention(token_attn: dict[str, np.ndarray], layers: list[str]) -
 
 
 def ren_E(token_attn: dict[str, np.ndarray], layers: list[str]) -> np.ndarray:
-    """Ren et al.'s E (ECCV 2024, Sec. 4; MemAttn ``detect.py --mode E``): the entropy, at the first step, of the
+    """Ren et al.'s E (ECCV 2024; MemAttn ``detect.py --mode E``): the entropy, at the first step, of the
     attention over tokens averaged over the chosen layers (and heads, pixels). Higher = memorized.
 
     Official: one layer, the fourth cross-attention layer in forward order (layer set ``ren_E`` = ``forward:3``).
@@ -125,7 +125,7 @@ def ren_window(T: int) -> int:
 
 
 def ren_D(token_attn: dict[str, np.ndarray], end_index: np.ndarray, layers: list[str], T: int) -> np.ndarray:
-    """Ren et al.'s D (ECCV 2024, Sec. 4; MemAttn ``detect.py --mode D``) over the first T steps. Higher = memorized.
+    """Ren et al.'s D (ECCV 2024; MemAttn ``detect.py --mode D``) over the first T steps. Higher = memorized.
 
     With ``a`` the attention over tokens averaged over the chosen layers (official: all) and W the last
     ``ren_window(T)`` of the first T steps (official: T = 50, W = steps 40..49):
