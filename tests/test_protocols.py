@@ -5,8 +5,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from benchmark.capture import SamplerSettings, image_seeds, initial_noise, sample_with_capture
 from benchmark.detection import generate, plan, sampler_key
-from benchmark.mitigation import (MitigationSettings, batch_loss, magnitude_loss, mitigate,
-                                  optimise_shared_embedding)
+from benchmark.mitigation import MitigationSettings, batch_loss, magnitude_loss, mitigate, optimise_shared_embedding
 from benchmark.prompts import Prompt, PromptSet
 from benchmark.traces import TraceStore
 
@@ -116,3 +115,17 @@ def test_official_mitigation_samples_from_the_official_noise(tiny_model):
     batch, opt = mitigate(tiny_model, PROMPT, [0, 1], OFFICIAL, settings, prompt_index=2)
     again = sample_with_capture(tiny_model, PROMPT, [0, 1], OFFICIAL, cond=opt.embedding, prompt_index=2)
     torch.testing.assert_close(batch.latents, again.latents)
+
+
+def test_official_mitigation_runs_a_prompts_batch_at_once_and_reruns_from_the_store(tiny_model, tmp_path):
+    from benchmark.tradeoff import mitigated_key, run_mitigation
+
+    prompts = PromptSet("p", [Prompt("a", PROMPT, True, "global")])
+    store = TraceStore(tmp_path)
+    gens = plan(prompts, "tiny", sampler_key(OFFICIAL, "float32"), [0, 1, 2])
+    settings = [MitigationSettings("wen", 0.0, max_iters=1, protocol="official")]
+    # batch_size 1 is ignored by the official protocol: the three images share one embedding and one loss
+    assert run_mitigation(tiny_model, gens, OFFICIAL, store, settings, ["*"], batch_size=1) == 6
+    traces = [store.read(mitigated_key(gens[0].key, settings[0]), s) for s in (0, 1, 2)]
+    assert len({t.meta["loss_first"] for t in traces}) == 1
+    assert run_mitigation(tiny_model, gens, OFFICIAL, store, settings, ["*"], batch_size=1) == 0
