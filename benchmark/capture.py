@@ -96,6 +96,9 @@ def install_recorders(unet: torch.nn.Module) -> dict[str, RecordingCrossAttnProc
     return recorders
 
 
+SEEDINGS = ("per_image", "official")
+
+
 @dataclass
 class SamplerSettings:
     steps: int = 50
@@ -103,6 +106,14 @@ class SamplerSettings:
     height: int = 512
     width: int = 512
     eta: float = 0.0
+    # per_image: one generator per image seed (be-bench's default). official: the official scripts' draw, a prompt's
+    # whole batch from one generator seeded with prompt index + gen_seed (docs/protocols.md); seeds are then rows.
+    seeding: str = "per_image"
+    gen_seed: int = 0  # the run's first seed (sampler.seed); for official seeding the scripts' --gen_seed
+
+    def __post_init__(self):
+        if self.seeding not in SEEDINGS:
+            raise ValueError(f"unknown seeding {self.seeding!r}; choose from {', '.join(SEEDINGS)}")
 
 
 @dataclass
@@ -118,26 +129,56 @@ class CapturedBatch:
     token_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, tokens, h_l, w_l), opt-in
 
 
-def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
-    """One generator per seed, so an image depends on its seed alone, not on the batch it is sampled in."""
+def image_seeds(settings: SamplerSettings, n: int) -> list[int]:
+    """The seeds of a prompt's n generations, as the store names them: ``per_image``, gen_seed .. gen_seed + n - 1
+    (one generator each); ``official``, the rows 0 .. n - 1 of the prompt's batch (its key carries gen_seed)."""
+    return list(range(n)) if settings.seeding == "official" else [settings.gen_seed + k for k in range(n)]
+
+
+def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSettings,
+                  prompt_index: int | None = None) -> torch.Tensor:
+    """The initial latents (len(seeds), c, h, w), scaled by the scheduler's initial sigma.
+
+    ``per_image``: one CPU generator per seed, so an image depends on its seed alone, not on its batch.
+    ``official``: ``seeds`` are rows of the prompt's batch; see ``official_batch_noise``. Raises ValueError when
+    official seeding gets no ``prompt_index`` or a negative row."""
     shape = model.latent_shape(settings.height, settings.width)
+    if settings.seeding == "official":
+        if prompt_index is None or min(seeds) < 0:
+            raise ValueError(f"official seeding needs the prompt index and rows >= 0, got {prompt_index}, {seeds}")
+        noise = official_batch_noise(model, prompt_index + settings.gen_seed, max(seeds) + 1, shape)[list(seeds)]
+        return noise * model.scheduler.init_noise_sigma
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(model.device, model.dtype) * model.scheduler.init_noise_sigma
+
+
+def official_batch_noise(model: TextToImage, batch_seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The draw of Wen et al.'s scripts (diffusion_memorization detect_mem.py / inference_mem.py, also BE's):
+    ``set_random_seed(prompt index + gen_seed)``, then the pipeline's ``randn`` of the whole (n, c, h, w) batch from
+    the global generator of the model's device, in the model's dtype. Their ``set_random_seed(s)`` leaves the CPU
+    generator at ``s`` and, calling ``torch.cuda.manual_seed_all(s + 4)`` last, the CUDA one at ``s + 4``; a fresh
+    generator with that seed gives the same numbers without touching the global state. Row k is the scripts' image k
+    when n is their batch size (num_images_per_prompt), so callers draw a prompt's whole batch at once."""
+    device = model.device
+    seed = batch_seed + (4 if device.type == "cuda" else 0)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn((n, *shape), generator=generator, device=device, dtype=model.dtype)
 
 
 @torch.no_grad()
 def sample_with_capture(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
                         record: bool = True, decode: bool = True, cond: torch.Tensor | None = None,
-                        token_maps: bool = False) -> CapturedBatch | torch.Tensor:
+                        token_maps: bool = False, prompt_index: int | None = None) -> CapturedBatch | torch.Tensor:
     """Sample ``len(seeds)`` images of one prompt; with ``record`` return their traces, else only the latents.
 
     ``cond`` (n, tokens, dim) replaces the prompt's encoding, e.g. by a mitigated embedding per image;
-    ``token_maps`` also records the final-step map of every token, not only the end token's."""
+    ``token_maps`` also records the final-step map of every token, not only the end token's; ``prompt_index`` is
+    needed by ``settings.seeding == "official"`` (``initial_noise``)."""
     n = len(seeds)
     cond = model.encode([prompt]).expand(n, -1, -1) if cond is None else cond.to(model.device, model.dtype)
     uncond = model.encode([""]).expand(n, -1, -1)
     context = torch.cat([uncond, cond])  # diffusers' order: unconditional half first
-    latents = initial_noise(model, seeds, settings)
+    latents = initial_noise(model, seeds, settings, prompt_index)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
     recorders = install_recorders(model.unet)

@@ -18,8 +18,10 @@ from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
 
 def sampler_key(settings: SamplerSettings, dtype: str) -> str:
+    # the seeding scheme only when not the default, so that existing stores keep their keys
+    seeding = "" if settings.seeding == "per_image" else f"-{settings.seeding}{settings.gen_seed}"
     return (f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}"
-            f"-eta{settings.eta:g}-{dtype}")
+            f"-eta{settings.eta:g}-{dtype}{seeding}")
 
 
 @dataclass
@@ -29,10 +31,14 @@ class Generation:
     prompt: Prompt
     key: TraceKey
     seeds: list[int]
+    index: int = 0  # the prompt's position in its prompt set (official seeding: prompt index + gen_seed)
 
 
-def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
-    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds))
+def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int],
+         index: dict[str, int] | None = None) -> list[Generation]:
+    """``index`` maps prompt ids to their positions when ``prompt_set`` is a subset of the set they are keyed by."""
+    index = index or {p.id: i for i, p in enumerate(prompt_set)}
+    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds), index[p.id])
             for p in prompt_set]
 
 
@@ -57,13 +63,17 @@ def generate(model: TextToImage, generations: list[Generation], settings: Sample
     sampled = 0
     for gen in progress(generations):
         missing = store.missing_seeds(gen.key, gen.seeds)
-        for start in range(0, len(missing), batch_size):
-            seeds = missing[start:start + batch_size]
-            batch = sample_with_capture(model, gen.prompt.text, seeds, settings, token_maps=token_maps)
+        # official seeding draws a prompt's whole batch at once, as the official scripts do
+        size = len(gen.seeds) if settings.seeding == "official" else batch_size
+        for start in range(0, len(missing), size):
+            seeds = gen.seeds if settings.seeding == "official" else missing[start:start + size]
+            batch = sample_with_capture(model, gen.prompt.text, seeds, settings, token_maps=token_maps,
+                                        prompt_index=gen.index)
             meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
                     "sampler": asdict(settings), "prompt_set": gen.key.prompt_set}
             for trace, image in zip(traces_from_batch(batch, meta, seeds), batch.images):
-                store.write(gen.key, trace, image)
+                if trace.meta["seed"] in missing:  # never rewrite a finished trace
+                    store.write(gen.key, trace, image)
             sampled += len(seeds)
     return sampled
 

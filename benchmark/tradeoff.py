@@ -48,14 +48,16 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
         for gen in progress(baseline):
             key = mitigated_key(gen.key, mit)
             missing = store.missing_seeds(key, gen.seeds)
-            for start in range(0, len(missing), batch_size):
-                seeds = missing[start:start + batch_size]
+            # the official protocol shares one embedding by the prompt's whole batch: it is mitigated at once
+            size = len(gen.seeds) if mit.protocol == "official" else batch_size
+            for start in range(0, len(missing), size):
+                seeds = gen.seeds if mit.protocol == "official" else missing[start:start + size]
                 mask = None
                 if mit.method == "be":  # the mask of the unmitigated generation of the same seed: no extra pass
                     traces = [store.read(gen.key, s) for s in seeds]
                     maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
                     mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
-                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask)
+                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
                 meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": key.model,
                         "sampler": asdict(sampler), "prompt_set": key.prompt_set, "mitigation": asdict(mit)}
                 for i, (trace, image) in enumerate(zip(traces_from_batch(batch, meta, seeds), batch.images)):
@@ -63,7 +65,8 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
                     trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
                                    "loss_last": float(losses[-1]) if len(losses) else None,
                                    "iterations": int(opt.iterations[i])}
-                    store.write(key, trace, image)
+                    if trace.meta["seed"] in missing:  # never rewrite a finished generation
+                        store.write(key, trace, image)
                 sampled += len(seeds)
     return sampled
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmark import detection, localization
-from benchmark.capture import SamplerSettings
+from benchmark.capture import SamplerSettings, image_seeds
 from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set
 from benchmark.traces import TraceStore, to_png
@@ -28,9 +28,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
-        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, s.seeding, s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        seeds = [s.seed + k for k in range(s.n_images)]
+        seeds = image_seeds(settings, s.n_images)
         plan = detection.plan(prompt_set, model_key(m), detection.sampler_key(settings, m.dtype), seeds)
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,

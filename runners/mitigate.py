@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmark import detection, tradeoff
-from benchmark.capture import SamplerSettings, cross_attention_layers
-from benchmark.mitigation import MitigationSettings
+from benchmark.capture import SamplerSettings, cross_attention_layers, image_seeds
+from benchmark.mitigation import OFFICIAL_N_IMAGES, MitigationSettings
 from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set, subset
 from benchmark.scores import select_layers
@@ -29,7 +29,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     tracker = job_tracker(cfg, folder)
     try:
         # every setting is checked before any sampling
-        settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm)
+        settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm, mit.protocol)
                     for method in mit.methods for target in mit.target_losses]
         if mit.mask_layers not in cfg.layers.sets:
             raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
@@ -45,10 +45,13 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         if not chosen:
             raise ValueError(f"prompt set {full.name}: no memorized prompts of kind {sorted(kinds)} to mitigate")
         prompt_set = subset(full, chosen)
-        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, s.seeding, s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        seeds = [s.seed + k for k in range(mit.n_images)]
-        baseline = detection.plan(prompt_set, model_key(m), detection.sampler_key(sampler, m.dtype), seeds)
+        # n_images null: 1 per prompt for be-bench's protocol, the official scripts' 4 for theirs
+        n_images = mit.n_images or (OFFICIAL_N_IMAGES if mit.protocol == "official" else 1)
+        seeds = image_seeds(sampler, n_images)
+        index = {p.id: i for i, p in enumerate(full)}  # official seeding: positions in the whole prompt set
+        baseline = detection.plan(prompt_set, model_key(m), detection.sampler_key(sampler, m.dtype), seeds, index)
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
                                           progress=lambda it: tqdm(it, desc="prompts", disable=None))
