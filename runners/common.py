@@ -1,21 +1,21 @@
 """What every Hydra runner shares: finished-job skipping, failure capture in sweeps, the job's device."""
 from __future__ import annotations
 
-import json
 import math
 import traceback
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from benchmark import jobfolder
 from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
 from benchmark.tracking import Tracker
 
-ERROR_FILE = "error.txt"
+ERROR_FILE = jobfolder.ERROR
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
 
 
@@ -38,23 +38,27 @@ def model_key(m: DictConfig) -> str:
 
 
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
-    """Run one job in its Hydra folder. A folder with metrics.json is finished and is not run again (a rerun
-    sweep resumes). In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
+    """Run one job. A finished job is reused only when its identity (resolved config and the fingerprints of the
+    files it read, ``benchmark.jobfolder``) is the one asked for now; a folder holding another job's results, or
+    claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
+    In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
     hydra_cfg = HydraConfig.get()
-    folder = Path(hydra_cfg.runtime.output_dir)
-    done = folder / "metrics.json"
-    if done.exists():
-        value = json.loads(done.read_text()).get("headline", math.nan)
-        print(f"finished already, skipped: {folder}")
-        return value
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return run(cfg, folder)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    folder, finished = jobfolder.open_job(Path(hydra_cfg.runtime.output_dir), config)
+    if finished is not None:
+        print(f"finished already with the same inputs, skipped: {folder}")
+        return finished.metrics.get("headline", math.nan)
     try:
-        value = run(cfg, folder)
-        (folder / ERROR_FILE).unlink(missing_ok=True)
-        return value
-    except Exception as err:
-        line = f"{type(err).__name__}: {err}".splitlines()[0]
-        (folder / ERROR_FILE).write_text(line + "\n\n" + traceback.format_exc())
-        print(f"job failed: {line}")
-        return math.nan
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return run(cfg, folder)
+        try:
+            value = run(cfg, folder)
+            (folder / ERROR_FILE).unlink(missing_ok=True)
+            return value
+        except Exception as err:
+            line = f"{type(err).__name__}: {err}".splitlines()[0]
+            (folder / ERROR_FILE).write_text(line + "\n\n" + traceback.format_exc())
+            print(f"job failed: {line}")
+            return math.nan
+    finally:
+        jobfolder.release(folder)
