@@ -9,11 +9,15 @@ from collections.abc import Callable
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as transformers_logging
 
 from benchmark import jobfolder
 from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
 from benchmark.tracking import Tracker
+
+# A job's output is what its user needs: the libraries' weight-loading progress bars say nothing to act on.
+transformers_logging.disable_progress_bar()
 
 ERROR_FILE = jobfolder.ERROR
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process

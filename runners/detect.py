@@ -85,6 +85,9 @@ def check_settings(cfg: DictConfig, layer_sets: dict[str, list[str]]) -> None:
     s, score = cfg.sampler, cfg.score
     if s.n_images < 1 or s.batch_size < 1:
         raise ValueError(f"sampler.n_images and sampler.batch_size must be >= 1 (got {s.n_images}, {s.batch_size})")
+    for T in score.T:
+        if not 1 <= T <= s.steps:
+            raise ValueError(f"step window T={T} outside 1..{s.steps} sampled steps")
     head = score.headline
     if head.detector not in DETECTORS:
         raise ValueError(f"score.headline.detector {head.detector!r} is not a detector ({', '.join(DETECTORS)})")
