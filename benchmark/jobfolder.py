@@ -5,7 +5,7 @@
     <folder>/<table>          the per-generation table of the task (``TABLES``)
     <folder>/.claim           held while a job runs in the folder (pid, host); never shared by two live jobs
 
-``metrics.json`` always holds ``schema``, ``task``, ``config`` (resolved), ``sampler``, ``n_images`` and
+``metrics.json`` always holds ``schema``, ``task``, ``config`` (resolved), ``sampler_settings``, ``n_images`` and
 ``fingerprints`` (content hashes of every local file or folder the configuration names), next to the task's own
 results. A finished job is reused only when its identity (:func:`identity`) equals the one asked for now.
 """
@@ -127,7 +127,7 @@ class Job:
 
     @property
     def sampler(self) -> dict:
-        return self.metrics.get("sampler") or self.config.get("sampler", {})
+        return self.metrics.get("sampler_settings") or self.config.get("sampler", {})
 
     @property
     def n_images(self) -> int | None:
@@ -176,12 +176,12 @@ def write_results(folder: Path, task: str, config: dict, sampler: dict, n_images
                   tables: dict[str, pd.DataFrame] | None = None) -> Path:
     """Write a finished job: its tables, ``config.yaml``, then ``metrics.json`` (last: its presence means done).
 
-    ``summary`` holds the task's results; the schema fields (``SCHEMA``'s task, config, sampler, n_images,
+    ``summary`` holds the task's results; the schema fields (schema, task, config, sampler_settings, n_images,
     fingerprints) are added here, computed after the job read its files. Raises ValueError on an unknown task
     or a summary that contradicts a schema field."""
     if task not in TABLES:
         raise ValueError(f"unknown task {task!r} (one of {', '.join(TABLES)})")
-    fields = {"schema": SCHEMA, "task": task, "config": config, "sampler": sampler, "n_images": int(n_images),
+    fields = {"schema": SCHEMA, "task": task, "config": config, "sampler_settings": sampler, "n_images": int(n_images),
               "fingerprints": fingerprints(config)}
     clash = [k for k in fields if k in summary and summary[k] != fields[k]]
     if clash:

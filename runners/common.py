@@ -1,10 +1,11 @@
 """What every Hydra runner shares: finished-job skipping, failure capture in sweeps, the job's device."""
 from __future__ import annotations
 
+import hashlib
 import math
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -20,6 +21,7 @@ from benchmark.tracking import Tracker
 transformers_logging.disable_progress_bar()
 
 ERROR_FILE = jobfolder.ERROR
+COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae")  # a pipeline folder's parts besides the UNet
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
 
 
@@ -35,10 +37,23 @@ def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
 
 
 def model_key(m: DictConfig) -> str:
-    """The model's name in the trace store: its config name, plus its weights' fingerprint for a local folder, so
-    that retrained weights never reuse another model's traces. Call after the model is loaded (or built)."""
+    """The model's name in the trace store: its config name, plus for a local folder the fingerprints of what makes
+    an image there: the UNet (config, weight sizes, first MiB) and every other component folder (text encoder,
+    tokenizer, scheduler, VAE; content hashes), so that retrained or swapped parts never reuse another model's
+    traces. Call after the model is loaded (or built)."""
     fingerprint = weights_fingerprint(m.source)
-    return f"{m.name}@{fingerprint}" if fingerprint else m.name
+    if not fingerprint:
+        return m.name
+    folder = Path(m.source).expanduser()
+    parts = [f"{c}={jobfolder.path_fingerprint(folder / c)}" for c in COMPONENTS if (folder / c).is_dir()]
+    rest = hashlib.sha1(";".join(parts).encode()).hexdigest()[:8] if parts else ""
+    return f"{m.name}@{fingerprint}" + (f"+{rest}" if rest else "")
+
+
+def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
+    """A sampler's store key with the storage precision of its traces, where it is not the default float16: the
+    same sampling stored at another precision is another result."""
+    return sampler_key if store_dtype == "float16" else f"{sampler_key}-store{store_dtype}"
 
 
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:

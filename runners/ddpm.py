@@ -23,7 +23,7 @@ from benchmark.ddpm_train import (
     train_ddpm,
 )
 from benchmark.traces import TraceKey, TraceStore, to_png
-from runners.common import CONF, job_device, job_tracker, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 
 def spec_of(m: DictConfig) -> DDPMSpec:
@@ -40,6 +40,8 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
     try:
         settings = DDPMSampler(s.steps, s.sampler, s.eta)
         check_settings(cfg)
+        if "data" in m:  # before any training too
+            check_resolution(int(m.data.resolution), ms)
         if m.train and not (Path(m.source) / "model_index.json").exists():
             train_ddpm(spec_of(m), m.source)
         model = load_ddpm(m.source, m.use_safetensors, device)
@@ -48,7 +50,7 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         else:
             training, duplicated = read_training_set(m.source)
         check_training_set(training, model.image_shape[-1], ms)
-        key = TraceKey(model_key(m), settings.key, "unconditional", "samples", "")
+        key = TraceKey(model_key(m), trace_sampler_key(settings.key, cfg.store.dtype), "unconditional", "samples", "")
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         missing = store.missing_seeds(key, [s.seed + k for k in range(s.n_images)])
         start = time.perf_counter()
@@ -109,6 +111,10 @@ def check_training_set(training, resolution: int, ms: DictConfig) -> None:
     """The copy measures need at least 2 training images, and tiles that split the image (Carlini's grid)."""
     if len(training) < 2:
         raise ValueError(f"the copy measures need at least 2 training images, the training set has {len(training)}")
+    check_resolution(resolution, ms)
+
+
+def check_resolution(resolution: int, ms: DictConfig) -> None:
     if resolution % ms.grid:
         raise ValueError(f"measure.grid={ms.grid} does not split {resolution}x{resolution} images into tiles")
     if ms.patch > resolution:

@@ -18,7 +18,7 @@ from benchmark.prompts import PromptSet, load_prompt_set
 from benchmark.scores import DETECTORS
 from benchmark.traces import TraceStore, to_png
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -38,7 +38,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = [s.seed + k for k in range(s.n_images)]
-        plan = detection.plan(prompt_set, model_key(m), detection.sampler_key(settings, m.dtype), seeds)
+        plan = detection.plan(prompt_set, model_key(m),
+                              trace_sampler_key(detection.sampler_key(settings, m.dtype), cfg.store.dtype), seeds)
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
                                      progress=lambda it: tqdm(it, desc="prompts", disable=None),

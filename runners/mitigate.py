@@ -19,7 +19,7 @@ from benchmark.scores import select_layers
 from benchmark.similarity import SSCD, CLIPScore
 from benchmark.traces import TraceStore
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -55,7 +55,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = [s.seed + k for k in range(mit.n_images)]
-        baseline = detection.plan(prompt_set, model_key(m), detection.sampler_key(sampler, m.dtype), seeds)
+        baseline = detection.plan(prompt_set, model_key(m),
+                                  trace_sampler_key(detection.sampler_key(sampler, m.dtype), cfg.store.dtype), seeds)
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
                                           progress=lambda it: tqdm(it, desc="prompts", disable=None))
