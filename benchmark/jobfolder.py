@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import yaml
 
 from .traces import atomic_write
@@ -208,8 +209,11 @@ def _alive(claim: dict) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:  # a pid reused by a process started after the claim is not the claiming job
+        return psutil.Process(pid).create_time() <= float(claim.get("since", 0)) + 1
+    except psutil.Error:
+        return False
 
 
 def claim(folder: Path) -> bool:

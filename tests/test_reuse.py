@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,13 +61,20 @@ def test_a_folder_held_by_a_live_job_is_not_shared(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (tmp_path / "job").mkdir()
-        (tmp_path / "job" / jobfolder.CLAIM).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        claim = {"pid": other.pid, "host": socket.gethostname(), "since": time.time()}
+        (tmp_path / "job" / jobfolder.CLAIM).write_text(json.dumps(claim))
         folder, done = jobfolder.open_job(tmp_path / "job", config)
         assert done is None and folder == tmp_path / "job-2"
         assert json.loads((folder / jobfolder.CLAIM).read_text())["pid"] == os.getpid()
     finally:
         other.kill()
         other.wait()
+    # a claim whose pid now belongs to a process started after it is stale too (pid reuse)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / jobfolder.CLAIM).write_text(json.dumps({**claim, "pid": os.getppid(), "since": time.time()}))
+    assert jobfolder.open_job(tmp_path / "old", config)[0] == tmp_path / "old-2"  # parent: started before, alive
+    (tmp_path / "old" / jobfolder.CLAIM).write_text(json.dumps({**claim, "pid": os.getppid(), "since": 0}))
+    assert jobfolder.open_job(tmp_path / "old", config)[0] == tmp_path / "old"
     # its process gone, the claim is stale: the folder is taken over (a killed job resumes in its folder)
     folder, done = jobfolder.open_job(tmp_path / "job", config)
     assert folder == tmp_path / "job" and done is None
