@@ -1,9 +1,7 @@
 """Detection end to end: sample missing traces into the store, score every detector on a grid, compute metrics."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -14,7 +12,7 @@ from .capture import SamplerSettings, cross_attention_layers, sample_with_captur
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
-from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
+from .traces import Trace, TraceKey, TraceStore, traces_from_batch
 
 
 def sampler_key(settings: SamplerSettings, dtype: str) -> str:
@@ -166,18 +164,6 @@ def detection_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
                 rows.append({"level": level, "detector": detector, "layers": layers, "T": T, "subset": subset,
                              **m})
     return pd.DataFrame(rows)
-
-
-def write_results(folder: Path, summary: dict, metrics: pd.DataFrame, scores: pd.DataFrame) -> None:
-    """The job folder contract read by reports: ``metrics.json`` and the per-generation ``generations.csv``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {**summary, "metrics": metrics.to_dict(orient="records")}
-    _write_text(folder / "generations.csv", scores.to_csv(index=False))
-    _write_text(folder / "metrics.json", json.dumps(payload, indent=1) + "\n")  # last: its presence means done
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: str, level: str,

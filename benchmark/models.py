@@ -10,7 +10,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -68,8 +67,10 @@ class TextToImage:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TextToImage:
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
-                # a dtype equal to the current one is left out: diffusers warns on every cast, needed or not
-                module.to(device=device, dtype=dtype if dtype not in (None, module.dtype) else None)
+                # a dtype equal to the current one is left out, and so is the keyword: diffusers warns whenever
+                # `dtype` is passed, even as None
+                cast = {"dtype": dtype} if dtype not in (None, module.dtype) else {}
+                module.to(device=device, **cast)
         return self
 
     def end_token_index(self, prompts: list[str]) -> torch.Tensor:
@@ -186,13 +187,12 @@ def weights_fingerprint(source: str | Path) -> str:
 
 # ------------------------------------------------------------------------------------------ tokenizers
 
+CLIP_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
 def clip_vocabulary_file() -> Path:
-    """CLIP's BPE vocabulary as shipped inside the open_clip_torch wheel (found without importing open_clip)."""
-    spec = find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("open_clip_torch is not installed: it ships CLIP's BPE vocabulary "
-                             "(pip install --no-deps open_clip_torch)")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    """CLIP's BPE vocabulary, shipped with be-bench (``benchmark/clip_vocab/``: OpenAI CLIP's file, MIT License)."""
+    return Path(__file__).parent / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ the mitigation setting, so a rerun samples nothing twice. Measures per generatio
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable
 
@@ -35,8 +36,13 @@ class Measures:
     clip: CLIPScore | None = None
 
 
-def mitigated_key(key: TraceKey, settings: MitigationSettings) -> TraceKey:
-    return replace(key, sampler=f"{key.sampler}+{settings.tag}")
+def mitigated_key(key: TraceKey, settings: MitigationSettings, mask_layers: list[str]) -> TraceKey:
+    """The store key of a mitigated generation: the baseline's, its sampler extended by every setting that changes
+    the image; for the BE-masked method that includes the mask's layers (resolved names, hashed)."""
+    tag = settings.tag
+    if settings.method == "be":
+        tag += "-m" + hashlib.sha1("\n".join(sorted(mask_layers)).encode()).hexdigest()[:8]
+    return replace(key, sampler=f"{key.sampler}+{tag}")
 
 
 def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: SamplerSettings, store: TraceStore,
@@ -46,7 +52,7 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
     sampled = generate(model, baseline, sampler, store, batch_size, progress)
     for mit in settings:
         for gen in progress(baseline):
-            key = mitigated_key(gen.key, mit)
+            key = mitigated_key(gen.key, mit, layers)
             missing = store.missing_seeds(key, gen.seeds)
             # the official protocol shares one embedding by the prompt's whole batch: it is mitigated at once
             size = len(gen.seeds) if mit.protocol == "official" else batch_size
@@ -59,7 +65,8 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
                     mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
                 batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
                 meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": key.model,
-                        "sampler": asdict(sampler), "prompt_set": key.prompt_set, "mitigation": asdict(mit)}
+                        "sampler": asdict(sampler), "prompt_set": key.prompt_set, "mitigation": asdict(mit),
+                        "mask_layers": list(layers) if mit.method == "be" else None}
                 for i, (trace, image) in enumerate(zip(traces_from_batch(batch, meta, seeds), batch.images)):
                     losses = opt.losses[:, i]
                     trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
@@ -97,7 +104,7 @@ def measure_all(store: TraceStore, baseline: list[Generation], settings: list[Mi
     rows = []
     for mit in [None] + list(settings):
         for gen in baseline:
-            key = gen.key if mit is None else mitigated_key(gen.key, mit)
+            key = gen.key if mit is None else mitigated_key(gen.key, mit, measures.mask_layers)
             for seed in gen.seeds:
                 trace = store.read(key, seed)
                 image = store.read_image(key, seed).transpose(2, 0, 1)

@@ -22,17 +22,29 @@ def test_trace_shapes_and_attention_are_distributions(tiny_model):
     assert (batch.end_index == 7).all()  # BOS + 6 words, first EOS at position 7
 
 
-def test_an_image_depends_on_its_seed_not_its_batch(tiny_model):
+def test_an_image_depends_on_its_seed_not_its_batch(tiny_model, same_up_to_float_order):
     together = sample_with_capture(tiny_model, PROMPT, [3, 4], SETTINGS)
     alone = sample_with_capture(tiny_model, PROMPT, [4], SETTINGS)
-    torch.testing.assert_close(together.latents[1:], alone.latents, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(together.delta_sq[1:], alone.delta_sq, atol=1e-5, rtol=1e-4)
+    for name in ("latents", "delta_sq"):
+        tolerance = same_up_to_float_order(getattr(together, name)[1:], getattr(alone, name))
+        # the meaning: another seed (the batch's other image) is far outside that tolerance
+        assert (getattr(together, name)[0] - getattr(alone, name)[0]).abs().max() > 100 * tolerance
 
 
-def test_recording_changes_nothing_in_the_sampling(tiny_model):
+def test_the_batch_tolerance_admits_reassociation_and_nothing_more(tiny_model, same_up_to_float_order):
+    """The issue's case: on an AMD EPYC CPU the batched and single-image latents differed by 2.5e-5 (absolute),
+    over the old fixed 1e-5; a difference of that size relative to the latents' scale is float rounding."""
+    alone = sample_with_capture(tiny_model, PROMPT, [4], SETTINGS).latents
+    epyc = alone + 2.5e-5 * torch.sign(torch.randn(alone.shape, generator=torch.Generator().manual_seed(0)))
+    same_up_to_float_order(epyc, alone)
+    with pytest.raises(AssertionError, match="largest difference"):
+        same_up_to_float_order(alone + 1e-2 * alone.abs().max(), alone)
+
+
+def test_recording_changes_nothing_in_the_sampling(tiny_model, same_up_to_float_order):
     recorded = sample_with_capture(tiny_model, PROMPT, [5], SETTINGS)
     plain = sample_with_capture(tiny_model, PROMPT, [5], SETTINGS, record=False)
-    torch.testing.assert_close(recorded.latents, plain.float(), atol=1e-4, rtol=1e-4)
+    same_up_to_float_order(recorded.latents, plain.float())  # explicit vs fused attention: another summation order
 
 
 @torch.no_grad()
