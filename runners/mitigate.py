@@ -37,9 +37,11 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         if cfg.headline.method not in mit.methods:
             raise ValueError(f"headline.method {cfg.headline.method!r} is not among mitigation.methods "
                              f"{list(mit.methods)}")
-        if mit.n_images < 1 or s.batch_size < 1:
+        # n_images null: 1 per prompt for be-bench's protocol, the official scripts' 4 for theirs
+        n_images = mit.n_images or (OFFICIAL_N_IMAGES if mit.protocol == "official" else 1)
+        if n_images < 1 or s.batch_size < 1:
             raise ValueError(f"mitigation.n_images and sampler.batch_size must be >= 1 "
-                             f"(got {mit.n_images}, {s.batch_size})")
+                             f"(got {n_images}, {s.batch_size})")
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
         layers = select_layers(list(cross_attention_layers(model.unet)), list(cfg.layers.sets[mit.mask_layers]))
         sim = cfg.similarity
@@ -54,8 +56,6 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         prompt_set = subset(full, chosen)
         sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, s.seeding, s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        # n_images null: 1 per prompt for be-bench's protocol, the official scripts' 4 for theirs
-        n_images = mit.n_images or (OFFICIAL_N_IMAGES if mit.protocol == "official" else 1)
         seeds = image_seeds(sampler, n_images)
         index = {p.id: i for i, p in enumerate(full)}  # official seeding: positions in the whole prompt set
         baseline = detection.plan(prompt_set, model_key(m),
@@ -76,7 +76,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                    "utility": utility, "headline": value, "settings": [setting.tag for setting in settings],
                    "curves": points.to_dict(orient="records"), "equal_utility": equal}
         jobfolder.write_results(folder, "mitigate", config, {**asdict(sampler), "seed": s.seed, "dtype": m.dtype},
-                                mit.n_images, summary, {jobfolder.TABLES["mitigate"]: rows})
+                                n_images, summary, {jobfolder.TABLES["mitigate"]: rows})
         report = write_job_report(folder)
         tracker.save(folder / "metrics.json", folder / "mitigation.csv")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, generations=rows)
