@@ -20,9 +20,9 @@ attention against 77 tokens is cheap, so computing its probabilities explicitly 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -133,7 +133,7 @@ class RecordingCrossAttnProcessor:
 
 def check_recordable(layer: str, module: Attention) -> None:
     """The recorder computes q, k and the probabilities itself: refuse a layer whose attention adds steps it skips."""
-    if isinstance(module.processor, RecordingCrossAttnProcessor):
+    if hasattr(module.processor, "recording"):  # a RecordingCrossAttnProcessor
         raise RuntimeError(f"cross-attention layer {layer} is already being recorded (nested capture)")
     if (module.spatial_norm is not None or module.group_norm is not None or module.norm_cross
             or module.residual_connection or module.rescale_output_factor != 1.0

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -14,21 +14,10 @@ from .capture import SamplerSettings, cross_attention_layers, sample_with_captur
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
+from .sampling import Generation, sample_missing, sampler_key
 from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
-
-def sampler_key(settings: SamplerSettings, dtype: str) -> str:
-    return (f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}"
-            f"-eta{settings.eta:g}-{dtype}")
-
-
-@dataclass
-class Generation:
-    """Where one prompt's traces live, with its labels."""
-
-    prompt: Prompt
-    key: TraceKey
-    seeds: list[int]
+__all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
 
 
 def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
@@ -52,20 +41,21 @@ def _check_windows(windows: list[int], n_steps: int) -> None:
 
 def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
              batch_size: int = 8, progress: Callable[[Iterable], Iterable] = iter, token_maps: bool = False) -> int:
-    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled. ``token_maps``
-    also stores every token's final-step map (a diagnostic; only traces sampled now get them)."""
-    sampled = 0
-    for gen in progress(generations):
-        missing = store.missing_seeds(gen.key, gen.seeds)
-        for start in range(0, len(missing), batch_size):
-            seeds = missing[start:start + batch_size]
-            batch = sample_with_capture(model, gen.prompt.text, seeds, settings, token_maps=token_maps)
-            meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
-                    "sampler": asdict(settings), "prompt_set": gen.key.prompt_set}
-            for trace, image in zip(traces_from_batch(batch, meta, seeds), batch.images):
-                store.write(gen.key, trace, image)
-            sampled += len(seeds)
-    return sampled
+    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled.
+
+    Missing (prompt, seed) pairs are packed across prompts into calls of ``batch_size`` images (an image depends on
+    its prompt and seed alone, so packing changes no image). ``token_maps`` also stores every token's final-step map
+    (a diagnostic; only traces sampled now get them). ``progress`` wraps the iteration over batches."""
+
+    def sample_batch(items: list[tuple[Generation, int]]):
+        seeds = [seed for _, seed in items]
+        batch = sample_with_capture(model, [gen.prompt.text for gen, _ in items], seeds, settings,
+                                    token_maps=token_maps)
+        metas = [{"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
+                  "sampler": asdict(settings), "prompt_set": gen.key.prompt_set} for gen, _ in items]
+        return list(zip(traces_from_batch(batch, metas, seeds), batch.images))
+
+    return sample_missing(store, generations, sample_batch, batch_size, progress)
 
 
 @dataclass
