@@ -142,7 +142,7 @@ def test_several_prompts_in_one_call_equal_one_prompt_calls(tiny_model):
     together = sample_with_capture(tiny_model, prompts, seeds, SETTINGS)
     assert together.end_index.tolist() == [7, 6, 7]  # BOS + words, then the first end token
     # batch size changes float rounding only (~1e-5 after 6 guided steps); a mixed-up prompt or seed changes O(1)
-    close = dict(atol=1e-4, rtol=1e-3)
+    close = {"atol": 1e-4, "rtol": 1e-3}
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
         alone = sample_with_capture(tiny_model, prompt, [seed], SETTINGS)
         torch.testing.assert_close(together.latents[i:i + 1], alone.latents, **close)
