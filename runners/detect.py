@@ -28,7 +28,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
-        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())))
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = [s.seed + k for k in range(s.n_images)]
         plan = detection.plan(prompt_set, model_key(m), detection.sampler_key(settings, m.dtype), seeds)
