@@ -25,6 +25,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     tracker = job_tracker(cfg, folder)
     try:
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        if cfg.capture.get("compile", False):
+            model.unet.compile()
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
