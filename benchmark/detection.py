@@ -1,8 +1,10 @@
 """Detection end to end: sample missing traces into the store, score every detector on a grid, compute metrics."""
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,24 +14,10 @@ from .capture import SamplerSettings, cross_attention_layers, sample_with_captur
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
-from .traces import Trace, TraceKey, TraceStore, traces_from_batch
+from .sampling import Generation, sample_missing, sampler_key
+from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
-
-def sampler_key(settings: SamplerSettings, dtype: str) -> str:
-    # the seeding scheme only when not the default, so that existing stores keep their keys
-    seeding = "" if settings.seeding == "per_image" else f"-{settings.seeding}{settings.gen_seed}"
-    return (f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}"
-            f"-eta{settings.eta:g}-{dtype}{seeding}")
-
-
-@dataclass
-class Generation:
-    """Where one prompt's traces live, with its labels."""
-
-    prompt: Prompt
-    key: TraceKey
-    seeds: list[int]
-    index: int = 0  # the prompt's position in its prompt set (official seeding: prompt index + gen_seed)
+__all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
 
 
 def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int],
@@ -56,24 +44,23 @@ def _check_windows(windows: list[int], n_steps: int) -> None:
 
 def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
              batch_size: int = 8, progress: Callable[[Iterable], Iterable] = iter, token_maps: bool = False) -> int:
-    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled. ``token_maps``
-    also stores every token's final-step map (a diagnostic; only traces sampled now get them)."""
-    sampled = 0
-    for gen in progress(generations):
-        missing = store.missing_seeds(gen.key, gen.seeds)
-        # official seeding draws a prompt's whole batch at once, as the official scripts do
-        size = len(gen.seeds) if settings.seeding == "official" else batch_size
-        for start in range(0, len(missing), size):
-            seeds = gen.seeds if settings.seeding == "official" else missing[start:start + size]
-            batch = sample_with_capture(model, gen.prompt.text, seeds, settings, token_maps=token_maps,
-                                        prompt_index=gen.index)
-            meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
-                    "sampler": asdict(settings), "prompt_set": gen.key.prompt_set}
-            for trace, image in zip(traces_from_batch(batch, meta, seeds), batch.images):
-                if trace.meta["seed"] in missing:  # never rewrite a finished trace
-                    store.write(gen.key, trace, image)
-            sampled += len(seeds)
-    return sampled
+    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled.
+
+    Missing (prompt, seed) pairs are packed across prompts into calls of ``batch_size`` images (an image depends on
+    its prompt and seed alone, so packing changes no image). ``token_maps`` also stores every token's final-step map
+    (a diagnostic; only traces sampled now get them). ``progress`` wraps the iteration over batches. Official
+    seeding draws a prompt's whole batch at once, as the official scripts do."""
+
+    def sample_batch(items: list[tuple[Generation, int]]):
+        seeds = [seed for _, seed in items]
+        batch = sample_with_capture(model, [gen.prompt.text for gen, _ in items], seeds, settings,
+                                    token_maps=token_maps, prompt_index=[gen.index for gen, _ in items])
+        metas = [{"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
+                  "sampler": asdict(settings), "prompt_set": gen.key.prompt_set} for gen, _ in items]
+        return list(zip(traces_from_batch(batch, metas, seeds), batch.images))
+
+    return sample_missing(store, generations, sample_batch, batch_size, progress,
+                          whole_prompt=settings.seeding == "official")
 
 
 @dataclass
@@ -164,6 +151,18 @@ def detection_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
                 rows.append({"level": level, "detector": detector, "layers": layers, "T": T, "subset": subset,
                              **m})
     return pd.DataFrame(rows)
+
+
+def write_results(folder: Path, summary: dict, metrics: pd.DataFrame, scores: pd.DataFrame) -> None:
+    """The job folder contract read by reports: ``metrics.json`` and the per-generation ``generations.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {**summary, "metrics": metrics.to_dict(orient="records")}
+    _write_text(folder / "generations.csv", scores.to_csv(index=False))
+    _write_text(folder / "metrics.json", json.dumps(payload, indent=1) + "\n")  # last: its presence means done
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: str, level: str,

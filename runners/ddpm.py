@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -12,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark import copying, jobfolder
-from benchmark.ddpm import DDPMSampler, load_ddpm, sample_ddpm, to_rgb, trace_of
+from benchmark.ddpm import DDPMSampler, generate_ddpm, load_ddpm, to_rgb
 from benchmark.ddpm_train import (
     DDPMArchitecture,
     DDPMData,
@@ -22,6 +21,7 @@ from benchmark.ddpm_train import (
     read_training_set,
     train_ddpm,
 )
+from benchmark.sampling import sampler_key
 from benchmark.traces import TraceKey, TraceStore, to_png
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
@@ -50,16 +50,11 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         else:
             training, duplicated = read_training_set(m.source)
         check_training_set(training, model.image_shape[-1], ms)
-        key = TraceKey(model_key(m), trace_sampler_key(settings.key, cfg.store.dtype), "unconditional", "samples", "")
+        key = TraceKey(model_key(m), trace_sampler_key(sampler_key(settings), cfg.store.dtype), "unconditional",
+                       "samples", "")
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        missing = store.missing_seeds(key, [s.seed + k for k in range(s.n_images)])
         start = time.perf_counter()
-        for i in range(0, len(missing), s.batch_size):
-            seeds = missing[i:i + s.batch_size]
-            images, energy = sample_ddpm(model, seeds, settings)
-            for seed, image, e in zip(seeds, images, energy):
-                meta = {"model": key.model, "sampler": asdict(settings), "seed": int(seed)}
-                store.write(key, trace_of(e, image, meta), to_rgb(image[None].numpy())[0])
+        sampled = generate_ddpm(model, key, [s.seed + k for k in range(s.n_images)], settings, store, s.batch_size)
         sampling_s = time.perf_counter() - start
         seeds = [s.seed + k for k in range(s.n_images)]
         images = np.stack([store.read_image(key, seed).transpose(2, 0, 1) for seed in seeds])
@@ -68,10 +63,10 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         table = copying.memorization_table(images, training, masks, duplicated, ms.grid, ms.carlini_n, ms.copy_below)
         table.insert(0, "seed", seeds)
         data = OmegaConf.to_container(m.data, resolve=True) if "data" in m else {}
-        summary = {"task": "ddpm", "model": m.name, "sampler": settings.key, "n_train": data.get("n_train"),
+        summary = {"task": "ddpm", "model": m.name, "sampler": sampler_key(settings), "n_train": data.get("n_train"),
                    "duplicated": data.get("duplicated"), "copies": data.get("copies"),
                    "n_training_images": len(training), "n_generations": len(table),
-                   "sampled_now": len(missing), "sampling_seconds": round(sampling_s, 2),
+                   "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
                    "copy_rate": float(table.is_copy.mean()), "nn_ratio_median": float(table.nn_ratio.median()),
                    "carlini_median": float(table.carlini.median()),
                    "copied_fraction_mean": float(table.copied_fraction.mean())}

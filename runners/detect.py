@@ -32,10 +32,13 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
         check_settings(cfg, layer_sets)
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        if cfg.capture.get("compile", False):
+            model.unet.compile()
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         check_labels(prompt_set, cfg.score.headline.subset)
-        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, s.seeding, s.seed)
+        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())),
+                                   s.seeding, s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(settings, s.n_images)
         plan = detection.plan(prompt_set, model_key(m),

@@ -65,7 +65,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
                                           progress=lambda it: tqdm(it, desc="prompts", disable=None))
         sampling_s = time.perf_counter() - start
-        rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures)
+        rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures,
+                                    tradeoff.mask_key_layers(model, layers))
         points = tradeoff.curves(rows)
         utility = "CLIP" if "CLIP" in rows else "caption_rmse" if "caption_rmse" in rows else None
         equal = {sim_name: tradeoff.at_equal_utility(points, utility, sim_name).to_dict(orient="records")
