@@ -38,7 +38,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         check_labels(prompt_set, cfg.score.headline.subset)
         settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())),
-                                   s.seeding, s.seed)
+                                   seeding=s.seeding, gen_seed=s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(settings, s.n_images)
         plan = detection.plan(prompt_set, model_key(m),

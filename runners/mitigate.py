@@ -54,7 +54,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         if not chosen:
             raise ValueError(f"prompt set {full.name}: no memorized prompts of kind {sorted(kinds)} to mitigate")
         prompt_set = subset(full, chosen)
-        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, s.seeding, s.seed)
+        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, seeding=s.seeding, gen_seed=s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(sampler, n_images)
         index = {p.id: i for i, p in enumerate(full)}  # official seeding: positions in the whole prompt set
