@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from .capture import CapturedBatch, SamplerSettings, initial_noise, sample_with_capture
 from .models import TextToImage
+from .registry import MITIGATIONS
 from .scores import be_mask
 
-METHODS = ("wen", "be")
 MASK_NORMS = ("per_image", "batch")
 
 
@@ -36,8 +36,8 @@ class MitigationSettings:
     mask_norm: str = "per_image"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method not in MITIGATIONS:
+            raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(MITIGATIONS)}")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
         if not (self.target_loss >= 0 and self.lr > 0 and self.max_iters >= 0):
@@ -45,10 +45,12 @@ class MitigationSettings:
 
     @property
     def tag(self) -> str:
-        norm = "" if self.method == "wen" or self.mask_norm == "per_image" else "-batchnorm"
+        norm = "" if not MITIGATIONS[self.method].needs_mask or self.mask_norm == "per_image" else "-batchnorm"
         return f"{self.method}{norm}-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
 
 
+@MITIGATIONS.register("be", label="BE (masked magnitude)", needs_mask=True)
+@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False)  # the lower decorator registers first
 def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_norm: str = "per_image") -> torch.Tensor:
     """Per image (n,): ``||delta||`` or ``||delta * m|| / mean(m)``; delta (n, c, h, w), mask (n, h, w)."""
     if mask is None:
@@ -108,7 +110,7 @@ def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[
 def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: SamplerSettings,
              settings: MitigationSettings, mask: torch.Tensor | None = None) -> tuple[CapturedBatch, Optimised]:
     """Optimise each seed's embedding at the first step, then sample (with traces) from the same seeds."""
-    if (mask is None) != (settings.method == "wen"):
+    if (mask is None) == MITIGATIONS[settings.method].needs_mask:
         raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
     n = len(seeds)
     cond = model.encode([prompt]).expand(n, -1, -1)

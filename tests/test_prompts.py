@@ -93,12 +93,10 @@ SHARED = {  # config name -> (count, memorized, kinds)
 
 
 @pytest.mark.parametrize("name", sorted(SHARED))
-def test_every_shared_file_loads_with_its_count_and_labels(name, shared_data):
+def test_every_shared_file_loads_with_its_count_and_labels(name, shared_data, compose):
     from omegaconf import OmegaConf
 
-    from tests.test_runner import config  # the same composition the runner uses
-
-    cfg = config(f"prompts={name}", f"paths.data_dir={shared_data}")
+    cfg = compose("detect", f"prompts={name}", f"paths.data_dir={shared_data}")
     ps = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
     count, memorized, kinds = SHARED[name]
     assert (len(ps), sum(p.memorized for p in ps), {p.kind for p in ps}) == (count, memorized, kinds)
