@@ -95,15 +95,48 @@ def select_ids(prompt_set: PromptSet, path: str | Path) -> PromptSet:
     return subset(prompt_set, [p for p in prompt_set if p.id in keep])
 
 
+def load_truth(path: str | Path, prompt_set: PromptSet) -> dict[str, Truth]:
+    """Ground truth from a data file, for any prompt source: a CSV or JSONL with ``id`` (a prompt id of the set),
+    ``image`` (the training image it copies) and optionally ``mask`` (white = the copied region; none or empty =
+    the whole image), image paths relative to the file. Images are read as RGB in [0, 1], (3, H, W)."""
+    import pandas as pd
+    from PIL import Image
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ground-truth file not found: {path}")
+    table = (pd.read_json(path, lines=True, dtype=False) if path.suffix == ".jsonl"
+             else pd.read_csv(path, dtype=str, keep_default_na=False))
+    missing = {"id", "image"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(sorted(missing))} (has {', '.join(table.columns)})")
+    known = {p.id for p in prompt_set}
+    truth = {}
+    for line, row in enumerate(table.to_dict(orient="records"), 2 if path.suffix != ".jsonl" else 1):
+        pid = str(row["id"])
+        if pid not in known:
+            raise ValueError(f"{path}:{line}: prompt id {pid!r} is not in prompt set {prompt_set.name!r}")
+        image = np.asarray(Image.open(path.parent / row["image"]).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+        mask = None
+        if row.get("mask"):
+            mask = np.asarray(Image.open(path.parent / row["mask"]).convert("L")) > 127
+            if mask.shape != image.shape[1:]:
+                raise ValueError(f"{path}:{line}: mask {mask.shape} and image {image.shape[1:]} differ in size")
+        truth[pid] = Truth(image, mask)
+    return truth
+
+
 def load_prompt_set(spec: dict) -> PromptSet:
-    """A prompt set from its config: ``loader`` names the source, the other keys are its arguments; then
-    ``select_ids``, ``limit`` and ``shard`` narrow it, in that order."""
+    """A prompt set from its config: ``loader`` names the source, the other keys are its arguments; ``truth_file``
+    adds ground truth (:func:`load_truth`); then ``select_ids``, ``limit`` and ``shard`` narrow it, in that order."""
     spec = dict(spec)
     loader = spec.pop("loader")
     source = PROMPT_SOURCES.get(loader)
     if source is None:
         raise ValueError(f"unknown prompt loader {loader!r} (one of {', '.join(PROMPT_SOURCES)})")
     prompt_set = source(**spec)
+    if spec.get("truth_file"):
+        prompt_set.truth |= load_truth(spec["truth_file"], prompt_set)
     if spec.get("select_ids"):
         prompt_set = select_ids(prompt_set, spec["select_ids"])
     if spec.get("limit"):
