@@ -81,7 +81,7 @@ def _cell(row: pd.Series, name: str) -> str:
 def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd.DataFrame:
     """The seed paper's Table 1 layout: method x memorization type x T -> AUC, F1, TPR@1%FPR, ours and published."""
     rows = ours[(ours.level == level) & ours.detector.isin(["D", "LD"]) & (ours.subset != "all")
-                & ((ours.detector == "D") | (ours.layers == layers))] if not ours.empty else ours
+                & ((ours.layers == "") | (ours.layers == layers))] if not ours.empty else ours
     out = pd.DataFrame(columns=["source", "method", "memorization_type", "T", "auc", "f1", "tpr_at_1pct_fpr"]) \
         if rows.empty else pd.DataFrame({
         "source": "ours: " + rows.model + " / " + rows.prompt_set + " (" + rows.steps.astype(str) + " steps, "
