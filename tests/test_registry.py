@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from benchmark import detection
-from benchmark.registry import (CAPTION_RENDERERS, DETECTORS, LOCALIZERS, MITIGATIONS, MODEL_BUILDERS,
-                                PROMPT_SOURCES, SIMILARITIES, Registry)
+from benchmark.registry import (
+    CAPTION_RENDERERS,
+    DETECTORS,
+    LOCALIZERS,
+    MITIGATIONS,
+    MODEL_BUILDERS,
+    PROMPT_SOURCES,
+    SIMILARITIES,
+    Registry,
+)
 
 LAYERS = ["a.0.attn2", "a.1.attn2", "b.0.attn2"]
 LAYER_SETS = {"all": ["*"], "a": ["a"]}
@@ -216,7 +224,7 @@ def test_prompt_source_yields_unique_ids_and_truth_only_for_its_prompts(name, tm
     ids = [p.id for p in prompt_set]
     assert len(ids) == len(set(ids)) > 0
     assert set(prompt_set.truth) <= set(ids)
-    for pid, truth in prompt_set.truth.items():
+    for truth in prompt_set.truth.values():
         assert truth.image.ndim == 3 and (truth.mask is None or truth.mask.shape == truth.image.shape[1:])
 
 
