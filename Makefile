@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-all bench report testbed-weights ddpm sync
+.PHONY: setup run test test-all bench bench-gpu report testbed-weights ddpm sync
 
 setup:              ## create .venv and install everything (CPU torch on these machines)
 	bash scripts/setup.sh
@@ -23,8 +23,11 @@ test-all:           ## everything, including the minutes-long tests
 report:             ## leaderboard (Markdown, CSV, LaTeX, HTML) from every job under outputs/
 	$(PY) -m reports.leaderboard outputs --out outputs/report
 
-bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py)
+bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py, docs/performance.md)
 	$(PY) -m runners.bench
+
+bench-gpu:          ## GPU throughput suite, <= 8 min: 512 px, 50 steps, fp16 + bf16, 16 images per call (docs/performance.md)
+	$(PY) -m runners.bench --gpu-suite --device cuda
 
 testbed-weights:    ## retrain the shipped testbed weights from scratch (about 100 min on 2 idle cores)
 	$(PY) -m runners.train_testbed testbed.training.steps=3000

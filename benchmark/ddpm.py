@@ -6,7 +6,7 @@ measurement side (``benchmark.copying``). A DDPM folder has the layout of ``goog
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from .models import check_pipeline_folder, load_error
-from .traces import Trace
+from .sampling import Generation, sample_missing
+from .traces import Trace, TraceKey, TraceStore
 
 
 @dataclass
@@ -72,6 +73,7 @@ class DDPMSampler:
 
     @property
     def key(self) -> str:
+        """The store's sampler key, ``<sampler><steps>-eta<eta>`` (``sampling.sampler_key`` returns it)."""
         return f"{self.sampler}{self.steps}-eta{self.eta:g}"
 
 
@@ -98,6 +100,20 @@ def sample_ddpm(model: DDPM, seeds: list[int], settings: DDPMSampler) -> tuple[t
                    for i, g in enumerate(noise_gens)]
             x = torch.cat(out)
     return (x.float().cpu() / 2 + 0.5).clamp(0, 1), torch.stack(energy, 1)
+
+
+def generate_ddpm(model: DDPM, key: TraceKey, seeds: list[int], settings: DDPMSampler, store: TraceStore,
+                  batch_size: int) -> int:
+    """Sample every seed without a trace under ``key`` into the store (``sampling.sample_missing``); return how
+    many images were sampled."""
+
+    def sample_batch(items):
+        batch_seeds = [seed for _, seed in items]
+        images, energy = sample_ddpm(model, batch_seeds, settings)
+        return [(trace_of(e, image, {"model": key.model, "sampler": asdict(settings), "seed": int(seed)}),
+                 to_rgb(image[None].numpy())[0]) for seed, image, e in zip(batch_seeds, images, energy)]
+
+    return sample_missing(store, [Generation(None, key, list(seeds))], sample_batch, batch_size)
 
 
 def trace_of(energy: torch.Tensor, image: torch.Tensor, meta: dict) -> Trace:

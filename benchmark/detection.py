@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -15,25 +15,17 @@ from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
 from .registry import DETECTORS, Entry
+from .sampling import Generation, sample_missing, sampler_key
 from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
-
-def sampler_key(settings: SamplerSettings, dtype: str) -> str:
-    return (f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}"
-            f"-eta{settings.eta:g}-{dtype}")
+__all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
 
 
-@dataclass
-class Generation:
-    """Where one prompt's traces live, with its labels."""
-
-    prompt: Prompt
-    key: TraceKey
-    seeds: list[int]
-
-
-def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
-    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds))
+def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int],
+         index: dict[str, int] | None = None) -> list[Generation]:
+    """``index`` maps prompt ids to their positions when ``prompt_set`` is a subset of the set they are keyed by."""
+    index = index or {p.id: i for i, p in enumerate(prompt_set)}
+    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds), index[p.id])
             for p in prompt_set]
 
 
@@ -64,20 +56,23 @@ def _check_windows(windows: list[int], n_steps: int) -> None:
 
 def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
              batch_size: int = 8, progress: Callable[[Iterable], Iterable] = iter, token_maps: bool = False) -> int:
-    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled. ``token_maps``
-    also stores every token's final-step map (a diagnostic; only traces sampled now get them)."""
-    sampled = 0
-    for gen in progress(generations):
-        missing = store.missing_seeds(gen.key, gen.seeds)
-        for start in range(0, len(missing), batch_size):
-            seeds = missing[start:start + batch_size]
-            batch = sample_with_capture(model, gen.prompt.text, seeds, settings, token_maps=token_maps)
-            meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
-                    "sampler": asdict(settings), "prompt_set": gen.key.prompt_set}
-            for trace, image in zip(traces_from_batch(batch, meta, seeds), batch.images):
-                store.write(gen.key, trace, image)
-            sampled += len(seeds)
-    return sampled
+    """Sample every (prompt, seed) without a trace on disk; return how many images were sampled.
+
+    Missing (prompt, seed) pairs are packed across prompts into calls of ``batch_size`` images (an image depends on
+    its prompt and seed alone, so packing changes no image). ``token_maps`` also stores every token's final-step map
+    (a diagnostic; only traces sampled now get them). ``progress`` wraps the iteration over batches. Official
+    seeding draws a prompt's whole batch at once, as the official scripts do."""
+
+    def sample_batch(items: list[tuple[Generation, int]]):
+        seeds = [seed for _, seed in items]
+        batch = sample_with_capture(model, [gen.prompt.text for gen, _ in items], seeds, settings,
+                                    token_maps=token_maps, prompt_index=[gen.index for gen, _ in items])
+        metas = [{"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
+                  "sampler": asdict(settings), "prompt_set": gen.key.prompt_set} for gen, _ in items]
+        return list(zip(traces_from_batch(batch, metas, seeds), batch.images))
+
+    return sample_missing(store, generations, sample_batch, batch_size, progress,
+                          whole_prompt=settings.seeding == "official")
 
 
 @dataclass

@@ -5,8 +5,13 @@ magnitude ``||eps_cond - eps_uncond||`` (BE: the mask-weighted ``||(eps_cond - e
 ``max_iters`` iterations, stopping once the loss is at or below the target; the BOS token's gradient is zeroed. The
 image is then sampled from the same seed with the optimised embedding.
 
-Each generation gets its own embedding and its own early stop, so a result depends on its seed alone, not on the
-batch it was computed in (Wen's code shares one embedding across a prompt's batch).
+Two protocols (docs/protocols.md):
+- ``per_image`` (default): each generation gets its own embedding and its own early stop, so a result depends on its
+  seed alone, not on the batch it was computed in; the BOS token is restored after every step.
+- ``official``: as Wen et al.'s ``local_sd_pipeline.py`` (``aug_prompt``) and BE's copy of it: ONE embedding shared
+  by the prompt's n images (n = 4 by their scripts' default), the loss the norm over the whole batch (the
+  root-sum-square of the per-image norms; BE divides by the batch's mask mean), one early stop for the batch; the
+  start token's gradient is zeroed but the token is not restored, so AdamW's weight decay shrinks it.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from .registry import MITIGATIONS
 from .scores import be_mask
 
 MASK_NORMS = ("per_image", "batch")
+PROTOCOLS = ("per_image", "official")
+OFFICIAL_N_IMAGES = 4  # --num_images_per_prompt default of Wen's inference_mem.py (and BE's)
 
 
 @dataclass(frozen=True)
@@ -34,17 +41,24 @@ class MitigationSettings:
     # one mean over the masks optimised together (a prompt's batch), as BE's released mitigation code does, so that
     # a result then depends on its batch.
     mask_norm: str = "per_image"
+    # "per_image" (be-bench) or "official" (one shared embedding, batch loss; mask_norm is then the batch's, as BE's)
+    protocol: str = "per_image"
 
     def __post_init__(self):
         if self.method not in MITIGATIONS:
             raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(MITIGATIONS)}")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown mitigation protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
         if not (self.target_loss >= 0 and self.lr > 0 and self.max_iters >= 0):
             raise ValueError(f"mitigation needs target_loss >= 0, lr > 0, max_iters >= 0: {self}")
 
     @property
     def tag(self) -> str:
+        """The store-key part; the protocol appears when not the default, so existing stores keep their keys."""
+        if self.protocol == "official":
+            return f"{self.method}-official-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
         norm = "" if not MITIGATIONS[self.method].needs_mask or self.mask_norm == "per_image" else "-batchnorm"
         return f"{self.method}{norm}-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
 
@@ -60,10 +74,19 @@ def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_n
     return weighted / mean
 
 
+def batch_loss(delta: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The official loss, a scalar: ``||delta||`` over the whole batch (Wen: ``torch.norm(noise_pred_text)``), or
+    ``||delta * m|| / mean(m)`` with both over the batch (BE's ``local_sd_pipeline.py``); delta (n, c, h, w), mask
+    (n, h, w). Without a mask it is the root-sum-square of ``magnitude_loss``'s per-image norms."""
+    if mask is None:
+        return delta.flatten().norm()
+    return (delta * mask[:, None]).flatten().norm() / mask.mean()
+
+
 @dataclass
 class Optimised:
     embedding: torch.Tensor  # (n, tokens, dim)
-    losses: torch.Tensor  # (iterations evaluated, n): the loss of each image before each step
+    losses: torch.Tensor  # (iterations evaluated, n): the loss of each image before each step (official: the batch's)
     iterations: torch.Tensor  # (n,) optimiser steps each image took
 
 
@@ -102,20 +125,55 @@ def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Ten
     return Optimised(final, torch.stack(history) if history else torch.empty(0, len(emb)), steps)
 
 
+def optimise_shared_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor,
+                              t: torch.Tensor, settings: MitigationSettings,
+                              mask: torch.Tensor | None = None) -> Optimised:
+    """The official loop (Wen's ``aug_prompt``): one embedding, ``cond[:1]``, shared by the n latents at step ``t``.
+
+    Before each AdamW step the batch loss is evaluated and the loop stops once it is at or below the target; the
+    start token's gradient is zeroed and the token is left to weight decay. The embedding is optimised in the
+    model's dtype, as theirs (the pipeline's); the loss is taken in float32. Returns the embedding repeated n times.
+    """
+    unet, n = model.unet, len(latents)
+    x = model.scheduler.scale_model_input(latents, t)
+    with torch.no_grad():
+        eps_uncond = unet(x, t, encoder_hidden_states=uncond).sample
+    emb = cond[:1].detach().clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([emb], lr=settings.lr)
+    history, steps = [], 0
+    for _ in range(settings.max_iters):
+        eps_cond = unet(x, t, encoder_hidden_states=emb.expand(n, -1, -1)).sample
+        loss = batch_loss((eps_cond - eps_uncond).float(), mask)
+        history.append(float(loss.detach()))
+        if history[-1] <= settings.target_loss:
+            break
+        (grad,) = torch.autograd.grad(loss, emb)
+        grad[:, 0] = 0  # zeroed, not restored: AdamW's weight decay still moves the start token (as theirs)
+        emb.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+    losses = torch.tensor(history, dtype=torch.float32)[:, None].expand(-1, n).clone()
+    return Optimised(emb.detach().expand(n, -1, -1), losses, torch.full((n,), steps, dtype=torch.long))
+
+
 def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int]) -> torch.Tensor:
     """The BE mask (n, h, w) at the latent resolution, from stored final-step end-token maps."""
     return torch.from_numpy(be_mask(end_maps, layers, size)).float()
 
 
 def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: SamplerSettings,
-             settings: MitigationSettings, mask: torch.Tensor | None = None) -> tuple[CapturedBatch, Optimised]:
-    """Optimise each seed's embedding at the first step, then sample (with traces) from the same seeds."""
+             settings: MitigationSettings, mask: torch.Tensor | None = None,
+             prompt_index: int | None = None) -> tuple[CapturedBatch, Optimised]:
+    """Optimise the embedding at the first step (per image, or one shared by ``seeds`` under the official protocol),
+    then sample (with traces) from the same initial noise. ``mask`` (n, h, w) is BE's; ``prompt_index`` is needed
+    by the sampler's official seeding. Raises ValueError when the mask does not match the method."""
     if (mask is None) == MITIGATIONS[settings.method].needs_mask:
         raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
     n = len(seeds)
     cond = model.encode([prompt]).expand(n, -1, -1)
     uncond = model.encode([""]).expand(n, -1, -1)
-    latents = initial_noise(model, seeds, sampler)
+    latents = initial_noise(model, seeds, sampler, prompt_index)
     model.scheduler.set_timesteps(sampler.steps, device=model.device)
     t0 = model.scheduler.timesteps[0]
     if mask is not None:
@@ -123,6 +181,7 @@ def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: Sampler
         if tuple(mask.shape[-2:]) != size:
             mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
         mask = mask.to(model.device, torch.float32)
+    optimise = optimise_shared_embedding if settings.protocol == "official" else optimise_embedding
     with torch.enable_grad():
-        opt = optimise_embedding(model, cond, uncond, latents, t0, settings, mask)
-    return sample_with_capture(model, prompt, seeds, sampler, cond=opt.embedding), opt
+        opt = optimise(model, cond, uncond, latents, t0, settings, mask)
+    return sample_with_capture(model, prompt, seeds, sampler, cond=opt.embedding, prompt_index=prompt_index), opt

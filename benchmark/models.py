@@ -10,7 +10,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -70,8 +69,10 @@ class TextToImage:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TextToImage:
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
-                # a dtype equal to the current one is left out: diffusers warns on every cast, needed or not
-                module.to(device=device, dtype=dtype if dtype not in (None, module.dtype) else None)
+                # a dtype equal to the current one is left out, and so is the keyword: diffusers warns whenever
+                # `dtype` is passed, even as None
+                cast = {"dtype": dtype} if dtype not in (None, module.dtype) else {}
+                module.to(device=device, **cast)
         return self
 
     def end_token_index(self, prompts: list[str]) -> torch.Tensor:
@@ -88,9 +89,11 @@ class TextToImage:
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         kwargs = {}
-        # SD's CLIP encoder is run without a mask (its padding states are real end tokens); BERT-style encoders
-        # need the mask so that padding positions are well defined.
-        if "attention_mask" in tok and not isinstance(self.text_encoder, CLIPTextModel):
+        # SD's CLIP encoder is run without a mask (its padding states are real end tokens), and so is any encoder
+        # whose tokenizer pads with its end token; BERT-style encoders padding with [PAD] need the mask so that
+        # padding positions are well defined.
+        if "attention_mask" in tok and not (isinstance(self.text_encoder, CLIPTextModel)
+                                            or pads_with_end_token(self.tokenizer)):
             kwargs["attention_mask"] = tok.attention_mask.to(self.device)
         out = self.text_encoder(tok.input_ids.to(self.device), **kwargs)
         return out[0].to(self.dtype)
@@ -109,6 +112,13 @@ class TextToImage:
         else:
             x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def pads_with_end_token(tokenizer) -> bool:
+    """Whether the tokenizer pads with its own end token (CLIP's <|endoftext|>, BERT's [SEP] when so set), as
+    SD v1-4's tokenizer does: the padding copies are then real end-token states, encoded without a mask."""
+    pad = tokenizer.pad_token_id
+    return pad is not None and pad in {i for i in (tokenizer.sep_token_id, tokenizer.eos_token_id) if i is not None}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -179,13 +189,12 @@ def weights_fingerprint(source: str | Path) -> str:
 
 # ------------------------------------------------------------------------------------------ tokenizers
 
+CLIP_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
 def clip_vocabulary_file() -> Path:
-    """CLIP's BPE vocabulary as shipped inside the open_clip_torch wheel (found without importing open_clip)."""
-    spec = find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("open_clip_torch is not installed: it ships CLIP's BPE vocabulary "
-                             "(pip install --no-deps open_clip_torch)")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    """CLIP's BPE vocabulary, shipped with be-bench (``benchmark/clip_vocab/``: OpenAI CLIP's file, MIT License)."""
+    return Path(__file__).parent / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @lru_cache(maxsize=1)

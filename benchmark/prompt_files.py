@@ -15,6 +15,9 @@ from .prompts import Prompt, PromptSet
 from .registry import PROMPT_SOURCES
 
 csv.field_size_limit(10_000_000)
+# Files as people save them: a leading byte-order mark (Excel, Notepad) is not part of the first field or prompt.
+# Windows line endings need nothing more: splitlines() and the csv module (newline="") take \r\n as one break.
+ENCODING = "utf-8-sig"
 
 
 class PromptFileError(ValueError):
@@ -39,10 +42,10 @@ def read_records(path: Path, fmt: str, sep: str) -> list[tuple[int, dict | str]]
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
     if fmt == "txt":
-        return [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+        return [(i, line) for i, line in enumerate(path.read_text(encoding=ENCODING).splitlines(), 1)]
     if fmt == "jsonl":
         out = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(path.read_text(encoding=ENCODING).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -53,7 +56,7 @@ def read_records(path: Path, fmt: str, sep: str) -> list[tuple[int, dict | str]]
             out.append((i, record if isinstance(record, dict) else PromptFileError(f"{path}:{i}: not an object")))
         return out
     if fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=ENCODING) as f:
             reader = csv.reader(f, delimiter=sep)
             header = next(reader, None)
             if header is None:

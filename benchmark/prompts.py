@@ -86,7 +86,8 @@ def subset(prompt_set: PromptSet, kept: list[Prompt], name: str | None = None) -
 
 def select_ids(prompt_set: PromptSet, path: str | Path) -> PromptSet:
     """Keep the prompts whose ids a file lists (one a line): e.g. the memorization-prone subset."""
-    wanted = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark is not part of the first id
+    wanted = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     known = {p.id for p in prompt_set}
     unknown = [w for w in wanted if w not in known]
     if unknown:

@@ -43,11 +43,38 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear")
     return F.interpolate(torch.from_numpy(maps)[:, None], size=size, mode=mode, **kwargs)[:, 0].numpy()
 
 
+BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+FORWARD = "forward:"
+
+
+def forward_order(layers: list[str]) -> list[str]:
+    """Cross-attention layer names in the UNet's forward order: down blocks, mid block, up blocks, then by index.
+
+    Traces and module listings do not keep that order (safetensors sorts keys; diffusers registers ``up_blocks``
+    before ``mid_block``), so it is rebuilt from the names."""
+    def key(name: str):
+        head, *rest = name.split(".")
+        return BLOCK_ORDER.get(head, len(BLOCK_ORDER)), head, [int(p) for p in rest if p.isdigit()]
+    return sorted(layers, key=key)
+
+
 def select_layers(available: list[str], chosen: list[str]) -> list[str]:
-    """Resolve layer names or prefixes (``down_blocks.0`` = every cross-attention layer in that block; ``*`` = all)."""
+    """Resolve layer names, prefixes and rules to cross-attention layer names.
+
+    ``down_blocks.0`` = every cross-attention layer in that block; ``*`` = all; ``forward:<k>`` = the layer at
+    0-based position k in forward order (``forward:3`` is Ren et al.'s E layer, ``layer_id = 3`` in MemAttn's
+    detect.py: ``down_blocks.1.attentions.1`` on SD v1-4). Raises ValueError naming an unknown entry."""
     picked = []
     for name in chosen:
-        hits = [layer for layer in available if name in ("*", layer) or layer.startswith(name + ".")]
+        if name.startswith(FORWARD):
+            ordered = forward_order(available)
+            k = name.removeprefix(FORWARD)
+            if not k.isdigit() or int(k) >= len(ordered):
+                raise ValueError(f"layer rule {name!r} needs 0 <= k < {len(ordered)} (cross-attention layers in "
+                                 f"forward order: {', '.join(ordered)})")
+            hits = [ordered[int(k)]]
+        else:
+            hits = [layer for layer in available if name in ("*", layer) or layer.startswith(name + ".")]
         if not hits:
             raise ValueError(f"unknown layer {name!r}; cross-attention layers are: {', '.join(available)}")
         picked += [h for h in hits if h not in picked]
@@ -63,36 +90,59 @@ def be_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int,
 
 
 def token_entropy(token_attn: np.ndarray) -> np.ndarray:
-    """Entropy over the last axis of attention distributions (natural log)."""
+    """Entropy over the last axis of attention distributions (natural log; 0 log 0 = 0)."""
     p = np.clip(token_attn, 1e-12, None)
     return -(token_attn * np.log(p)).sum(axis=-1)
 
 
 def summary_entropy(token_attn: np.ndarray, end_index: np.ndarray) -> np.ndarray:
-    """Ren et al.'s summary-token entropy: the entropy terms of the end token and the padding after it."""
+    """Ren et al.'s summary-token entropy: the entropy terms of the end token and the padding after it.
+
+    token_attn (n, steps, tokens), end_index (n,) -> (n, steps). Terms of the unrenormalised distribution, as
+    MemAttn's detect.py sums them over ``attn[length - 1:]`` (length = token ids incl. start and end)."""
     tokens = np.arange(token_attn.shape[-1])
     keep = tokens[None, :] >= end_index[:, None]  # (n, tokens)
     terms = -token_attn * np.log(np.clip(token_attn, 1e-12, None))
     return (terms * keep[:, None, :]).sum(axis=-1)
 
 
-@DETECTORS.register("Ren_E", label="Ren (E)", higher_is_memorized=False)
+def layer_mean_attention(token_attn: dict[str, np.ndarray], layers: list[str]) -> np.ndarray:
+    """The attention distribution over tokens averaged over the chosen layers: (n, steps, tokens).
+
+    Each stored vector is already the mean over heads and pixels of its layer, so this is MemAttn's average over
+    layers and heads of per-layer pixel means (detect.py averages before it takes any entropy)."""
+    chosen = select_layers(list(token_attn), layers)
+    return np.mean([token_attn[layer] for layer in chosen], axis=0)
+
+
+# memorized prompts spread attention off the start token: higher entropy (MemAttn detect.py's ROC)
+@DETECTORS.register("Ren_E", label="Ren (E)", higher_is_memorized=True)
 def ren_E(token_attn: dict[str, np.ndarray], layers: list[str]) -> np.ndarray:
-    """Ren et al.'s E: attention entropy at the first step, mean over the chosen layers (lower = memorized)."""
-    chosen = select_layers(list(token_attn), layers)
-    return np.mean([token_entropy(token_attn[layer][:, 0]) for layer in chosen], axis=0)
+    """Ren et al.'s E (ECCV 2024; MemAttn ``detect.py --mode E``): the entropy, at the first step, of the
+    attention over tokens averaged over the chosen layers (and heads, pixels). Higher = memorized.
+
+    Official: one layer, the fourth cross-attention layer in forward order (layer set ``ren_E`` = ``forward:3``).
+    token_attn: layer -> (n, steps, tokens); returns (n,)."""
+    return token_entropy(layer_mean_attention(token_attn, layers)[:, 0])
 
 
-@DETECTORS.register("Ren_D", label="Ren (D)", higher_is_memorized=False)
+def ren_window(T: int) -> int:
+    """Steps in Ren's D window: the last fifth of the first T steps, at least one (official: 10 of 50)."""
+    return max(1, T // 5)
+
+
+@DETECTORS.register("Ren_D", label="Ren (D)", higher_is_memorized=True)
 def ren_D(token_attn: dict[str, np.ndarray], end_index: np.ndarray, layers: list[str], T: int) -> np.ndarray:
-    """Ren et al.'s D over the first T steps: mean entropy of the last T/5 of them plus the change of the
-    summary-token entropy from the first step to step T (lower = memorized)."""
-    chosen = select_layers(list(token_attn), layers)
-    window = max(1, T // 5)
-    scores = []
-    for layer in chosen:
-        attn = token_attn[layer][:, :T]
-        late = token_entropy(attn[:, T - window:]).mean(axis=1)
-        summary = summary_entropy(attn, end_index)
-        scores.append(late + np.abs(summary[:, -1] - summary[:, 0]))
-    return np.mean(scores, axis=0)
+    """Ren et al.'s D (ECCV 2024; MemAttn ``detect.py --mode D``) over the first T steps. Higher = memorized.
+
+    With ``a`` the attention over tokens averaged over the chosen layers (official: all) and W the last
+    ``ren_window(T)`` of the first T steps (official: T = 50, W = steps 40..49):
+    D = mean_{t in W} H(a_t) + mean_{t in W} H_summary(a_t) - H_summary(a_0), signed. token_attn: layer ->
+    (n, steps, tokens), end_index (n,); returns (n,). Raises ValueError when T exceeds the recorded steps."""
+    attn = layer_mean_attention(token_attn, layers)
+    if not 1 <= T <= attn.shape[1]:
+        raise ValueError(f"Ren D window T={T} outside 1..{attn.shape[1]} recorded steps")
+    window = slice(T - ren_window(T), T)
+    summary = summary_entropy(attn, end_index)
+    return token_entropy(attn[:, window]).mean(axis=1) + summary[:, window].mean(axis=1) - summary[:, 0]
+

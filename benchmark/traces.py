@@ -3,6 +3,11 @@
 Layout: ``root/<model>/<sampler>/<prompt set>/<prompt id>-<prompt hash>/seed<seed>.safetensors`` with the image beside
 it as ``seed<seed>.png``. Files are written to a temporary name and renamed, so a killed job leaves either a whole
 trace or none; a trace on disk is never sampled again.
+
+Every file carries its format version (``TRACE_VERSION``, in the safetensors metadata). A trace of another version
+is refused, by ``read`` and by ``missing_seeds`` (so before any sampling), with a message naming the file: it is
+neither mixed into the scores nor silently overwritten. Bump the version when the meaning of a stored array changes;
+an added optional array (``end_map@<step>/``) needs no bump, since a reader that does not know it never reads it.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class Trace:
     latent: np.ndarray
     meta: dict = field(default_factory=dict)
     token_maps: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (tokens, h_l, w_l); opt-in
+    end_maps_by_step: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # 0-based step -> layer -> map
 
     @property
     def layers(self) -> list[str]:
@@ -53,18 +59,38 @@ class Trace:
     def steps(self) -> int:
         return self.delta_sq.shape[0]
 
+    @property
+    def map_steps(self) -> list[int]:
+        """0-based steps whose end-token maps this trace holds (the final step always)."""
+        return sorted(self.end_maps_by_step) + [self.steps - 1]
 
-def traces_from_batch(batch: CapturedBatch, meta: dict, seeds: list[int]) -> list[Trace]:
+    def end_maps_at(self, step: int) -> dict[str, np.ndarray]:
+        """End-token maps (layer -> (h_l, w_l)) at 0-based denoising ``step``; -1 or ``steps - 1`` is the final one.
+        Raises KeyError naming the recorded steps when ``step`` was not recorded (``sampler.end_map_steps``)."""
+        step = self.steps + step if step < 0 else step
+        if step == self.steps - 1:
+            return self.end_maps
+        if step not in self.end_maps_by_step:
+            raise KeyError(f"no end-token maps at step {step}: this trace has them at steps {self.map_steps} "
+                           "(record more with sampler.end_map_steps)")
+        return self.end_maps_by_step[step]
+
+
+def traces_from_batch(batch: CapturedBatch, meta: dict | list[dict], seeds: list[int]) -> list[Trace]:
+    """One trace per image of ``batch``; ``meta`` is shared or one dict per image (several prompts in one call)."""
+    metas = [meta] * len(seeds) if isinstance(meta, dict) else meta
     out = []
-    for i, seed in enumerate(seeds):
+    for i, (seed, image_meta) in enumerate(zip(seeds, metas, strict=True)):
         out.append(Trace(
             delta_sq=batch.delta_sq[i].numpy(),
             end_maps={k: v[i].numpy() for k, v in batch.end_maps.items()},
             token_attn={k: v[i].numpy() for k, v in batch.token_attn.items()},
             end_index=int(batch.end_index[i]),
             latent=batch.latents[i].numpy(),
-            meta={**meta, "seed": int(seed)},
+            meta={**image_meta, "seed": int(seed)},
             token_maps={k: v[i].numpy() for k, v in batch.token_maps.items()},
+            end_maps_by_step={step: {k: v[i].numpy() for k, v in maps.items()}
+                              for step, maps in batch.end_maps_by_step.items()},
         ))
     return out
 
@@ -104,7 +130,15 @@ class TraceStore:
         return key.folder(self.root) / f"seed{int(seed)}.png"
 
     def missing_seeds(self, key: TraceKey, seeds: list[int]) -> list[int]:
-        return [s for s in seeds if not self.trace_path(key, s).exists()]
+        """Seeds without a trace; raises ValueError on a stored trace of another format version."""
+        missing = []
+        for seed in seeds:
+            path = self.trace_path(key, seed)
+            if path.exists():
+                check_version(path)
+            else:
+                missing.append(seed)
+        return missing
 
     def write(self, key: TraceKey, trace: Trace, image: torch.Tensor | np.ndarray) -> Path:
         seed = trace.meta["seed"]
@@ -116,6 +150,7 @@ class TraceStore:
         arrays |= {f"end_map/{k}": v for k, v in trace.end_maps.items()}
         arrays |= {f"token_attn/{k}": v for k, v in trace.token_attn.items()}
         arrays |= {f"token_map/{k}": v for k, v in trace.token_maps.items()}
+        arrays |= {f"end_map@{step}/{k}": v for step, maps in trace.end_maps_by_step.items() for k, v in maps.items()}
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
             arrays = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in arrays.items()}
         for name, array in arrays.items():
@@ -126,9 +161,11 @@ class TraceStore:
         return path
 
     def read(self, key: TraceKey, seed: int) -> Trace:
+        """The stored trace; raises ValueError when it has another format version."""
         path = self.trace_path(key, seed)
         with safe_open(str(path), framework="np") as f:
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            _check_version(path, f.metadata())
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             meta = f.metadata()
         pick = lambda prefix: {k.removeprefix(prefix): v.astype(np.float32)
                                for k, v in arrays.items() if k.startswith(prefix)}
@@ -140,11 +177,34 @@ class TraceStore:
             latent=arrays["latent"].astype(np.float32),
             meta=json.loads(meta["meta"]),
             token_maps=pick("token_map/"),
+            end_maps_by_step=_maps_by_step(arrays),
         )
 
     def read_image(self, key: TraceKey, seed: int) -> np.ndarray:
         """(H, W, 3) float32 in [0, 1]."""
         return np.asarray(Image.open(self.image_path(key, seed)).convert("RGB"), dtype=np.float32) / 255
+
+
+def _maps_by_step(arrays: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        if name.startswith("end_map@"):
+            step, layer = name.removeprefix("end_map@").split("/", 1)
+            out.setdefault(int(step), {})[layer] = array.astype(np.float32)
+    return dict(sorted(out.items()))
+
+
+def check_version(path: Path) -> None:
+    """Raise ValueError when the trace file at ``path`` is not of this code's format version."""
+    with safe_open(str(path), framework="np") as f:
+        _check_version(path, f.metadata())
+
+
+def _check_version(path: Path, metadata: dict | None) -> None:
+    version = (metadata or {}).get("version")
+    if version != TRACE_VERSION:
+        raise ValueError(f"trace {path} has format version {version!r}, this code reads version {TRACE_VERSION!r}: "
+                         f"use another store (paths.store_dir) or delete {path.parent} to sample it again")
 
 
 def atomic_write(path: Path, write) -> None:

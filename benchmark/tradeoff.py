@@ -9,19 +9,20 @@ the mitigation setting, so a rerun samples nothing twice. Measures per generatio
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from . import scores as S
-from .capture import SamplerSettings
+from .capture import SamplerSettings, cross_attention_layers
 from .detection import Generation, generate
 from .localization import Truth, rmse
 from .mitigation import MitigationSettings, latent_mask, mitigate
 from .models import TextToImage
 from .registry import CAPTION_RENDERERS, MITIGATIONS
+from .sampling import mitigation_suffix, sample_missing
 from .similarity import SSCD, CLIPScore, pixel_LS, pixel_S
 from .traces import TraceKey, TraceStore, traces_from_batch
 
@@ -35,37 +36,53 @@ class Measures:
     clip: CLIPScore | None = None
 
 
-def mitigated_key(key: TraceKey, settings: MitigationSettings) -> TraceKey:
-    return replace(key, sampler=f"{key.sampler}+{settings.tag}")
+def mitigated_key(key: TraceKey, settings: MitigationSettings, mask_layers: list[str] | None = None) -> TraceKey:
+    """The baseline key with the mitigation setting added to its sampler (``sampling.sampler_key``'s format);
+    ``mask_layers`` None = every cross-attention layer (the default keeps the keys of earlier stores)."""
+    return replace(key, sampler=key.sampler + mitigation_suffix(settings, mask_layers))
 
 
 def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: SamplerSettings, store: TraceStore,
                    settings: list[MitigationSettings], layers: list[str], batch_size: int = 8,
                    progress: Callable[[Iterable], Iterable] = iter) -> int:
-    """Sample every missing baseline and mitigated generation; return how many images were sampled now."""
+    """Sample every missing baseline and mitigated generation; return how many images were sampled now.
+
+    Mitigated generations are sampled one prompt per batch: with ``mask_norm="batch"`` a result depends on the
+    images optimised together, and those stay the seeds of one prompt, as before."""
     sampled = generate(model, baseline, sampler, store, batch_size, progress)
+    mask_layers = mask_key_layers(model, layers)
     for mit in settings:
-        for gen in progress(baseline):
-            key = mitigated_key(gen.key, mit)
-            missing = store.missing_seeds(key, gen.seeds)
-            for start in range(0, len(missing), batch_size):
-                seeds = missing[start:start + batch_size]
-                mask = None
-                if MITIGATIONS[mit.method].needs_mask:  # the unmitigated generation's mask, same seed: no extra pass
-                    traces = [store.read(gen.key, s) for s in seeds]
-                    maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
-                    mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
-                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask)
-                meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": key.model,
-                        "sampler": asdict(sampler), "prompt_set": key.prompt_set, "mitigation": asdict(mit)}
-                for i, (trace, image) in enumerate(zip(traces_from_batch(batch, meta, seeds), batch.images)):
-                    losses = opt.losses[:, i]
-                    trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
-                                   "loss_last": float(losses[-1]) if len(losses) else None,
-                                   "iterations": int(opt.iterations[i])}
-                    store.write(key, trace, image)
-                sampled += len(seeds)
+        mitigated = [replace(gen, key=mitigated_key(gen.key, mit, mask_layers)) for gen in baseline]
+        base_key = {m.key: gen.key for m, gen in zip(mitigated, baseline)}
+
+        def sample_batch(items, mit=mit, base_key=base_key):
+            gen, seeds = items[0][0], [seed for _, seed in items]
+            mask = None
+            if MITIGATIONS[mit.method].needs_mask:  # the unmitigated generation's mask, same seed: no extra pass
+                traces = [store.read(base_key[gen.key], s) for s in seeds]
+                maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
+                mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
+            batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
+            meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
+                    "sampler": asdict(sampler), "prompt_set": gen.key.prompt_set, "mitigation": asdict(mit),
+                    "mask_layers": list(layers) if MITIGATIONS[mit.method].needs_mask else None}
+            traces = traces_from_batch(batch, meta, seeds)
+            for i, trace in enumerate(traces):
+                losses = opt.losses[:, i]
+                trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
+                               "loss_last": float(losses[-1]) if len(losses) else None,
+                               "iterations": int(opt.iterations[i])}
+            return list(zip(traces, batch.images))
+
+        # the official protocol shares one embedding by the prompt's whole batch: it is mitigated at once
+        sampled += sample_missing(store, mitigated, sample_batch, batch_size, progress, across_prompts=False,
+                                  whole_prompt=mit.protocol == "official")
     return sampled
+
+
+def mask_key_layers(model: TextToImage, layers: list[str]) -> list[str] | None:
+    """The BE-mask layers as the store key needs them: None when they are every cross-attention layer."""
+    return None if sorted(layers) == sorted(cross_attention_layers(model.unet)) else list(layers)
 
 
 def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], truth: Truth | None,
@@ -90,12 +107,13 @@ def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], tru
 
 
 def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings],
-                truth: dict[str, Truth], measures: Measures) -> pd.DataFrame:
-    """One row per (method, target loss, prompt, seed), the unmitigated baseline as method ``none``."""
+                truth: dict[str, Truth], measures: Measures, mask_layers: list[str] | None = None) -> pd.DataFrame:
+    """One row per (method, target loss, prompt, seed), the unmitigated baseline as method ``none``;
+    ``mask_layers`` as in :func:`mitigated_key` (``mask_key_layers``)."""
     rows = []
     for mit in [None] + list(settings):
         for gen in baseline:
-            key = gen.key if mit is None else mitigated_key(gen.key, mit)
+            key = gen.key if mit is None else mitigated_key(gen.key, mit, mask_layers)
             for seed in gen.seeds:
                 trace = store.read(key, seed)
                 image = store.read_image(key, seed).transpose(2, 0, 1)

@@ -1,1 +1,1 @@
-"""Reports built from job folders (metrics.json + generations.csv + .hydra/config.yaml)."""
+"""Reports built from job folders (read through benchmark.jobfolder: metrics.json, config.yaml, tables)."""

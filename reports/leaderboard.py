@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+
+from benchmark.jobfolder import read_job, write_config
 
 from benchmark.registry import DETECTORS
 
@@ -52,15 +53,13 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
     """One row per detection job x metric row, with the job's configuration columns (empty without such jobs)."""
     frames = []
     for folder, result in results(paths, "detect"):
-        config_file = folder / ".hydra" / "config.yaml"
-        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
-        sampler = config.get("sampler", {})
+        job = read_job(folder)
         frame = pd.DataFrame(result["metrics"])
         frame.insert(0, "job", str(folder))
         frame.insert(1, "model", result["model"])
         frame.insert(2, "prompt_set", result["prompt_set"])
-        frame.insert(3, "steps", sampler.get("steps", -1))
-        frame.insert(4, "n_images", sampler.get("n_images", -1))
+        frame.insert(3, "steps", job.sampler.get("steps", -1))
+        frame.insert(4, "n_images", job.n_images if job.n_images is not None else -1)
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=KEYS + ["job"])
@@ -363,8 +362,7 @@ def fetch_wandb(project: str, out: str | Path, api=None) -> Path:
         for name in JOB_FILES:
             if name in names:
                 run.file(name).download(root=str(folder), replace=True)
-        (folder / ".hydra").mkdir(parents=True, exist_ok=True)
-        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(dict(run.config), sort_keys=True))
+        write_config(folder, dict(run.config))
     return root
 
 

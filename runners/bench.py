@@ -1,12 +1,23 @@
-"""`make bench`: side-by-side timings on SD v1-4's architecture (random weights) at a reduced resolution.
+"""`make bench` (CPU) and `make bench-gpu`: side-by-side timings on SD v1-4's architecture (random weights).
 
-Prints one ``name: value`` line per figure:
+`make bench` prints one ``name: value`` line per figure:
 - capture_overhead_ratio: sampling with capture / diffusers' StableDiffusionPipeline, same seeds (goal <= 1.10);
 - rescore_ratio: re-scoring a 12-point layer x T grid from stored traces / one sampling pass (goal <= 0.02);
 - trace_kib_per_image: trace file + PNG on disk per image;
+- prompt_batching_ratio: 16 one-image prompts sampled with capture in one call / in 16 calls (lower is better;
+  at ``--batching-resolution`` and ``--batching-steps``);
+- host_transfers_per_call: host copies (``.cpu/.item/.numpy/.tolist``) in one capture call, whatever its steps
+  and layers (the timestep list, the trace, the decoded images);
 - bootstrap_batch_ratio_n<N>: 1000 bootstrap replicates of AUC/TPR/F1 on N scores, all rows at once (as
   ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores).
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
+
+`make bench-gpu` (``--gpu-suite``): 512 px, 50 steps, float16 and bfloat16, 16 images per call as one prompt x 16
+seeds (``batch16``) and as 16 prompts x 1 seed (``n1x16``); per case images/s of the plain pipeline and of
+capture, their ratio, the achieved TFLOP/s of the UNet (FLOPs counted by torch's FlopCounterMode on one CFG call,
+times the steps) and its fraction of the device's dense peak (``benchmark.profiling.PEAK_TFLOPS``), and the trace
+size. It stops starting new cases after ``--budget-s`` seconds. ``--device cpu --model tiny --resolution 64
+--steps 2`` runs it in seconds (tests/test_bench.py does).
 """
 from __future__ import annotations
 
@@ -20,13 +31,21 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from benchmark import detection
-from benchmark.capture import SamplerSettings, sample_with_capture
+from benchmark.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
 from benchmark.metrics import _metric_rows
-from benchmark.models import sd14_architecture
+from benchmark.models import DTYPES, TextToImage
+from benchmark.profiling import count_flops, count_host_transfers, peak_tflops
 from benchmark.prompts import inline_prompt_set
+from benchmark.registry import MODEL_BUILDERS
 from benchmark.traces import TraceStore
 
 PROMPT = "Mothers influence on her young hippo"
+SUBJECTS = ["hippo", "cat", "lighthouse", "bicycle", "teapot", "mountain", "violin", "owl", "tram", "cactus",
+            "castle", "fox", "sailboat", "lamp", "dragonfly", "bridge"]
+
+
+def prompts_for(n: int) -> list[str]:
+    return [f"a photo of a {SUBJECTS[i % len(SUBJECTS)]}, variant {i}" for i in range(n)]
 
 
 def timed(fn) -> float:
@@ -46,47 +65,116 @@ def bootstrap_ratio(n: int, n_pos: int, replicates: int = 1000, repeats: int = 2
     return min(batched) / min(looped)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    model = sd14_architecture().to(args.device, dtype)
-    settings = SamplerSettings(args.steps, 7.5, args.resolution, args.resolution)
-    seeds = list(range(args.images))
+def pipeline(model: TextToImage) -> StableDiffusionPipeline:
+    """diffusers' own pipeline on the same components: the no-capture reference."""
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=model.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
 
-    def plain():
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        pipe(PROMPT, height=args.resolution, width=args.resolution, num_inference_steps=args.steps,
-             guidance_scale=7.5, num_images_per_prompt=len(seeds), generator=generators, output_type="latent")
 
-    def captured():
-        sample_with_capture(model, PROMPT, seeds, settings, decode=False)
+def plain_call(pipe, prompts: list[str], seeds: list[int], settings: SamplerSettings):
+    """The pipeline on one image per (prompt, seed), latents out (no decoding, like capture with decode=False)."""
+    return lambda: pipe(prompts, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+                        guidance_scale=settings.guidance, num_images_per_prompt=1,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent")
 
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    plain(), captured(), sync()  # warm-up: the first call pays for allocations and kernel selection
-    plain_s, capture_s = [], []
-    for _ in range(args.repeats):
-        plain_s.append(timed(lambda: (plain(), sync())))
-        capture_s.append(timed(lambda: (captured(), sync())))
+
+def capture_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings):
+    return lambda: sample_with_capture(model, prompts, seeds, settings, decode=False)
+
+
+def alternate(fns: list, repeats: int, sync) -> list[float]:
+    """Best wall time of each function over ``repeats`` rounds, the functions alternating (after one warm-up)."""
+    for fn in fns:
+        fn(), sync()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            out.append(timed(lambda fn=fn: (fn(), sync())))
+    return [min(t) for t in times]
+
+
+def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
+    """FLOPs of the UNet over one sampling call: one CFG forward counted by FlopCounterMode, times the steps."""
+    n = len(seeds)
+    context = torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, prompts)])
+    latents = initial_noise(model, seeds, settings)
+    t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=model.device)
+    with torch.no_grad():
+        return count_flops(lambda: guided_eps(model.unet, latents, t, context)) * settings.steps
+
+
+def trace_kib_per_image(batch) -> float:
+    """Arrays of one image's trace at the store's float16 (PNG not counted)."""
+    parts = [batch.delta_sq, batch.latents, *batch.end_maps.values(), *batch.token_attn.values()]
+    return sum(p.numel() for p in parts) * 2 / len(batch.latents) / 1024
+
+
+def gpu_suite(args) -> dict[str, float]:
+    device = args.device
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    peak = peak_tflops(name)
+    print(f"device: {name} (dense fp16/bf16 peak: {f'{peak:g} TFLOP/s' if peak else 'not in the table'}), "
+          f"{args.model}, {args.resolution} px, {args.steps} steps, {args.batch} images per call")
+    settings = SamplerSettings(args.steps, 7.5, args.resolution, args.resolution)
+    seeds = list(range(args.batch))
+    start, figures = time.perf_counter(), {}
+    for dtype in args.dtypes:
+        model = MODEL_BUILDERS[args.model]().to(device, DTYPES[dtype])
+        if args.compile:
+            model.unet.compile()
+        pipe = pipeline(model)
+        for layout, prompts in (("batch16", [PROMPT] * args.batch), ("n1x16", prompts_for(args.batch))):
+            if time.perf_counter() - start > args.budget_s:
+                print(f"{dtype} {layout}: skipped, past the {args.budget_s} s budget")
+                continue
+            flops = unet_flops_per_call(model, prompts, seeds, settings)
+            plain_s, capture_s = alternate([plain_call(pipe, prompts, seeds, settings),
+                                            capture_call(model, prompts, seeds, settings)], args.repeats, sync)
+            tag = f"{dtype}_{layout}"
+            figures |= {f"{tag}_plain_images_per_s": args.batch / plain_s,
+                        f"{tag}_capture_images_per_s": args.batch / capture_s,
+                        f"{tag}_capture_ratio": capture_s / plain_s,
+                        f"{tag}_plain_tflops": flops / plain_s / 1e12,
+                        f"{tag}_capture_tflops": flops / capture_s / 1e12}
+            if peak:
+                figures[f"{tag}_capture_peak_fraction"] = flops / capture_s / 1e12 / peak
+            for key in [k for k in figures if k.startswith(tag)]:
+                print(f"{key}: {figures[key]:.4g}")
+        if "trace_kib_per_image" not in figures:
+            figures["trace_kib_per_image"] = trace_kib_per_image(
+                sample_with_capture(model, PROMPT, seeds[:1], settings, decode=False))
+            print(f"trace_kib_per_image: {figures['trace_kib_per_image']:.1f}")
+        model = pipe = None  # free the device before the next dtype's copy
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print(f"suite_seconds: {time.perf_counter() - start:.1f}")
+    return figures
+
+
+def cpu_bench(args) -> None:
+    dtype = DTYPES[args.dtype]
+    model = MODEL_BUILDERS[args.model]().to(args.device, dtype)
+    settings = SamplerSettings(args.steps, 7.5, args.resolution, args.resolution)
+    seeds = list(range(args.images))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    plain_s, capture_s = alternate([plain_call(pipeline(model), [PROMPT] * len(seeds), seeds, settings),
+                                    capture_call(model, [PROMPT] * len(seeds), seeds, settings)],
+                                   args.repeats, sync)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = TraceStore(tmp)
         prompts = inline_prompt_set("bench", [{"id": "p", "text": PROMPT, "kind": "global"},
                                               {"id": "q", "text": "a photo of a cat"}])
-        plan = detection.plan(prompts, "sd14-architecture", detection.sampler_key(settings, args.dtype), seeds)
+        plan = detection.plan(prompts, args.model, detection.sampler_key(settings, args.dtype), seeds)
         sample_s = timed(lambda: detection.generate(model, plan, settings, store, batch_size=len(seeds)))
         layer_sets = {"all": ["*"], "res64": ["down_blocks.0", "up_blocks.3"],
                       "res32": ["down_blocks.1", "up_blocks.2"], "res16": ["down_blocks.2", "up_blocks.1"]}
+        if args.model == "tiny":
+            layer_sets = {"all": ["*"], "down": ["down_blocks.0"], "up": ["up_blocks.1"], "mid": ["mid_block"]}
         windows = sorted({1, max(1, args.steps // 5), args.steps})
         windows = windows + [w for w in range(2, args.steps) if w not in windows][: 3 - len(windows)]
 
@@ -99,15 +187,60 @@ def main() -> None:
         files = [f for f in Path(tmp).rglob("*") if f.is_file()]
         kib = sum(f.stat().st_size for f in files) / 1024 / (len(plan) * len(seeds))
 
-    print(f"device: {args.device} {args.dtype}, {args.resolution} px, {args.steps} steps, {args.images} images")
-    print(f"plain_seconds: {min(plain_s):.3f}")
-    print(f"capture_seconds: {min(capture_s):.3f}")
-    print(f"capture_overhead_ratio: {min(capture_s) / min(plain_s):.3f}")
+    batching = SamplerSettings(args.batching_steps, 7.5, args.batching_resolution, args.batching_resolution)
+    many = prompts_for(args.batching_prompts)
+    one_call, many_calls = alternate([
+        lambda: sample_with_capture(model, many, [0] * len(many), batching, decode=False),
+        lambda: [sample_with_capture(model, p, [0], batching, decode=False) for p in many]], args.repeats, sync)
+    with count_host_transfers() as transfers:
+        sample_with_capture(model, PROMPT, seeds, settings)
+
+    print(f"device: {args.device} {args.dtype}, {args.model}, {args.resolution} px, {args.steps} steps, "
+          f"{args.images} images")
+    print(f"plain_seconds: {plain_s:.3f}")
+    print(f"capture_seconds: {capture_s:.3f}")
+    print(f"capture_overhead_ratio: {capture_s / plain_s:.3f}")
     print(f"rescore_grid_points: {len(layer_sets) * len(windows)}")
     print(f"rescore_ratio: {rescore_s / sample_s:.4f}")  # the same images: re-scored vs sampled
     print(f"trace_kib_per_image: {kib:.1f}")
+    print(f"prompt_batching: {len(many)} prompts x 1 image, {args.batching_resolution} px, {args.batching_steps} "
+          f"steps: {one_call:.3f} s in one call, {many_calls:.3f} s in {len(many)} calls")
+    print(f"prompt_batching_ratio: {one_call / many_calls:.3f}")
+    print(f"host_transfers_per_call: {sum(transfers.values())} ({dict(transfers)}; {args.steps} steps, "
+          f"decoded)")
     for n, n_pos in ((140, 20), (560, 80)):
         print(f"bootstrap_batch_ratio_n{n}: {bootstrap_ratio(n, n_pos):.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--gpu-suite", action="store_true", help="the make bench-gpu suite")
+    parser.add_argument("--model", default="sd14-architecture", choices=sorted(n for n in MODEL_BUILDERS if MODEL_BUILDERS[n].in_process))
+    parser.add_argument("--resolution", type=int, help="default 256 (bench), 512 (suite)")
+    parser.add_argument("--steps", type=int, help="default 10 (bench), 50 (suite)")
+    parser.add_argument("--images", type=int, default=2, help="bench: images per capture call")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", default="float16" if cuda else "float32", help="bench's dtype")
+    parser.add_argument("--batching-prompts", type=int, default=16)
+    parser.add_argument("--batching-resolution", type=int, default=128)
+    parser.add_argument("--batching-steps", type=int, default=2)
+    parser.add_argument("--dtypes", default="float16,bfloat16", help="suite: comma-separated dtypes")
+    parser.add_argument("--batch", type=int, default=16, help="suite: images per call")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="suite: no new case after this many seconds")
+    parser.add_argument("--compile", action="store_true", help="suite: torch.compile the UNet (docs/performance.md)")
+    args = parser.parse_args(argv)
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    for d in args.dtypes + [args.dtype]:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r} (one of {', '.join(DTYPES)})")
+    args.resolution = args.resolution or (512 if args.gpu_suite else 256)
+    args.steps = args.steps or (50 if args.gpu_suite else 10)
+    if args.gpu_suite:
+        gpu_suite(args)
+    else:
+        cpu_bench(args)
 
 
 if __name__ == "__main__":

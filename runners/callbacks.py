@@ -7,15 +7,16 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from benchmark import jobfolder
 from runners.common import ERROR_FILE
 
 
 def sweep_status(sweep_dir: Path) -> dict[str, list]:
     """Job folders of a sweep by state: ``done`` (metrics.json), ``failed`` (error.txt, with its first line)."""
     status = {"done": [], "failed": []}
-    for config in sorted(sweep_dir.glob("**/.hydra/config.yaml")):
-        job = config.parent.parent
-        if (job / "metrics.json").exists():
+    for config in sorted(sweep_dir.glob(f"**/{jobfolder.CONFIG}")):
+        job = config.parent
+        if (job / jobfolder.METRICS).exists():
             status["done"].append(str(job.relative_to(sweep_dir)))
         elif (job / ERROR_FILE).exists():
             first = (job / ERROR_FILE).read_text().splitlines()[0]

@@ -1,21 +1,27 @@
 """What every Hydra runner shares: finished-job skipping, failure capture in sweeps, the job's device."""
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as transformers_logging
 
+from benchmark import jobfolder
 from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
 from benchmark.tracking import Tracker
 
-ERROR_FILE = "error.txt"
+# A job's output is what its user needs: the libraries' weight-loading progress bars say nothing to act on.
+transformers_logging.disable_progress_bar()
+
+ERROR_FILE = jobfolder.ERROR
+COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae")  # a pipeline folder's parts besides the UNet
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
 
 
@@ -31,30 +37,47 @@ def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
 
 
 def model_key(m: DictConfig) -> str:
-    """The model's name in the trace store: its config name, plus its weights' fingerprint for a local folder, so
-    that retrained weights never reuse another model's traces. Call after the model is loaded (or built)."""
+    """The model's name in the trace store: its config name, plus for a local folder the fingerprints of what makes
+    an image there: the UNet (config, weight sizes, first MiB) and every other component folder (text encoder,
+    tokenizer, scheduler, VAE; content hashes), so that retrained or swapped parts never reuse another model's
+    traces. Call after the model is loaded (or built)."""
     fingerprint = weights_fingerprint(m.source)
-    return f"{m.name}@{fingerprint}" if fingerprint else m.name
+    if not fingerprint:
+        return m.name
+    folder = Path(m.source).expanduser()
+    parts = [f"{c}={jobfolder.path_fingerprint(folder / c)}" for c in COMPONENTS if (folder / c).is_dir()]
+    rest = hashlib.sha1(";".join(parts).encode()).hexdigest()[:8] if parts else ""
+    return f"{m.name}@{fingerprint}" + (f"+{rest}" if rest else "")
+
+
+def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
+    """A sampler's store key with the storage precision of its traces, where it is not the default float16: the
+    same sampling stored at another precision is another result."""
+    return sampler_key if store_dtype == "float16" else f"{sampler_key}-store{store_dtype}"
 
 
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
-    """Run one job in its Hydra folder. A folder with metrics.json is finished and is not run again (a rerun
-    sweep resumes). In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
+    """Run one job. A finished job is reused only when its identity (resolved config and the fingerprints of the
+    files it read, ``benchmark.jobfolder``) is the one asked for now; a folder holding another job's results, or
+    claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
+    In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
     hydra_cfg = HydraConfig.get()
-    folder = Path(hydra_cfg.runtime.output_dir)
-    done = folder / "metrics.json"
-    if done.exists():
-        value = json.loads(done.read_text()).get("headline", math.nan)
-        print(f"finished already, skipped: {folder}")
-        return value
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return run(cfg, folder)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    folder, finished = jobfolder.open_job(Path(hydra_cfg.runtime.output_dir), config)
+    if finished is not None:
+        print(f"finished already with the same inputs, skipped: {folder}")
+        return finished.metrics.get("headline", math.nan)
     try:
-        value = run(cfg, folder)
-        (folder / ERROR_FILE).unlink(missing_ok=True)
-        return value
-    except Exception as err:
-        line = f"{type(err).__name__}: {err}".splitlines()[0]
-        (folder / ERROR_FILE).write_text(line + "\n\n" + traceback.format_exc())
-        print(f"job failed: {line}")
-        return math.nan
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return run(cfg, folder)
+        try:
+            value = run(cfg, folder)
+            (folder / ERROR_FILE).unlink(missing_ok=True)
+            return value
+        except Exception as err:
+            line = f"{type(err).__name__}: {err}".splitlines()[0]
+            (folder / ERROR_FILE).write_text(line + "\n\n" + traceback.format_exc())
+            print(f"job failed: {line}")
+            return math.nan
+    finally:
+        jobfolder.release(folder)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark import copying
-from benchmark.ddpm import DDPMSampler, load_ddpm, sample_ddpm, to_rgb, trace_of
+from benchmark import copying, jobfolder
+from benchmark.ddpm import DDPMSampler, generate_ddpm, load_ddpm, to_rgb
 from benchmark.ddpm_train import (
     DDPMArchitecture,
     DDPMData,
@@ -22,8 +21,9 @@ from benchmark.ddpm_train import (
     read_training_set,
     train_ddpm,
 )
-from benchmark.traces import TraceKey, TraceStore, atomic_write, to_png
-from runners.common import CONF, job_device, job_tracker, model_key, run_job
+from benchmark.sampling import sampler_key
+from benchmark.traces import TraceKey, TraceStore, to_png
+from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 
 def spec_of(m: DictConfig) -> DDPMSpec:
@@ -34,10 +34,14 @@ def spec_of(m: DictConfig) -> DDPMSpec:
 
 def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
     m, s, ms = cfg.ddpm_model, cfg.sampler, cfg.measure
-    folder.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
         settings = DDPMSampler(s.steps, s.sampler, s.eta)
+        check_settings(cfg)
+        if "data" in m:  # before any training too
+            check_resolution(int(m.data.resolution), ms)
         if m.train and not (Path(m.source) / "model_index.json").exists():
             train_ddpm(spec_of(m), m.source)
         model = load_ddpm(m.source, m.use_safetensors, device)
@@ -45,16 +49,12 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
             training, duplicated = load_images(m.training_data, model.image_shape[-1]), None
         else:
             training, duplicated = read_training_set(m.source)
-        key = TraceKey(model_key(m), settings.key, "unconditional", "samples", "")
+        check_training_set(training, model.image_shape[-1], ms)
+        key = TraceKey(model_key(m), trace_sampler_key(sampler_key(settings), cfg.store.dtype), "unconditional",
+                       "samples", "")
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        missing = store.missing_seeds(key, [s.seed + k for k in range(s.n_images)])
         start = time.perf_counter()
-        for i in range(0, len(missing), s.batch_size):
-            seeds = missing[i:i + s.batch_size]
-            images, energy = sample_ddpm(model, seeds, settings)
-            for seed, image, e in zip(seeds, images, energy):
-                meta = {"model": key.model, "sampler": asdict(settings), "seed": int(seed)}
-                store.write(key, trace_of(e, image, meta), to_rgb(image[None].numpy())[0])
+        sampled = generate_ddpm(model, key, [s.seed + k for k in range(s.n_images)], settings, store, s.batch_size)
         sampling_s = time.perf_counter() - start
         seeds = [s.seed + k for k in range(s.n_images)]
         images = np.stack([store.read_image(key, seed).transpose(2, 0, 1) for seed in seeds])
@@ -63,10 +63,10 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         table = copying.memorization_table(images, training, masks, duplicated, ms.grid, ms.carlini_n, ms.copy_below)
         table.insert(0, "seed", seeds)
         data = OmegaConf.to_container(m.data, resolve=True) if "data" in m else {}
-        summary = {"task": "ddpm", "model": m.name, "sampler": settings.key, "n_train": data.get("n_train"),
+        summary = {"task": "ddpm", "model": m.name, "sampler": sampler_key(settings), "n_train": data.get("n_train"),
                    "duplicated": data.get("duplicated"), "copies": data.get("copies"),
                    "n_training_images": len(training), "n_generations": len(table),
-                   "sampled_now": len(missing), "sampling_seconds": round(sampling_s, 2),
+                   "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
                    "copy_rate": float(table.is_copy.mean()), "nn_ratio_median": float(table.nn_ratio.median()),
                    "carlini_median": float(table.carlini.median()),
                    "copied_fraction_mean": float(table.copied_fraction.mean())}
@@ -76,9 +76,10 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
                                                if table.is_copy.any() else None)
         summary["headline"] = summary["copy_rate"]
         to_png(copying.copy_gallery(images, training, table, masks).transpose(2, 0, 1)).save(folder / "copies.png")
-        atomic_write(folder / "generations.csv", lambda tmp: table.to_csv(tmp, index=False))
-        atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-        tracker.save(folder / "metrics.json", folder / "generations.csv")
+        table_name = jobfolder.TABLES["ddpm"]
+        jobfolder.write_results(folder, "ddpm", config, {**asdict(settings), "seed": s.seed}, s.n_images, summary,
+                                {table_name: table})
+        tracker.save(folder / "metrics.json", folder / table_name)
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                     images={"copies": folder / "copies.png"}, generations=table)
         print(json.dumps(summary, indent=1))
@@ -86,6 +87,33 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         return summary["headline"]
     finally:
         tracker.finish()
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """What the measures after sampling would refuse, checked before the first image is sampled."""
+    s, ms = cfg.sampler, cfg.measure
+    if s.sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler.sampler {s.sampler!r} is neither ddim nor ddpm")
+    if s.steps < 1 or s.n_images < 1 or s.batch_size < 1:
+        raise ValueError(f"sampler.steps, n_images and batch_size must be >= 1 (got {s.steps}, {s.n_images}, "
+                         f"{s.batch_size})")
+    if ms.grid < 1 or ms.patch < 1 or ms.carlini_n < 1:
+        raise ValueError(f"measure.grid, patch and carlini_n must be >= 1 (got {ms.grid}, {ms.patch}, "
+                         f"{ms.carlini_n})")
+
+
+def check_training_set(training, resolution: int, ms: DictConfig) -> None:
+    """The copy measures need at least 2 training images, and tiles that split the image (Carlini's grid)."""
+    if len(training) < 2:
+        raise ValueError(f"the copy measures need at least 2 training images, the training set has {len(training)}")
+    check_resolution(resolution, ms)
+
+
+def check_resolution(resolution: int, ms: DictConfig) -> None:
+    if resolution % ms.grid:
+        raise ValueError(f"measure.grid={ms.grid} does not split {resolution}x{resolution} images into tiles")
+    if ms.patch > resolution:
+        raise ValueError(f"measure.patch={ms.patch} is larger than the {resolution}-pixel images")
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="ddpm")

@@ -2,36 +2,47 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection, localization
-from benchmark.capture import SamplerSettings
+from benchmark import detection, jobfolder, localization
+from benchmark.capture import SamplerSettings, image_seeds
+from benchmark.metrics import binarize
 from benchmark.models import get_model
-from benchmark.prompts import load_prompt_set
+from benchmark.prompts import PromptSet, load_prompt_set
+from benchmark.scores import DETECTORS
 from benchmark.traces import TraceStore, to_png
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     """The job itself, callable with a composed config (tests do)."""
     m, s = cfg.model, cfg.sampler
     device = device or m.device
-    folder.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
-        model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
+        check_settings(cfg, layer_sets)
+        model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        if cfg.capture.get("compile", False):
+            model.unet.compile()
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
-        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        check_labels(prompt_set, cfg.score.headline.subset)
+        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())),
+                                   s.seeding, s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        seeds = [s.seed + k for k in range(s.n_images)]
-        plan = detection.plan(prompt_set, model_key(m), detection.sampler_key(settings, m.dtype), seeds)
+        seeds = image_seeds(settings, s.n_images)
+        plan = detection.plan(prompt_set, model_key(m),
+                              trace_sampler_key(detection.sampler_key(settings, m.dtype), cfg.store.dtype), seeds)
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
                                      progress=lambda it: tqdm(it, desc="prompts", disable=None),
@@ -58,7 +69,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
             if gallery is not None:
                 to_png(gallery.transpose(2, 0, 1)).save(folder / "masks.png")
         summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
-        detection.write_results(folder, summary, metrics, scores)
+        summary["metrics"] = metrics.to_dict(orient="records")
+        jobfolder.write_results(folder, "detect", config, {**asdict(settings), "seed": s.seed, "dtype": m.dtype},
+                                s.n_images, summary, {jobfolder.TABLES["detect"]: scores})
         report = write_job_report(folder)
         tracker.save(folder / "metrics.json", folder / "generations.csv", folder / "masks.png")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
@@ -69,6 +82,43 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         return value
     finally:
         tracker.finish()
+
+
+def check_settings(cfg: DictConfig, layer_sets: dict[str, list[str]]) -> None:
+    """Everything about the scoring and reporting settings that can fail, checked before the model is loaded."""
+    s, score = cfg.sampler, cfg.score
+    if s.n_images < 1 or s.batch_size < 1:
+        raise ValueError(f"sampler.n_images and sampler.batch_size must be >= 1 (got {s.n_images}, {s.batch_size})")
+    for T in score.T:
+        if not 1 <= T <= s.steps:
+            raise ValueError(f"step window T={T} outside 1..{s.steps} sampled steps")
+    head = score.headline
+    if head.detector not in DETECTORS:
+        raise ValueError(f"score.headline.detector {head.detector!r} is not a detector ({', '.join(DETECTORS)})")
+    if DETECTORS[head.detector].uses_layers and head.layers not in layer_sets:
+        raise ValueError(f"score.headline.layers {head.layers!r} is not a layer set: {', '.join(layer_sets)}")
+    if DETECTORS[head.detector].uses_T and head.T not in score.T:
+        raise ValueError(f"score.headline.T={head.T} is not one of score.T {list(score.T)}")
+    if head.level not in ("prompt", "generation"):
+        raise ValueError(f"score.headline.level {head.level!r} is neither prompt nor generation")
+    try:
+        binarize(np.arange(4.0), cfg.localization.rule)
+    except ValueError as err:
+        raise ValueError(f"localization.rule {cfg.localization.rule!r}: {err}") from None
+
+
+def check_labels(prompt_set: PromptSet, headline_subset: str) -> None:
+    """Detection metrics need memorized and non-memorized prompts, and the headline's subset among them: checked
+    before the first image is sampled, not after."""
+    memorized = sum(p.memorized for p in prompt_set)
+    if memorized in (0, len(prompt_set)):
+        has = "memorized" if memorized else "non-memorized"
+        raise ValueError(f"prompt set {prompt_set.name!r} ({len(prompt_set)} prompts) has only {has} prompts: "
+                         "detection needs both positives and negatives (add a set, e.g. a union)")
+    subsets = detection.subsets(p.kind for p in prompt_set)
+    if headline_subset not in subsets:
+        raise ValueError(f"score.headline.subset {headline_subset!r} is not among prompt set "
+                         f"{prompt_set.name!r}'s subsets: {', '.join(subsets)}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="detect")

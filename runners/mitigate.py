@@ -1,38 +1,47 @@
 """Mitigation job: baseline and mitigated generations of memorized prompts, their similarity and utility."""
 from __future__ import annotations
 
-import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection, tradeoff
-from benchmark.capture import SamplerSettings, cross_attention_layers
-from benchmark.mitigation import MitigationSettings
+from benchmark import detection, jobfolder, tradeoff
+from benchmark.capture import SamplerSettings, cross_attention_layers, image_seeds
+from benchmark.mitigation import OFFICIAL_N_IMAGES, MitigationSettings
 from benchmark.models import get_model
 from benchmark.prompts import load_prompt_set, subset
 from benchmark.scores import select_layers
 from benchmark.similarity import SSCD, CLIPScore
-from benchmark.traces import TraceStore, atomic_write
+from benchmark.traces import TraceStore
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, model_key, run_job
+from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     m, s, mit = cfg.model, cfg.sampler, cfg.mitigation
     device = device or m.device
-    folder.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
         # every setting is checked before any sampling
-        settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm)
+        settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm, mit.protocol)
                     for method in mit.methods for target in mit.target_losses]
         if mit.mask_layers not in cfg.layers.sets:
             raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
+        if cfg.headline.method not in mit.methods:
+            raise ValueError(f"headline.method {cfg.headline.method!r} is not among mitigation.methods "
+                             f"{list(mit.methods)}")
+        # n_images null: 1 per prompt for be-bench's protocol, the official scripts' 4 for theirs
+        n_images = mit.n_images or (OFFICIAL_N_IMAGES if mit.protocol == "official" else 1)
+        if n_images < 1 or s.batch_size < 1:
+            raise ValueError(f"mitigation.n_images and sampler.batch_size must be >= 1 "
+                             f"(got {n_images}, {s.batch_size})")
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
         layers = select_layers(list(cross_attention_layers(model.unet)), list(cfg.layers.sets[mit.mask_layers]))
         sim = cfg.similarity
@@ -45,15 +54,19 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         if not chosen:
             raise ValueError(f"prompt set {full.name}: no memorized prompts of kind {sorted(kinds)} to mitigate")
         prompt_set = subset(full, chosen)
-        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta)
+        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, s.seeding, s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
-        seeds = [s.seed + k for k in range(mit.n_images)]
-        baseline = detection.plan(prompt_set, model_key(m), detection.sampler_key(sampler, m.dtype), seeds)
+        seeds = image_seeds(sampler, n_images)
+        index = {p.id: i for i, p in enumerate(full)}  # official seeding: positions in the whole prompt set
+        baseline = detection.plan(prompt_set, model_key(m),
+                                  trace_sampler_key(detection.sampler_key(sampler, m.dtype), cfg.store.dtype), seeds,
+                                  index)
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
                                           progress=lambda it: tqdm(it, desc="prompts", disable=None))
         sampling_s = time.perf_counter() - start
-        rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures)
+        rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures,
+                                    tradeoff.mask_key_layers(model, layers))
         points = tradeoff.curves(rows)
         utility = "CLIP" if "CLIP" in rows else "caption_rmse" if "caption_rmse" in rows else None
         equal = {sim_name: tradeoff.at_equal_utility(points, utility, sim_name).to_dict(orient="records")
@@ -63,8 +76,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                    "n_generations": len(rows), "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
                    "utility": utility, "headline": value, "settings": [setting.tag for setting in settings],
                    "curves": points.to_dict(orient="records"), "equal_utility": equal}
-        atomic_write(folder / "mitigation.csv", lambda tmp: rows.to_csv(tmp, index=False))
-        atomic_write(folder / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        jobfolder.write_results(folder, "mitigate", config, {**asdict(sampler), "seed": s.seed, "dtype": m.dtype},
+                                n_images, summary, {jobfolder.TABLES["mitigate"]: rows})
         report = write_job_report(folder)
         tracker.save(folder / "metrics.json", folder / "mitigation.csv")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, generations=rows)

@@ -10,6 +10,5 @@ python -m pip install -q --upgrade pip
 # On a GPU machine, install the torch build for your CUDA first; this line then changes nothing.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
-# Only CLIP's BPE vocabulary file is used from open_clip_torch (SD v1-4's tokenizer, offline); its own
-# dependencies (torchvision, timm) are not needed, and PyPI's torchvision breaks beside the CPU torch.
-python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+# That is all: CLIP's BPE vocabulary ships inside be-bench. The CLIP score (similarity.clip_weights) also needs
+# open_clip_torch and a torchvision matching your torch: `pip install -e ".[clip]"` on such a machine.

@@ -54,3 +54,23 @@ def tiny_testbed_spec():
     default = yaml.safe_load((ROOT / "conf/testbed/default.yaml").read_text())
     tiny = yaml.safe_load((ROOT / "conf/testbed/tiny.yaml").read_text())
     return spec_from_dict({k: {**default[k], **tiny.get(k, {})} for k in ("recipe", "architecture", "training")})
+
+
+# Batched and single-image kernels (and other CPUs' vector widths) sum in different orders, so equal computations
+# differ by float32 reassociation: errors that scale with the values' magnitude, not with each element's. 1e-4 of the
+# largest value is ~800 float32 epsilons: room for a few dozen layers x steps of rounding, and still four orders of
+# magnitude below what another seed or another prompt changes (each test using it asserts that too).
+FLOAT32_REL = 1e-4
+
+
+@pytest.fixture
+def same_up_to_float_order():
+    """``check(actual, expected, rel=FLOAT32_REL) -> tolerance``: max |actual - expected| <= rel * max |expected|."""
+    def check(actual, expected, rel: float = FLOAT32_REL) -> float:
+        a, e = (torch.as_tensor(x).double() for x in (actual, expected))
+        assert a.shape == e.shape, (a.shape, e.shape)
+        tolerance = rel * e.abs().max().item()
+        worst = (a - e).abs().max().item()
+        assert worst <= tolerance, f"largest difference {worst:.3g} > {rel:g} x the values' scale ({tolerance:.3g})"
+        return tolerance
+    return check

@@ -50,3 +50,21 @@ def test_sd_layer_configs_name_real_layers(sd14, option):
     available = list(cross_attention_layers(sd14.unet))
     for name, layers in sets.items():
         assert select_layers(available, layers), name
+
+
+def test_paper_layer_sets_on_sd14(sd14):
+    """BE's own set is exactly the two 64x64 down-block layers; Ren's E rule lands on down_blocks.1.attentions.1."""
+    from pathlib import Path
+
+    import yaml
+
+    from benchmark.scores import select_layers
+
+    root = Path(__file__).resolve().parents[1]
+    sets = yaml.safe_load((root / "conf/layers/sd.yaml").read_text())["sets"]
+    available = list(cross_attention_layers(sd14.unet))
+    assert select_layers(available, sets["be_paper"]) == ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1"]
+    assert select_layers(available, sets["ren_E"]) == ["down_blocks.1.attentions.1"]
+    # the SD presets' BE headline is that set
+    table1 = yaml.safe_load((root / "conf/experiment/table1.yaml").read_text())
+    assert table1["score"]["headline"]["layers"] == "be_paper"

@@ -53,3 +53,62 @@ def test_overflow_is_refused_not_stored(tiny_model, prompt_set, tmp_path):
     with pytest.raises(ValueError, match="non-finite values in delta_sq"):
         store.write(gens[0].key, bad, np.zeros((3, 4, 4)))
     assert store.missing_seeds(gens[0].key, [0]) == [0]
+
+
+def test_generate_packs_prompts_into_batches_of_images(tiny_model, prompt_set, tmp_path, monkeypatch):
+    from benchmark import detection
+
+    calls = []
+    real = detection.sample_with_capture
+    monkeypatch.setattr(detection, "sample_with_capture",
+                        lambda model, prompts, seeds, *a, **k: calls.append((list(prompts), list(seeds)))
+                        or real(model, prompts, seeds, *a, **k))
+    store = TraceStore(tmp_path, dtype="float32")
+    gens = plan(prompt_set, "tiny", "s", [0, 1, 2])
+    generate(tiny_model, gens[:1], SETTINGS, store, batch_size=4)  # prompt a, seeds 0-2 stored
+    calls.clear()
+    assert generate(tiny_model, gens, SETTINGS, store, batch_size=2) == 3
+    assert calls == [(["a cat", "a cat"], [0, 1]), (["a cat"], [2])]
+    calls.clear()
+    more = plan(prompt_set, "tiny", "s", [3])
+    assert generate(tiny_model, more, SETTINGS, store, batch_size=4) == 2
+    assert calls == [(["a red ring", "a cat"], [3, 3])]  # one image per prompt, one call
+    for gen in more:
+        assert store.read(gen.key, 3).meta["prompt"] == gen.prompt.text
+
+
+def test_another_trace_version_is_refused_before_sampling(tiny_model, prompt_set, tmp_path, monkeypatch):
+    from benchmark import traces
+
+    store = TraceStore(tmp_path, dtype="float32")
+    gens = plan(prompt_set, "tiny", "s", [0])
+    monkeypatch.setattr(traces, "TRACE_VERSION", "0")
+    generate(tiny_model, gens[:1], SETTINGS, store)
+    monkeypatch.undo()
+    path = store.trace_path(gens[0].key, 0)
+    with pytest.raises(ValueError, match=r"has format version '0', this code reads version '1'"):
+        store.read(gens[0].key, 0)
+    with pytest.raises(ValueError, match="format version '0'"):
+        generate(tiny_model, gens, SETTINGS, store)  # refused before prompt b is sampled
+    assert store.missing_seeds(gens[1].key, [0]) == [0] and path.exists()  # nothing sampled, nothing overwritten
+
+
+def test_one_sampler_key_keeps_the_existing_keys():
+    from benchmark.ddpm import DDPMSampler
+    from benchmark.mitigation import MitigationSettings
+    from benchmark.sampling import sampler_key
+
+    sd = SamplerSettings(50, 7.5, 512, 512)
+    assert sampler_key(sd, "float16") == "ddim50-g7.5-512x512-eta0-float16"  # the stores written so far
+    assert sampler_key(SamplerSettings(50, 7.5, 512, 512, end_map_steps=[49]), "float16") == sampler_key(sd, "float16")
+    assert sampler_key(SamplerSettings(50, end_map_steps=[0, 9]), "float16").endswith("-end_map_steps0_9")
+    wen, be = MitigationSettings("wen", 0.1), MitigationSettings("be", 0.1)
+    assert sampler_key(sd, "float16", wen) == "ddim50-g7.5-512x512-eta0-float16+wen-l0.1-lr0.05-it10"
+    assert sampler_key(sd, "float16", be).endswith("+be-l0.1-lr0.05-it10")  # mask of every layer: as before
+    some = sampler_key(sd, "float16", be, ["down_blocks.1.attentions.0"])
+    assert some.startswith(sampler_key(sd, "float16", be) + "-mask")
+    assert some != sampler_key(sd, "float16", be, ["up_blocks.1.attentions.0"])
+    assert sampler_key(sd, "float16", wen, ["down_blocks.1.attentions.0"]) == sampler_key(sd, "float16", wen)
+    assert sampler_key(DDPMSampler(100, "ddim", 0.0)) == DDPMSampler().key == "ddim100-eta0"
+    with pytest.raises(ValueError, match="dtype"):
+        sampler_key(sd)

@@ -149,3 +149,46 @@ def test_causal_text_encoder_survives_the_folder_round_trip(tmp_path, tiny_testb
     assert (states[0, 6] - states[1, 6]).norm() > 1
     with pytest.raises(ValueError, match="unknown text encoder 'gpt'"):
         train(replace(spec, architecture=replace(spec.architecture, text_encoder="gpt")), tmp_path / "x")
+
+
+def test_end_token_padding_survives_the_folder_round_trip(tmp_path):
+    """pad_token=end: the saved tokenizer pads with [SEP], the end index still points at the first [SEP], and the
+    causal encoder runs without a mask, so each padding copy is a real token state, as SD v1-4 pads with CLIP."""
+    from dataclasses import replace
+
+    from benchmark.localization import token_roles
+    from benchmark.models import pads_with_end_token
+    from benchmark.testbed.train import build_untrained
+
+    spec = tiny_spec()
+    end_spec = replace(spec, architecture=replace(spec.architecture, pad_token="end"))
+    model = load_text_to_image(str(train(end_spec, tmp_path / "pipeline", progress=False)))
+    tok = model.tokenizer
+    assert tok.pad_token_id == tok.sep_token_id == 102 and pads_with_end_token(tok)
+    prompts = ["a red circle at the top on a blue background", "a green cross at the left and a red ring at the top"]
+    ids = tok(prompts, padding="max_length", max_length=model.max_length).input_ids
+    end = model.end_token_index(prompts)
+    for row, e in zip(ids, end.tolist()):
+        assert row[e] == tok.sep_token_id and tok.sep_token_id not in row[:e]  # the FIRST [SEP]
+        assert row[e + 1:] == [tok.sep_token_id] * (model.max_length - e - 1)  # the padding: copies of [SEP]
+        roles = token_roles(e, len(row))
+        assert roles[e] == "end" and set(roles[e + 1:]) == {"padding"} and "padding" not in roles[:e + 1]
+
+    calls = []
+    forward = model.text_encoder.forward
+    model.text_encoder.forward = lambda *a, **kw: calls.append(kw) or forward(*a, **kw)
+    states = model.encode(prompts)
+    assert "attention_mask" not in calls[0]  # no mask: decided from the tokenizer, not from the testbed
+    torch.testing.assert_close(states, model.text_encoder(torch.tensor(ids))[0])
+    e = int(end[0])
+    assert (states[0, e + 1] - states[0, e + 2]).norm() > 1e-3  # causal: each copy sees the copies before it
+
+    # the same untrained encoder with [PAD]: a mask, and the same states up to the end token (causal), other padding
+    pad_model = build_untrained(spec.architecture, spec.recipe.resolution, spec.training.seed)
+    end_model = build_untrained(end_spec.architecture, spec.recipe.resolution, spec.training.seed)
+    assert not pads_with_end_token(pad_model.tokenizer)
+    a, b = pad_model.encode(prompts), end_model.encode(prompts)
+    torch.testing.assert_close(a[0, :e + 1], b[0, :e + 1])
+    assert (a[0, e + 1:] - b[0, e + 1:]).norm() > 1e-3
+    with pytest.raises(ValueError, match="unknown pad_token 'eos'"):
+        build_untrained(replace(spec.architecture, pad_token="eos"), 32, 0)

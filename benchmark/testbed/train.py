@@ -36,6 +36,10 @@ class Architecture:
     # "minilm": bidirectional, every token state sees the whole caption; "minilm-causal": the same weights run
     # causally, so that, as in SD's CLIP, only the end token (and the padding after it) sees the whole caption
     text_encoder: str = "minilm-causal"
+    # the padding token: "pad" = MiniLM's [PAD], masked out of the encoder; "end" = copies of the end token [SEP]
+    # with no mask, as SD v1-4's CLIP tokenizer pads every prompt to 77 tokens with its end-of-text token, so each
+    # padding copy is a real token state (causal: it sees the caption and the copies before it)
+    pad_token: str = "pad"
 
 
 @dataclass
@@ -78,11 +82,17 @@ def minilm_folder() -> Path:
 
 
 def build_untrained(arch: Architecture, resolution: int, seed: int) -> TextToImage:
+    if arch.text_encoder not in ("minilm", "minilm-causal"):
+        raise ValueError(f"testbed: unknown text encoder {arch.text_encoder!r} (minilm or minilm-causal)")
+    if arch.pad_token not in ("pad", "end"):
+        raise ValueError(f"testbed: unknown pad_token {arch.pad_token!r} (pad or end)")
     torch.manual_seed(seed)
     encoder_dir = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir, model_max_length=arch.context_tokens)
-    if arch.text_encoder not in ("minilm", "minilm-causal"):
-        raise ValueError(f"testbed: unknown text encoder {arch.text_encoder!r} (minilm or minilm-causal)")
+    if arch.pad_token == "end":
+        # saved with the tokenizer, so a loaded folder pads with [SEP] too, and TextToImage.encode then runs the
+        # encoder without a mask (pads_with_end_token)
+        tokenizer.pad_token = tokenizer.sep_token
     config = AutoConfig.from_pretrained(encoder_dir, is_decoder=arch.text_encoder == "minilm-causal")
     text_encoder = AutoModel.from_pretrained(encoder_dir, config=config).eval().requires_grad_(False)
     unet = UNet2DConditionModel(

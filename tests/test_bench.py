@@ -1,0 +1,50 @@
+"""`make bench-gpu`'s suite, run on the CPU at a reduced size so that it is known to work before a GPU runs it."""
+import re
+
+import pytest
+import torch
+
+from benchmark.profiling import peak_tflops
+
+
+def test_gpu_suite_runs_on_cpu_at_a_reduced_size(capsys):
+    from runners.bench import main
+
+    main(["--gpu-suite", "--device", "cpu", "--model", "tiny", "--resolution", "32", "--steps", "2",
+          "--dtypes", "float32", "--batch", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    figures = dict(re.findall(r"^(\w+): ([0-9.e+-]+)$", out, re.MULTILINE))
+    for layout in ("batch16", "n1x16"):
+        for name in ("plain_images_per_s", "capture_images_per_s", "capture_ratio", "plain_tflops",
+                     "capture_tflops"):
+            assert float(figures[f"float32_{layout}_{name}"]) > 0, (layout, name, out)
+    assert "float32_batch16_capture_peak_fraction" not in figures  # no peak for a CPU
+    assert float(figures["trace_kib_per_image"]) > 0
+
+
+def test_flops_are_counted_not_typed_in(tiny_model):
+    from benchmark.capture import SamplerSettings
+    from runners.bench import unet_flops_per_call
+
+    settings = SamplerSettings(steps=2, height=32, width=32)
+    one = unet_flops_per_call(tiny_model, ["a cat"], [0], settings)
+    assert one > 0
+    assert unet_flops_per_call(tiny_model, ["a cat"] * 2, [0, 1], settings) == pytest.approx(2 * one, rel=1e-6)
+    assert unet_flops_per_call(tiny_model, ["a cat"], [0], SamplerSettings(4, height=32, width=32)) == 2 * one
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("cpu") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_suite_on_cuda_at_a_reduced_size(capsys):
+    from runners.bench import main
+
+    main(["--gpu-suite", "--device", "cuda", "--model", "tiny", "--resolution", "64", "--steps", "4",
+          "--dtypes", "float16,bfloat16", "--batch", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "bfloat16_n1x16_capture_ratio: " in out and "float16_batch16_capture_tflops: " in out
