@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from .models import check_pipeline_folder, load_error
-from .sampling import Generation, sample_missing, sampler_key
+from .sampling import Generation, sample_missing
 from .traces import Trace, TraceKey, TraceStore
 
 
@@ -73,8 +73,8 @@ class DDPMSampler:
 
     @property
     def key(self) -> str:
-        """The store's sampler key (``sampling.sampler_key``)."""
-        return sampler_key(self)
+        """The store's sampler key, ``<sampler><steps>-eta<eta>`` (``sampling.sampler_key`` returns it)."""
+        return f"{self.sampler}{self.steps}-eta{self.eta:g}"
 
 
 @torch.no_grad()

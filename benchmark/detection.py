@@ -14,6 +14,7 @@ from .capture import SamplerSettings, cross_attention_layers, sample_with_captur
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
+from .registry import DETECTORS, Entry
 from .sampling import Generation, sample_missing, sampler_key
 from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
@@ -34,6 +35,17 @@ def check_grid(model: TextToImage, layer_sets: dict[str, list[str]], windows: li
     for layers in layer_sets.values():
         S.select_layers(available, list(layers))
     _check_windows(windows, n_steps)
+    check_detectors()
+
+
+def check_detectors() -> None:
+    """Every registered detector reads only trace fields that :class:`TraceArrays` has."""
+    known = set(TraceArrays.__dataclass_fields__) - {"rows"}
+    for entry in DETECTORS.entries():
+        missing = [f for f in entry.trace_fields if f not in known]
+        if missing:
+            raise ValueError(f"detector {entry.name!r} reads trace fields {missing} that traces do not have "
+                             f"(they have {', '.join(sorted(known))})")
 
 
 def _check_windows(windows: list[int], n_steps: int) -> None:
@@ -94,6 +106,11 @@ class TraceArrays:
     def mask(self, layers: list[str]) -> np.ndarray:
         return S.be_mask(self.end_maps, layers, self.delta_sq.shape[-2:])
 
+    def inputs(self, detector: Entry, layers: list[str] | None, T: int, mask: np.ndarray | None) -> dict:
+        """A detector's keyword arguments, by its parameter names (``registry.LAYER_INPUTS``)."""
+        derived = {"layers": layers, "mask": mask, "T": T}
+        return {name: derived[name] if name in derived else getattr(self, name) for name in detector.inputs}
+
 
 def load(store: TraceStore, generations: list[Generation]) -> TraceArrays:
     traces, labels = [], []
@@ -113,19 +130,32 @@ def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: lis
     """
     _check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
+    detectors = DETECTORS.entries()
 
-    def add(detector: str, layers: str, T: int, values: np.ndarray):
-        parts.append(arrays.rows.assign(detector=detector, layers=layers, T=T, score=values))
+    def add(detector: Entry, name: str, layers: list[str] | None, T: int, mask: np.ndarray | None = None):
+        values = np.asarray(detector.fn(**arrays.inputs(detector, layers, T, mask)))
+        if values.shape != (len(arrays.rows),):
+            raise ValueError(f"detector {detector.name!r} returned shape {values.shape}, expected "
+                             f"({len(arrays.rows)},): one score per generation")
+        parts.append(arrays.rows.assign(detector=detector.name, layers=name, T=T, score=values))
 
+    # the order of the rows: detectors without a layer set, then per layer set those without a window, then per T
+    for d in detectors:
+        if not d.uses_layers and not d.uses_T:
+            add(d, "", None, 0)
     for T in steps:
-        add("D", "", T, S.magnitude_D(arrays.delta_sq, T))
+        for d in detectors:
+            if not d.uses_layers and d.uses_T:
+                add(d, "", None, T)
     for name, layers in layer_sets.items():
-        mask = arrays.mask(layers)
-        add("BE_intensity", name, 0, S.be_intensity(mask))
-        add("Ren_E", name, 0, S.ren_E(arrays.token_attn, layers))
+        mask = arrays.mask(layers)  # once per layer set, shared by the detectors that read it
+        for d in detectors:
+            if d.uses_layers and not d.uses_T:
+                add(d, name, layers, 0, mask)
         for T in steps:
-            add("LD", name, T, S.localized_LD(arrays.delta_sq, mask, T))
-            add("Ren_D", name, T, S.ren_D(arrays.token_attn, arrays.end_index, layers, T))
+            for d in detectors:
+                if d.uses_layers and d.uses_T:
+                    add(d, name, layers, T, mask)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -142,7 +172,7 @@ def detection_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
                  .mean().reset_index())
     for level, table in (("prompt", by_prompt), ("generation", scores)):
         for (detector, layers, T), group in table.groupby(["detector", "layers", "T"], sort=False):
-            sign = 1.0 if S.DETECTORS[detector].higher_is_memorized else -1.0
+            sign = 1.0 if DETECTORS[detector].higher_is_memorized else -1.0
             for subset in subsets(group["kind"]):
                 part = group if subset == "all" else group[(group["kind"] == subset) | ~group["memorized"]]
                 what = f"{detector}[{layers}] T={T} {subset}"
@@ -168,8 +198,9 @@ def _write_text(path: Path, text: str) -> None:
 def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: str, level: str,
              metric: str = "auc") -> float:
     """One number from the metrics table (what a sweeper optimises)."""
-    row = metrics[(metrics.detector == detector) & (metrics.layers == (layers if detector != "D" else ""))
-                  & (metrics["T"] == (T if S.DETECTORS[detector].uses_T else 0)) & (metrics.subset == subset)
+    entry = DETECTORS[detector]
+    row = metrics[(metrics.detector == detector) & (metrics.layers == (layers if entry.uses_layers else ""))
+                  & (metrics["T"] == (T if entry.uses_T else 0)) & (metrics.subset == subset)
                   & (metrics.level == level)]
     if row.empty:
         raise ValueError(f"no metric row for {detector}[{layers}] T={T} {subset} {level}")

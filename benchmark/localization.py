@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,15 +15,10 @@ from sklearn.metrics import f1_score, precision_recall_curve
 
 from . import scores as S
 from .metrics import binarize, iou, pixel_auroc
+from .prompts import Truth
 from .similarity import pixel_LS, pixel_S
 
-
-@dataclass
-class Truth:
-    """What a prompt copies: its training image (3, H, W) in [0, 1], and the copied region for local copies."""
-
-    image: np.ndarray
-    mask: np.ndarray | None = None  # (H, W) bool; None = the whole image (global memorization)
+__all__ = ["Truth"]  # defined with the prompt sets that carry it; imported from here too
 
 
 def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],

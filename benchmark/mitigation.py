@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from .capture import CapturedBatch, SamplerSettings, initial_noise, sample_with_capture
 from .models import TextToImage
+from .registry import MITIGATIONS
 from .scores import be_mask
 
-METHODS = ("wen", "be")
 MASK_NORMS = ("per_image", "batch")
 PROTOCOLS = ("per_image", "official")
 OFFICIAL_N_IMAGES = 4  # --num_images_per_prompt default of Wen's inference_mem.py (and BE's)
@@ -45,8 +45,8 @@ class MitigationSettings:
     protocol: str = "per_image"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method not in MITIGATIONS:
+            raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(MITIGATIONS)}")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
         if self.protocol not in PROTOCOLS:
@@ -59,10 +59,12 @@ class MitigationSettings:
         """The store-key part; the protocol appears when not the default, so existing stores keep their keys."""
         if self.protocol == "official":
             return f"{self.method}-official-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
-        norm = "" if self.method == "wen" or self.mask_norm == "per_image" else "-batchnorm"
+        norm = "" if not MITIGATIONS[self.method].needs_mask or self.mask_norm == "per_image" else "-batchnorm"
         return f"{self.method}{norm}-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
 
 
+@MITIGATIONS.register("be", label="BE (masked magnitude)", needs_mask=True)
+@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False)  # the lower decorator registers first
 def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_norm: str = "per_image") -> torch.Tensor:
     """Per image (n,): ``||delta||`` or ``||delta * m|| / mean(m)``; delta (n, c, h, w), mask (n, h, w)."""
     if mask is None:
@@ -166,7 +168,7 @@ def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: Sampler
     """Optimise the embedding at the first step (per image, or one shared by ``seeds`` under the official protocol),
     then sample (with traces) from the same initial noise. ``mask`` (n, h, w) is BE's; ``prompt_index`` is needed
     by the sampler's official seeding. Raises ValueError when the mask does not match the method."""
-    if (mask is None) != (settings.method == "wen"):
+    if (mask is None) == MITIGATIONS[settings.method].needs_mask:
         raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
     n = len(seeds)
     cond = model.encode([prompt]).expand(n, -1, -1)

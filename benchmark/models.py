@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .registry import MODEL_BUILDERS
+
 # Stable Diffusion v1-4's published component configs (CompVis/stable-diffusion-v1-4, */config.json).
 SD14_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -227,6 +229,7 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 # -------------------------------------------------------------------------------------- in-process models
 
+@MODEL_BUILDERS.register("tiny", label="tiny random SD-like model", in_process=True)
 def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
     """A seconds-fast random model with SD v1-4's block and attention naming (cross-attention in down_blocks.0).
 
@@ -250,6 +253,7 @@ def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
     return TextToImage("tiny", unet.eval(), text_encoder.eval(), clip_tokenizer(), scheduler, vae.eval() if vae else None)
 
 
+@MODEL_BUILDERS.register("sd14-architecture", label="SD v1-4 architecture, random weights", in_process=True)
 def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
     """SD v1-4's full architecture with random weights, for speed and memory measurements only."""
     torch.manual_seed(seed)
@@ -275,24 +279,25 @@ def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
     return folder
 
 
-BUILDERS = {"tiny": tiny_text_to_image, "sd14-architecture": sd14_architecture}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def get_model(source: str, device: str = "cpu", dtype: str = "float32", use_safetensors: bool = True,
               build: str | None = None) -> TextToImage:
-    """A model: ``tiny`` and ``sd14-architecture`` are built in-process; otherwise ``source`` is a pipeline folder
-    or hub id, and with ``build="testbed"`` a missing folder is assembled or trained first."""
+    """A model: a ``source`` naming an in-process builder (``tiny``, ``sd14-architecture``) is built here;
+    otherwise ``source`` is a pipeline folder or hub id, and with ``build`` (a registered model builder, e.g.
+    ``testbed``) a missing folder is assembled or trained first."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    if source in BUILDERS:
-        model = BUILDERS[source]()
-    elif build == "testbed":
-        from .testbed.build import ensure_testbed
-
-        model = load_text_to_image(str(ensure_testbed(source)), use_safetensors=use_safetensors)
+    builder = MODEL_BUILDERS.get(source)
+    if builder is not None and builder.in_process:
+        model = builder()
     elif build is not None:
-        raise ValueError(f"unknown model build {build!r} (only 'testbed')")
+        entry = MODEL_BUILDERS.get(build)
+        if entry is None or entry.in_process:
+            folders = [n for n in MODEL_BUILDERS if not MODEL_BUILDERS[n].in_process]
+            raise ValueError(f"unknown model build {build!r} (one of {', '.join(folders)})")
+        model = load_text_to_image(str(entry(source)), use_safetensors=use_safetensors)
     else:
         model = load_text_to_image(source, use_safetensors=use_safetensors)
     return model.to(device, DTYPES[dtype])

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from .prompts import Prompt, PromptSet
+from .registry import PROMPT_SOURCES
 
 csv.field_size_limit(10_000_000)
 # Files as people save them: a leading byte-order mark (Excel, Notepad) is not part of the first field or prompt.
@@ -79,6 +80,7 @@ def read_records(path: Path, fmt: str, sep: str) -> list[tuple[int, dict | str]]
     raise PromptFileError(f"{path}: unknown format {fmt!r} (txt, jsonl, csv, parquet)")
 
 
+@PROMPT_SOURCES.register("file", label="a prompt file (txt, jsonl, csv, parquet)")
 def file_prompt_set(name: str, path: str, memorized: bool = False, format: str | None = None, sep: str = ",",
                     text_field: str = "caption", id_field: str | None = None, kind: str | None = None,
                     kind_field: str | None = None, kind_map: dict | None = None, on_error: str = "raise",
@@ -113,6 +115,7 @@ def file_prompt_set(name: str, path: str, memorized: bool = False, format: str |
     return PromptSet(name, prompts, skipped=skipped)
 
 
+@PROMPT_SOURCES.register("random", label="Wen et al.'s random captions")
 def random_prompt_set(name: str, n: int, seed: int = 0, **_) -> PromptSet:
     """Wen et al.'s random captions: k = randrange(77) distinct random token ids of SD's tokenizer, decoded."""
     from .models import clip_tokenizer
@@ -128,6 +131,7 @@ def random_prompt_set(name: str, n: int, seed: int = 0, **_) -> PromptSet:
     return PromptSet(name, prompts)
 
 
+@PROMPT_SOURCES.register("hf", label="a Hugging Face dataset (online)")
 def hf_prompt_set(name: str, dataset: str, split: str, field: str, limit: int = 500, local_alternative: str = "",
                   **_) -> PromptSet:
     """A set that only exists on the Hugging Face hub (Lexica, COCO 2017), for users who are online."""

@@ -1,9 +1,16 @@
-"""Prompt sets: prompts with labels (memorized or not, and the kind of memorization where known)."""
+"""Prompt sets: prompts with labels (memorized or not, and the kind of memorization where known) and, where a source
+knows it, ground truth (:class:`Truth`: the training image each prompt copies and the copied region).
+
+Prompt sources (``loader`` in a prompt config) are registered in :data:`benchmark.registry.PROMPT_SOURCES`.
+"""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+
+from .registry import PROMPT_SOURCES
 
 KINDS = ("global", "local", "none")
 
@@ -18,10 +25,18 @@ class Prompt:
 
 
 @dataclass
+class Truth:
+    """What a prompt copies: its training image (3, H, W) in [0, 1], and the copied region for local copies."""
+
+    image: np.ndarray
+    mask: np.ndarray | None = None  # (H, W) bool; None = the whole image (global memorization)
+
+
+@dataclass
 class PromptSet:
     name: str
     prompts: list[Prompt] = field(default_factory=list)
-    truth: dict = field(default_factory=dict)  # prompt id -> localization.Truth, where known
+    truth: dict[str, Truth] = field(default_factory=dict)  # prompt id -> ground truth, where known
     skipped: int = 0  # malformed records left out (only when a loader is told to skip them)
 
     def __post_init__(self):
@@ -40,7 +55,8 @@ class PromptSet:
         return iter(self.prompts)
 
 
-def inline_prompt_set(name: str, entries: list[dict]) -> PromptSet:
+@PROMPT_SOURCES.register("inline", label="written out in the config")
+def inline_prompt_set(name: str, entries: list[dict], **_) -> PromptSet:
     """A set written out in a config: entries with ``text`` and optional ``id``, ``memorized``, ``kind``."""
     prompts = []
     for i, entry in enumerate(entries):
@@ -50,29 +66,6 @@ def inline_prompt_set(name: str, entries: list[dict]) -> PromptSet:
         memorized = bool(entry.get("memorized", kind != "none"))
         prompts.append(Prompt(str(entry.get("id", i)), entry["text"], memorized, kind, name))
     return PromptSet(name, prompts)
-
-
-def testbed_prompt_set(model_folder: str | Path, name: str = "testbed") -> PromptSet:
-    """The testbed's memorized (global / local) and held-out captions, from the model folder's testbed.json."""
-    path = Path(model_folder) / "testbed.json"
-    if not path.exists():
-        raise FileNotFoundError(f"not a testbed model folder (no testbed.json): {model_folder}")
-    from .localization import Truth
-    from .testbed.data import Recipe, ground_truth, make_dataset
-
-    meta = json.loads(path.read_text())
-    truth_by_caption = ground_truth(make_dataset(Recipe(**meta["recipe"])))
-    counts: dict[str, int] = {}
-    prompts, truth = [], {}
-    for entry in meta["prompts"]:
-        category = entry["category"]
-        counts[category] = counts.get(category, 0) + 1
-        kind = "none" if category == "heldout" else category
-        prompt = Prompt(f"{category}-{counts[category] - 1:03d}", entry["caption"], kind != "none", kind, name)
-        prompts.append(prompt)
-        if entry["caption"] in truth_by_caption:
-            truth[prompt.id] = Truth(*truth_by_caption[entry["caption"]])
-    return PromptSet(name, prompts, truth)
 
 
 def shard(prompt_set: PromptSet, spec: str) -> PromptSet:
@@ -103,25 +96,48 @@ def select_ids(prompt_set: PromptSet, path: str | Path) -> PromptSet:
     return subset(prompt_set, [p for p in prompt_set if p.id in keep])
 
 
-def load_prompt_set(spec: dict) -> PromptSet:
-    """A prompt set from its config: ``loader`` names the source, the other keys are its arguments; then
-    ``select_ids``, ``limit`` and ``shard`` narrow it, in that order."""
-    from . import prompt_files as files
+def load_truth(path: str | Path, prompt_set: PromptSet) -> dict[str, Truth]:
+    """Ground truth from a data file, for any prompt source: a CSV or JSONL with ``id`` (a prompt id of the set),
+    ``image`` (the training image it copies) and optionally ``mask`` (white = the copied region; none or empty =
+    the whole image), image paths relative to the file. Images are read as RGB in [0, 1], (3, H, W)."""
+    import pandas as pd
+    from PIL import Image
 
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ground-truth file not found: {path}")
+    table = (pd.read_json(path, lines=True, dtype=False) if path.suffix == ".jsonl"
+             else pd.read_csv(path, dtype=str, keep_default_na=False))
+    missing = {"id", "image"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(sorted(missing))} (has {', '.join(table.columns)})")
+    known = {p.id for p in prompt_set}
+    truth = {}
+    for line, row in enumerate(table.to_dict(orient="records"), 2 if path.suffix != ".jsonl" else 1):
+        pid = str(row["id"])
+        if pid not in known:
+            raise ValueError(f"{path}:{line}: prompt id {pid!r} is not in prompt set {prompt_set.name!r}")
+        image = np.asarray(Image.open(path.parent / row["image"]).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+        mask = None
+        if row.get("mask"):
+            mask = np.asarray(Image.open(path.parent / row["mask"]).convert("L")) > 127
+            if mask.shape != image.shape[1:]:
+                raise ValueError(f"{path}:{line}: mask {mask.shape} and image {image.shape[1:]} differ in size")
+        truth[pid] = Truth(image, mask)
+    return truth
+
+
+def load_prompt_set(spec: dict) -> PromptSet:
+    """A prompt set from its config: ``loader`` names the source, the other keys are its arguments; ``truth_file``
+    adds ground truth (:func:`load_truth`); then ``select_ids``, ``limit`` and ``shard`` narrow it, in that order."""
     spec = dict(spec)
     loader = spec.pop("loader")
-    loaders = {
-        "inline": lambda name, entries, **_: inline_prompt_set(name, list(entries)),
-        "testbed": lambda name, model_folder, **_: testbed_prompt_set(model_folder, name),
-        "file": files.file_prompt_set,
-        "random": files.random_prompt_set,
-        "hf": files.hf_prompt_set,
-        "union": lambda name, parts, **_: union(name, [load_prompt_set(part) for part in
-                                                       (parts.values() if isinstance(parts, dict) else parts)]),
-    }
-    if loader not in loaders:
-        raise ValueError(f"unknown prompt loader {loader!r} (one of {', '.join(loaders)})")
-    prompt_set = loaders[loader](**spec)
+    source = PROMPT_SOURCES.get(loader)
+    if source is None:
+        raise ValueError(f"unknown prompt loader {loader!r} (one of {', '.join(PROMPT_SOURCES)})")
+    prompt_set = source(**spec)
+    if spec.get("truth_file"):
+        prompt_set.truth |= load_truth(spec["truth_file"], prompt_set)
     if spec.get("select_ids"):
         prompt_set = select_ids(prompt_set, spec["select_ids"])
     if spec.get("limit"):
@@ -129,6 +145,12 @@ def load_prompt_set(spec: dict) -> PromptSet:
     if spec.get("shard"):
         prompt_set = shard(prompt_set, spec["shard"])
     return prompt_set
+
+
+@PROMPT_SOURCES.register("union", label="several prompt sets as one")
+def union_prompt_set(name: str, parts: dict | list, **_) -> PromptSet:
+    """The ``union`` loader: ``parts`` are prompt-set configs (a list, or a dict whose values are used)."""
+    return union(name, [load_prompt_set(part) for part in (parts.values() if isinstance(parts, dict) else parts)])
 
 
 def union(name: str, parts: list[PromptSet]) -> PromptSet:

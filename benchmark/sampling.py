@@ -80,12 +80,11 @@ def sampler_key(settings, dtype: str | None = None, mitigation=None, mask_layers
       ``-mask<hash>`` of ``mask_layers`` (the resolved layer names) unless None (= every cross-attention layer);
     - unconditional DDPM (a DDPMSampler): ``<sampler><steps>-eta<eta>``.
     """
-    from .ddpm import DDPMSampler  # ddpm imports the store; here only for its type
-
-    if isinstance(settings, DDPMSampler):
-        return f"{settings.sampler}{settings.steps}-eta{settings.eta:g}"
     if not isinstance(settings, SamplerSettings):
-        raise TypeError(f"no store key for sampler settings of type {type(settings).__name__}")
+        # other samplers (ddpm.DDPMSampler) name their own key; asked for, not imported: ddpm imports this module
+        if not isinstance(getattr(settings, "key", None), str):
+            raise TypeError(f"no store key for sampler settings of type {type(settings).__name__}")
+        return settings.key
     if dtype is None:
         raise ValueError("a text-to-image sampler key needs the model dtype")
     key = f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}-eta{settings.eta:g}-{dtype}"

@@ -1,22 +1,25 @@
 """Detector scores computed from traces, offline: Wen's D, BE's LD and intensity, Ren's attention entropies.
 
 Inputs carry a leading generation axis: ``delta_sq`` (n, steps, h, w), end-token maps (n, h_l, w_l), token
-attention (n, steps, tokens). Each detector says whether a higher score means "memorized".
+attention (n, steps, tokens). Each detector is registered in :data:`benchmark.registry.DETECTORS` with its label and
+whether a higher score means "memorized"; its parameter names say what it reads (``registry.LAYER_INPUTS``).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .registry import DETECTORS, LOCALIZERS
 
+
+@DETECTORS.register("D", label="Wen (D)", higher_is_memorized=True)
 def magnitude_D(delta_sq: np.ndarray, T: int) -> np.ndarray:
     """Wen et al.: mean over the first T steps of ||eps_cond - eps_uncond|| (norm over channels and pixels)."""
     return np.sqrt(delta_sq[:, :T].sum(axis=(-2, -1))).mean(axis=1)
 
 
+@DETECTORS.register("LD", label="BE (LD)", higher_is_memorized=True)
 def localized_LD(delta_sq: np.ndarray, mask: np.ndarray, T: int) -> np.ndarray:
     """BE: mean over the first T steps of ||(eps_cond - eps_uncond) * m|| / mean(m), per image.
 
@@ -26,6 +29,7 @@ def localized_LD(delta_sq: np.ndarray, mask: np.ndarray, T: int) -> np.ndarray:
     return np.sqrt(weighted).mean(axis=1) / mask.mean(axis=(-2, -1))
 
 
+@DETECTORS.register("BE_intensity", label="BE intensity", higher_is_memorized=True)
 def be_intensity(mask: np.ndarray) -> np.ndarray:
     """BE intensity: the mean of the end-token mask (brighter for memorized prompts)."""
     return mask.mean(axis=(-2, -1))
@@ -77,6 +81,7 @@ def select_layers(available: list[str], chosen: list[str]) -> list[str]:
     return picked
 
 
+@LOCALIZERS.register("BE", label="BE mask (end-token attention)")
 def be_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int],
             mode: str = "bilinear") -> np.ndarray:
     """The BE localization mask: mean over the chosen layers of their end-token maps at ``size``."""
@@ -110,6 +115,8 @@ def layer_mean_attention(token_attn: dict[str, np.ndarray], layers: list[str]) -
     return np.mean([token_attn[layer] for layer in chosen], axis=0)
 
 
+# memorized prompts spread attention off the start token: higher entropy (MemAttn detect.py's ROC)
+@DETECTORS.register("Ren_E", label="Ren (E)", higher_is_memorized=True)
 def ren_E(token_attn: dict[str, np.ndarray], layers: list[str]) -> np.ndarray:
     """Ren et al.'s E (ECCV 2024; MemAttn ``detect.py --mode E``): the entropy, at the first step, of the
     attention over tokens averaged over the chosen layers (and heads, pixels). Higher = memorized.
@@ -124,6 +131,7 @@ def ren_window(T: int) -> int:
     return max(1, T // 5)
 
 
+@DETECTORS.register("Ren_D", label="Ren (D)", higher_is_memorized=True)
 def ren_D(token_attn: dict[str, np.ndarray], end_index: np.ndarray, layers: list[str], T: int) -> np.ndarray:
     """Ren et al.'s D (ECCV 2024; MemAttn ``detect.py --mode D``) over the first T steps. Higher = memorized.
 
@@ -138,22 +146,3 @@ def ren_D(token_attn: dict[str, np.ndarray], end_index: np.ndarray, layers: list
     summary = summary_entropy(attn, end_index)
     return token_entropy(attn[:, window]).mean(axis=1) + summary[:, window].mean(axis=1) - summary[:, 0]
 
-
-@dataclass(frozen=True)
-class Detector:
-    name: str
-    higher_is_memorized: bool
-    uses_layers: bool
-    uses_T: bool
-
-
-DETECTORS = {
-    d.name: d for d in (
-        Detector("D", True, uses_layers=False, uses_T=True),
-        Detector("LD", True, uses_layers=True, uses_T=True),
-        Detector("BE_intensity", True, uses_layers=True, uses_T=False),
-        # memorized prompts spread attention off the start token: higher entropy (MemAttn detect.py's ROC)
-        Detector("Ren_E", True, uses_layers=True, uses_T=False),
-        Detector("Ren_D", True, uses_layers=True, uses_T=True),
-    )
-}

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .registry import SIMILARITIES
+
 SCALE = 255.0
 
 
@@ -26,11 +28,13 @@ def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+@SIMILARITIES.register("S", label="S (pixel)", needs_mask=False)
 def pixel_S(image: np.ndarray, reference: np.ndarray) -> float:
     """Negative RMS pixel distance on the 0-255 scale."""
     return -float(np.sqrt(np.mean((image - reference) ** 2))) * SCALE
 
 
+@SIMILARITIES.register("LS", label="LS (BE-masked pixel)", needs_mask=True)
 def pixel_LS(image: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
     """``S`` with every pixel weighted by the (upsampled, non-negative) mask."""
     weights = np.clip(_upsample(mask, image.shape[-2:]), 0, None)

@@ -4,8 +4,8 @@ Every generation (unmitigated baseline included) is a stored trace + image, keye
 the mitigation setting, so a rerun samples nothing twice. Measures per generation:
 - similarity to the prompt's training image, where known: ``S``, ``LS`` (with the generation's own BE mask),
   ``train_rmse`` (RMSE on [0, 1], inside the planted region for local memorization), ``SSCD`` when configured;
-- utility: ``CLIP`` score when configured; on the testbed, ``caption_rmse``: RMSE to the scene the caption names,
-  drawn by the data recipe (lower = more faithful), which needs no downloaded network.
+- utility: ``CLIP`` score when configured; ``caption_rmse``: RMSE to the scene the caption names, where a registered
+  caption renderer can draw it (the testbed's data recipe; lower = more faithful), which needs no downloaded network.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from .detection import Generation, generate
 from .localization import Truth, rmse
 from .mitigation import MitigationSettings, latent_mask, mitigate
 from .models import TextToImage
+from .registry import CAPTION_RENDERERS, MITIGATIONS
 from .sampling import mitigation_suffix, sample_missing
 from .similarity import SSCD, CLIPScore, pixel_LS, pixel_S
-from .testbed.data import parse_caption, render
 from .traces import TraceKey, TraceStore, traces_from_batch
 
 BASELINE = "none"
@@ -58,14 +58,14 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
         def sample_batch(items, mit=mit, base_key=base_key):
             gen, seeds = items[0][0], [seed for _, seed in items]
             mask = None
-            if mit.method == "be":  # the mask of the unmitigated generation of the same seed: no extra pass
+            if MITIGATIONS[mit.method].needs_mask:  # the unmitigated generation's mask, same seed: no extra pass
                 traces = [store.read(base_key[gen.key], s) for s in seeds]
                 maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
                 mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
             batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
             meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
                     "sampler": asdict(sampler), "prompt_set": gen.key.prompt_set, "mitigation": asdict(mit),
-                    "mask_layers": list(layers) if mit.method == "be" else None}
+                    "mask_layers": list(layers) if MITIGATIONS[mit.method].needs_mask else None}
             traces = traces_from_batch(batch, meta, seeds)
             for i, trace in enumerate(traces):
                 losses = opt.losses[:, i]
@@ -97,11 +97,12 @@ def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], tru
             out["SSCD"] = float(measures.sscd.similarity(image[None], truth.image[None])[0])
     if measures.clip is not None:
         out["CLIP"] = float(measures.clip.score(image[None], [prompt])[0])
-    try:
-        objects, background = parse_caption(prompt)
-        out["caption_rmse"] = rmse(image, render(objects, background, image.shape[-1]))
-    except ValueError:
-        pass  # not a testbed caption
+    for renderer in CAPTION_RENDERERS.entries():
+        try:
+            out["caption_rmse"] = rmse(image, renderer(prompt, image.shape[-1]))
+            break
+        except ValueError:
+            pass  # a caption this renderer does not describe
     return out
 
 

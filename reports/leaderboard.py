@@ -20,9 +20,10 @@ import pandas as pd
 
 from benchmark.jobfolder import read_job, write_config
 
+from benchmark.registry import DETECTORS
+
 REFERENCE = Path(__file__).parent / "reference"
-METHOD_NAMES = {"D": "Wen (D)", "LD": "BE (LD)", "BE_intensity": "BE intensity", "Ren_E": "Ren (E)",
-                "Ren_D": "Ren (D)"}
+method_name = DETECTORS.label  # a detector's display label; an unregistered name shows as itself
 KEYS = ["model", "prompt_set", "steps", "n_images", "level", "detector", "layers", "T", "subset"]
 
 
@@ -79,12 +80,12 @@ def _cell(row: pd.Series, name: str) -> str:
 def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd.DataFrame:
     """The seed paper's Table 1 layout: method x memorization type x T -> AUC, F1, TPR@1%FPR, ours and published."""
     rows = ours[(ours.level == level) & ours.detector.isin(["D", "LD"]) & (ours.subset != "all")
-                & ((ours.detector == "D") | (ours.layers == layers))] if not ours.empty else ours
+                & ((ours.layers == "") | (ours.layers == layers))] if not ours.empty else ours
     out = pd.DataFrame(columns=["source", "method", "memorization_type", "T", "auc", "f1", "tpr_at_1pct_fpr"]) \
         if rows.empty else pd.DataFrame({
         "source": "ours: " + rows.model + " / " + rows.prompt_set + " (" + rows.steps.astype(str) + " steps, "
                   + rows.n_images.astype(str) + " images)",
-        "method": rows.detector.map(METHOD_NAMES), "memorization_type": rows.subset, "T": rows["T"],
+        "method": rows.detector.map(method_name), "memorization_type": rows.subset, "T": rows["T"],
         "auc": [_cell(r, "auc") for _, r in rows.iterrows()],
         "f1": [_cell(r, "f1") for _, r in rows.iterrows()],
         "tpr_at_1pct_fpr": [_cell(r, "tpr_at_1pct_fpr") for _, r in rows.iterrows()]})
@@ -102,7 +103,7 @@ def leaderboard(ours: pd.DataFrame, metric: str = "auc", subset: str = "all", le
     if ours.empty:
         return pd.DataFrame(columns=columns)
     rows = ours[(ours.level == level) & (ours.subset == subset)].copy()
-    rows["method"] = rows.detector.map(METHOD_NAMES) + rows.layers.map(lambda l: f" [{l}]" if l else "")
+    rows["method"] = rows.detector.map(method_name) + rows.layers.map(lambda l: f" [{l}]" if l else "")
     rows[f"{metric}_ci"] = [_cell(r, metric) for _, r in rows.iterrows()]
     rows[metric] = rows[metric].round(4)
     return rows.sort_values([metric, "model", "method", "T"], ascending=[False, True, True, True],
@@ -206,19 +207,18 @@ def roc_figure(job: Path, T: int, layers: str = "all") -> str:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    from benchmark.scores import DETECTORS
-
     gens = pd.read_csv(job / "generations.csv", keep_default_na=False, dtype={"prompt_id": str})
     fig, ax = plt.subplots(figsize=(4.2, 4))
     for detector in DETECTORS:
-        rows = gens[(gens.detector == detector) & (gens.layers == ("" if detector == "D" else layers))
-                    & (gens["T"] == (T if DETECTORS[detector].uses_T else 0))]
+        entry = DETECTORS[detector]
+        rows = gens[(gens.detector == detector) & (gens.layers == (layers if entry.uses_layers else ""))
+                    & (gens["T"] == (T if entry.uses_T else 0))]
         if rows.empty:
             continue
         prompt = rows.groupby("prompt_id").agg(score=("score", "mean"), memorized=("memorized", "first"))
         sign = 1 if DETECTORS[detector].higher_is_memorized else -1
         fpr, tpr, _ = roc_curve(prompt.memorized.astype(bool), sign * prompt.score)
-        ax.plot(fpr, tpr, label=METHOD_NAMES[detector])
+        ax.plot(fpr, tpr, label=method_name(detector))
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"T={T}, layers={layers}")
     ax.legend(fontsize=8)
@@ -241,7 +241,7 @@ def heatmap_figure(ours: pd.DataFrame, job: str, detector: str = "LD", metric: s
     for (i, j), value in np.ndenumerate(grid.to_numpy()):
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
                 fontsize=8)
-    ax.set(xlabel="T (first steps)", title=f"{METHOD_NAMES[detector]} {metric}")
+    ax.set(xlabel="T (first steps)", title=f"{method_name(detector)} {metric}")
     fig.colorbar(image, ax=ax)
     return _png(fig)
 

@@ -33,9 +33,10 @@ from diffusers import StableDiffusionPipeline
 from benchmark import detection
 from benchmark.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
 from benchmark.metrics import _metric_rows
-from benchmark.models import BUILDERS, DTYPES, TextToImage
+from benchmark.models import DTYPES, TextToImage
 from benchmark.profiling import count_flops, count_host_transfers, peak_tflops
 from benchmark.prompts import inline_prompt_set
+from benchmark.registry import MODEL_BUILDERS
 from benchmark.traces import TraceStore
 
 PROMPT = "Mothers influence on her young hippo"
@@ -122,7 +123,7 @@ def gpu_suite(args) -> dict[str, float]:
     seeds = list(range(args.batch))
     start, figures = time.perf_counter(), {}
     for dtype in args.dtypes:
-        model = BUILDERS[args.model]().to(device, DTYPES[dtype])
+        model = MODEL_BUILDERS[args.model]().to(device, DTYPES[dtype])
         if args.compile:
             model.unet.compile()
         pipe = pipeline(model)
@@ -156,7 +157,7 @@ def gpu_suite(args) -> dict[str, float]:
 
 def cpu_bench(args) -> None:
     dtype = DTYPES[args.dtype]
-    model = BUILDERS[args.model]().to(args.device, dtype)
+    model = MODEL_BUILDERS[args.model]().to(args.device, dtype)
     settings = SamplerSettings(args.steps, 7.5, args.resolution, args.resolution)
     seeds = list(range(args.images))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--gpu-suite", action="store_true", help="the make bench-gpu suite")
-    parser.add_argument("--model", default="sd14-architecture", choices=sorted(BUILDERS))
+    parser.add_argument("--model", default="sd14-architecture", choices=sorted(n for n in MODEL_BUILDERS if MODEL_BUILDERS[n].in_process))
     parser.add_argument("--resolution", type=int, help="default 256 (bench), 512 (suite)")
     parser.add_argument("--steps", type=int, help="default 10 (bench), 50 (suite)")
     parser.add_argument("--images", type=int, default=2, help="bench: images per capture call")

@@ -1,11 +1,15 @@
+"""Shared fixtures. Test modules never import from each other: what several need lives here."""
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from benchmark.models import tiny_text_to_image
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +23,37 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside the repo")
     return SHARED_DATA
+
+
+def _compose(task: str, overrides: list[str], root: Path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(task, overrides=[f"paths.root={root}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def compose_at():
+    """``compose_at(root, task, *overrides)``: a primary config (``detect``, ``mitigate``, ``ddpm``...) composed as
+    the runner composes it, every path under ``root`` (for fixtures wider than one test)."""
+    return lambda root, task, *overrides: _compose(task, list(overrides), Path(root))
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """``compose(task, *overrides)``: a primary config with every path under this test's ``tmp_path``; overrides
+    come after ``paths.root``, so a test can still move one path (``paths.data_dir=...``)."""
+    return lambda task, *overrides: _compose(task, list(overrides), tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_spec():
+    """The testbed spec of conf/testbed/tiny.yaml over default.yaml: a testbed trained in seconds."""
+    from benchmark.testbed.build import spec_from_dict
+
+    default = yaml.safe_load((ROOT / "conf/testbed/default.yaml").read_text())
+    tiny = yaml.safe_load((ROOT / "conf/testbed/tiny.yaml").read_text())
+    return spec_from_dict({k: {**default[k], **tiny.get(k, {})} for k in ("recipe", "architecture", "training")})
 
 
 # Batched and single-image kernels (and other CPUs' vector widths) sum in different orders, so equal computations

@@ -84,15 +84,10 @@ def test_training_set_duplicates_and_bad_data(tmp_path):
         training_set(DDPMData(source=None))
 
 
-def test_ddpm_job_trains_samples_measures_and_reruns(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from runners.common import CONF
+def test_ddpm_job_trains_samples_measures_and_reruns(tmp_path, compose):
     from runners.ddpm import run
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("ddpm", overrides=["ddpm_model=tiny", f"paths.root={tmp_path}", "sampler.n_images=6",
-                                         "sampler.steps=4"])
+    cfg = compose("ddpm", "ddpm_model=tiny", "sampler.n_images=6", "sampler.steps=4")
     run(cfg, tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert result["n_generations"] == 6 and result["sampled_now"] == 6 and result["n_training_images"] == 20

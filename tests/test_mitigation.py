@@ -94,24 +94,14 @@ def test_be_mitigation_uses_the_mask_and_checks_its_arguments(tiny_model):
         MitigationSettings("magic", 1.0)
 
 
-def _config(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    from runners.common import CONF
-
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("mitigate", overrides=list(overrides))
-
-
-def test_mitigation_job_on_the_testbed_lowers_similarity_and_reruns_from_the_store(tmp_path):
+def test_mitigation_job_on_the_testbed_lowers_similarity_and_reruns_from_the_store(tmp_path, compose):
     import json
 
     import pandas as pd
 
     from runners.mitigate import run
 
-    cfg = _config(f"paths.root={tmp_path}", "sampler.steps=8", "mitigation.n_images=1",
-                  "mitigation.target_losses=[0.1,0.3]")
+    cfg = compose("mitigate", "sampler.steps=8", "mitigation.n_images=1", "mitigation.target_losses=[0.1,0.3]")
     run(cfg, tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert result["n_prompts"] == 20 and result["sampled_now"] == 20 * 5 and result["utility"] == "caption_rmse"
@@ -134,10 +124,10 @@ def test_mitigation_job_on_the_testbed_lowers_similarity_and_reruns_from_the_sto
     ("mitigation.mask_layers=nowhere", "mitigation.mask_layers 'nowhere' is not a layer set"),
     ("mitigation.kinds=[verbatim]", "no memorized prompts of kind ['verbatim']"),
 ])
-def test_mitigation_bad_input_is_one_clear_error(tmp_path, override, message):
+def test_mitigation_bad_input_is_one_clear_error(tmp_path, compose, override, message):
     from runners.mitigate import run
 
-    cfg = _config(f"paths.root={tmp_path}", "debug=default", override)
+    cfg = compose("mitigate", "debug=default", override)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run(cfg, tmp_path / "job")
     assert not (tmp_path / "job" / "metrics.json").exists()

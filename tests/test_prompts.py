@@ -93,12 +93,10 @@ SHARED = {  # config name -> (count, memorized, kinds)
 
 
 @pytest.mark.parametrize("name", sorted(SHARED))
-def test_every_shared_file_loads_with_its_count_and_labels(name, shared_data):
+def test_every_shared_file_loads_with_its_count_and_labels(name, shared_data, compose):
     from omegaconf import OmegaConf
 
-    from tests.test_runner import config  # the same composition the runner uses
-
-    cfg = config(f"prompts={name}", f"paths.data_dir={shared_data}")
+    cfg = compose("detect", f"prompts={name}", f"paths.data_dir={shared_data}")
     ps = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
     count, memorized, kinds = SHARED[name]
     assert (len(ps), sum(p.memorized for p in ps), {p.kind for p in ps}) == (count, memorized, kinds)
@@ -126,3 +124,28 @@ def test_prone_rule_takes_the_top_k_memorized_by_prompt_mean(tmp_path):
     assert prone_ids(path, 2) == ["b", "a"]
     with pytest.raises(ValueError, match="no memorized rows for LD"):
         prone_ids(path, 2, detector="LD")
+
+
+def test_ground_truth_comes_from_a_data_file_for_any_source(tmp_path):
+    """A prompt set with training images and masks needs a file, not code: ``truth_file`` beside any loader."""
+    import numpy as np
+    from PIL import Image
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:4] = 255
+    Image.fromarray(image).save(tmp_path / "train0.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    Image.fromarray(mask).save(tmp_path / "mask0.png")
+    (tmp_path / "truth.csv").write_text("id,image,mask\nm0,train0.png,mask0.png\nm1,train0.png,\n")
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"caption": "c{i}", "id": "m{i}"}}\n' for i in range(3)))
+    spec = {"loader": "file", "name": "f", "path": str(tmp_path / "p.jsonl"), "id_field": "id",
+            "truth_file": str(tmp_path / "truth.csv")}
+    ps = load_prompt_set(spec)
+    assert set(ps.truth) == {"m0", "m1"} and ps.truth["m1"].mask is None
+    assert ps.truth["m0"].image.shape == (3, 8, 8) and ps.truth["m0"].image[:, 0].min() == 1.0
+    assert ps.truth["m0"].mask.sum() == 16
+    assert set(load_prompt_set({**spec, "limit": 1}).truth) == {"m0"}  # narrowing keeps the truth of what is kept
+    (tmp_path / "bad.csv").write_text("id,image\nzz,train0.png\n")
+    with pytest.raises(ValueError, match="bad.csv:2: prompt id 'zz' is not in prompt set 'f'"):
+        load_prompt_set({**spec, "truth_file": str(tmp_path / "bad.csv")})

@@ -4,33 +4,27 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from benchmark.models import ModelLoadError
 from runners.detect import run
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def config(*overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("detect", overrides=list(overrides), return_hydra_config=False)
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def options(group):
-    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group", ["model", "prompts", "sampler", "layers", "logger", "experiment", "debug"])
-def test_every_config_composes(group, tmp_path):
+def test_every_config_composes(group, compose):
     for option in options(group):
-        cfg = config(f"{group}={option}", f"paths.root={tmp_path}")
+        cfg = compose("detect", f"{group}={option}")
         OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path):
-    cfg = config("debug=default", f"paths.root={tmp_path}")
+def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path, compose):
+    cfg = compose("detect", "debug=default")
     value = run(cfg, tmp_path / "job1")
     result = json.loads((tmp_path / "job1" / "metrics.json").read_text())
     assert result["sampled_now"] == 8 and result["n_generations"] == 8
@@ -44,8 +38,7 @@ def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path):
                 & (table.level == "prompt")]
     assert value == pytest.approx(row.auc.iloc[0])
     # another layer set and window: scored from the store, nothing sampled
-    cfg2 = config("debug=default", f"paths.root={tmp_path}", "+layers.sets.mid=[mid_block]", "score.T=[2,5]",
-                  "score.headline.T=2")
+    cfg2 = compose("detect", "debug=default", "+layers.sets.mid=[mid_block]", "score.T=[2,5]", "score.headline.T=2")
     run(cfg2, tmp_path / "job2")
     result2 = json.loads((tmp_path / "job2" / "metrics.json").read_text())
     assert result2["sampled_now"] == 0
@@ -58,16 +51,15 @@ def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path):
     (["prompts.entries=[]"], ValueError, "prompt set 'tiny' is empty"),
     (["score.T=[9]"], ValueError, "T=9 outside 1..5"),
 ])
-def test_bad_input_gets_one_clear_error(tmp_path, overrides, error, message):
-    cfg = config("debug=default", f"paths.root={tmp_path}", *overrides)
+def test_bad_input_gets_one_clear_error(tmp_path, compose, overrides, error, message):
+    cfg = compose("detect", "debug=default", *overrides)
     with pytest.raises(error, match=message.replace(".", r"\.").replace("[", r"\[")):
         run(cfg, tmp_path / "job")
     assert not (tmp_path / "job" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("task, group", [("ddpm", "ddpm_model"), ("mitigate", "model")])
-def test_other_jobs_compose(task, group, tmp_path):
+def test_other_jobs_compose(task, group, compose):
     for option in options(group):
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose(task, overrides=[f"{group}={option}", f"paths.root={tmp_path}"])
+        cfg = compose(task, f"{group}={option}")
         OmegaConf.to_container(cfg, resolve=True)

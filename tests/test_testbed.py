@@ -11,19 +11,11 @@ import yaml
 from diffusers import UNet2DConditionModel
 
 from benchmark.models import load_text_to_image
-from benchmark.prompts import testbed_prompt_set as load_testbed_prompts
-from benchmark.testbed.build import spec_from_dict
 from benchmark.testbed.data import Recipe, evaluation_prompts, make_dataset, training_items
+from benchmark.testbed.plugin import testbed_prompt_set as load_testbed_prompts
 from benchmark.testbed.train import TestbedSpec, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-def tiny_spec() -> TestbedSpec:
-    default = yaml.safe_load((ROOT / "conf/testbed/default.yaml").read_text())
-    tiny = yaml.safe_load((ROOT / "conf/testbed/tiny.yaml").read_text())
-    merged = {k: {**default[k], **tiny.get(k, {})} for k in ("recipe", "architecture", "training")}
-    return spec_from_dict(merged)
-
 
 def test_default_config_is_the_code_default():
     default = yaml.safe_load((ROOT / "conf/testbed/default.yaml").read_text())
@@ -53,8 +45,8 @@ def test_recipe_plants_what_it_says():
     assert [i.caption for i in again] == [i.caption for i in items]  # deterministic
 
 
-def test_tiny_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    spec = tiny_spec()
+def test_tiny_training_resumes_to_the_same_weights(tmp_path, monkeypatch, tiny_testbed_spec):
+    spec = tiny_testbed_spec
     straight = train(spec, tmp_path / "a" / "pipeline", progress=False)
     # kill after the step-2 checkpoint, then start again
     from diffusers.training_utils import EMAModel
@@ -129,10 +121,10 @@ def test_flat_patch_and_caption_parsing():
         parse_caption("a cat")
 
 
-def test_snapshots_and_training_time_mitigation(tmp_path):
+def test_snapshots_and_training_time_mitigation(tmp_path, tiny_testbed_spec):
     from dataclasses import replace
 
-    spec = tiny_spec()
+    spec = tiny_testbed_spec
     spec = replace(spec, training=replace(spec.training, snapshot_every=2, mitigation_threshold=1e-6))
     folder = train(spec, tmp_path / "pipeline", progress=False)
     snapshot = tmp_path / "pipeline-step2"
@@ -146,10 +138,10 @@ def test_snapshots_and_training_time_mitigation(tmp_path):
         "dropped_samples"] == 0
 
 
-def test_causal_text_encoder_survives_the_folder_round_trip(tmp_path):
+def test_causal_text_encoder_survives_the_folder_round_trip(tmp_path, tiny_testbed_spec):
     from dataclasses import replace
 
-    spec = tiny_spec()
+    spec = tiny_testbed_spec
     spec = replace(spec, architecture=replace(spec.architecture, text_encoder="minilm-causal"))
     model = load_text_to_image(str(train(spec, tmp_path / "pipeline", progress=False)))
     states = model.encode(["a red circle at the top", "a red circle at the left"])

@@ -1,0 +1,175 @@
+"""Registries of the benchmark's extension axes: detectors, localizers, mitigations, similarity measures, caption
+renderers, prompt sources and model builders.
+
+Metadata sits on the function it describes, as in lm-evaluation-harness's ``register_metric``: a decorator names
+the entry and says how to use it, and the scorer, the reports and the contract tests iterate the registry. A new
+detector is one decorated function; nothing else names it.
+
+Plug-ins (the planted-memorization testbed) register themselves when their module is imported. A registry knows
+the module of each plug-in entry by name (:data:`PLUGINS`, plain strings, so no generic module imports a plug-in):
+asking for such an entry, or iterating the registry, imports the module first.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# The library's modules that register entries of each axis: imported before any look-up, so a registry is complete
+# whatever the caller imported. A new module of detectors (say) is added here once.
+MODULES: dict[str, tuple[str, ...]] = {
+    "detector": ("benchmark.scores",),
+    "localizer": ("benchmark.scores",),
+    "mitigation": ("benchmark.mitigation",),
+    "similarity measure": ("benchmark.similarity",),
+    "prompt source": ("benchmark.prompts", "benchmark.prompt_files"),
+    "model builder": ("benchmark.models",),
+}
+# Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
+# is iterated.
+PLUGINS: dict[str, dict[str, str]] = {
+    "caption renderer": {"testbed": "benchmark.testbed.plugin"},
+    "prompt source": {"testbed": "benchmark.testbed.plugin"},
+    "model builder": {"testbed": "benchmark.testbed.plugin"},
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered function with its metadata (``meta``: whatever the registry's axis records)."""
+
+    name: str
+    fn: Callable
+    label: str
+    meta: dict = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        # entry.higher_is_memorized etc.: the axis' metadata read as attributes
+        try:
+            return self.__dict__["meta"][key]
+        except KeyError:
+            raise AttributeError(f"{self.__dict__['name']!r} has no {key!r}") from None
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class Registry:
+    """Named entries of one axis, in registration order; ``register`` is the decorator.
+
+    ``check``, when given, validates (and may complete) an entry's metadata at registration, so a malformed entry
+    fails at import with its name in the message rather than later inside a scorer.
+    """
+
+    def __init__(self, axis: str, check: Callable[[str, Callable, dict], dict] | None = None):
+        self.axis = axis
+        self._entries: dict[str, Entry] = {}
+        self._check = check
+
+    def register(self, name: str, label: str | None = None, **meta) -> Callable[[Callable], Callable]:
+        """Decorator: ``@DETECTORS.register("D", label="Wen (D)", higher_is_memorized=True)``. Returns the
+        function unchanged. Registering a taken name raises, unless it is the same function again (a reload)."""
+        def decorate(fn: Callable) -> Callable:
+            old = self._entries.get(name)
+            if old is not None and old.fn.__qualname__ != fn.__qualname__:
+                raise ValueError(f"{self.axis} {name!r} is registered already ({old.fn.__module__}."
+                                 f"{old.fn.__qualname__})")
+            full = self._check(name, fn, dict(meta)) if self._check else dict(meta)
+            self._entries[name] = Entry(name, fn, label or name, full)
+            return fn
+        return decorate
+
+    def _load(self, name: str | None = None) -> None:
+        """Import the axis' library modules, then the plug-in of ``name`` (None: every plug-in of the axis)."""
+        plugins = PLUGINS.get(self.axis, {})
+        wanted = [plugins[name]] if name in plugins else [] if name else sorted(set(plugins.values()))
+        for module in MODULES.get(self.axis, ()) + tuple(wanted):
+            importlib.import_module(module)  # a no-op once imported
+
+    def __getitem__(self, name: str) -> Entry:
+        if name not in self._entries:
+            self._load(name)
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.axis} {name!r} (one of {', '.join(self.names())})")
+        return self._entries[name]
+
+    def get(self, name: str, default: Entry | None = None) -> Entry | None:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def names(self) -> list[str]:
+        self._load()
+        return list(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def label(self, name: str) -> str:
+        """The display label, or the name itself for an entry this registry does not know (old job folders)."""
+        entry = self.get(name)
+        return entry.label if entry else name
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests that register a throwaway entry clean up with it)."""
+        self._entries.pop(name, None)
+
+
+# ------------------------------------------------------------------------------------------- detectors
+
+# What a detector's parameters may be named, and where score_grid takes each from. ``layers``: the layer set's
+# layer names; ``mask``: the BE mask of that layer set at delta_sq's size; ``T``: the step window. Any other
+# parameter is a trace field (``delta_sq``, ``end_maps``, ``token_attn``, ``end_index``, ``token_maps``, or a field a
+# new capture pass adds), read from the stacked traces by name.
+LAYER_INPUTS = ("layers", "mask")
+WINDOW_INPUT = "T"
+
+
+def _check_detector(name: str, fn: Callable, meta: dict) -> dict:
+    import inspect
+
+    if "higher_is_memorized" not in meta:
+        raise ValueError(f"detector {name!r}: say higher_is_memorized=True/False")
+    params = list(inspect.signature(fn).parameters)
+    derived = {"uses_layers": any(p in LAYER_INPUTS for p in params), "uses_T": WINDOW_INPUT in params,
+               "trace_fields": tuple(p for p in params if p not in LAYER_INPUTS + (WINDOW_INPUT,))}
+    for key, value in derived.items():
+        if key in meta and (tuple(meta[key]) if key == "trace_fields" else meta[key]) != value:
+            raise ValueError(f"detector {name!r}: {key}={meta[key]!r} disagrees with its parameters {params}")
+    return {**meta, **derived, "inputs": tuple(params)}
+
+
+DETECTORS = Registry("detector", _check_detector)
+"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; derived from the parameters:
+``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
+
+LOCALIZERS = Registry("localizer")
+"""Soft masks (n, h, w) of where a generation copies, from traces: ``fn(end_maps, layers, size) -> (n, *size)``."""
+
+MITIGATIONS = Registry("mitigation")
+"""Inference-time mitigation losses. Metadata: ``needs_mask`` (whether the loss is weighted by a BE mask)."""
+
+SIMILARITIES = Registry("similarity measure")
+"""Image-to-training-image similarity: ``fn(image, reference[, mask]) -> float``. Metadata: ``needs_mask``."""
+
+CAPTION_RENDERERS = Registry("caption renderer")
+"""The scene a caption names, where a prompt source can draw it: ``fn(caption, size) -> (3, size, size)`` in [0, 1];
+raises ValueError for a caption it does not describe. Gives the utility measure ``caption_rmse``."""
+
+PROMPT_SOURCES = Registry("prompt source")
+"""Prompt-set loaders, named by a prompt config's ``loader``: ``fn(name=..., **spec) -> PromptSet``."""
+
+MODEL_BUILDERS = Registry("model builder")
+"""Model builders, named by a model config's ``build``: ``fn(source) -> path of a pipeline folder`` (built or
+trained when missing), or with ``in_process=True``: ``fn() -> TextToImage`` named by ``source``."""

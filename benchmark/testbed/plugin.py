@@ -1,0 +1,52 @@
+"""The testbed as a plug-in: its model builder, its prompt source (with ground truth) and its caption renderer.
+
+Nothing in the generic library imports this module; :data:`benchmark.registry.PLUGINS` names it, so asking a
+registry for ``testbed`` (``build: testbed``, ``loader: testbed``) or iterating one imports it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..prompts import Prompt, PromptSet, Truth
+from ..registry import CAPTION_RENDERERS, MODEL_BUILDERS, PROMPT_SOURCES
+from .data import Recipe, ground_truth, make_dataset, parse_caption, render
+
+
+@MODEL_BUILDERS.register("testbed", label="planted-memorization testbed", in_process=False)
+def testbed_folder(source: str | Path) -> Path:
+    """The testbed pipeline folder at ``source``: reused, assembled from the shipped weights, or trained."""
+    from .build import ensure_testbed  # diffusers and the trainer: only when a model is wanted
+
+    return ensure_testbed(source)
+
+
+@PROMPT_SOURCES.register("testbed", label="the testbed's captions, with ground truth")
+def testbed_prompt_set(model_folder: str | Path, name: str = "testbed", **_) -> PromptSet:
+    """The testbed's memorized (global / local) and held-out captions, from the model folder's testbed.json, with
+    each memorized caption's training image and planted region as ground truth."""
+    path = Path(model_folder) / "testbed.json"
+    if not path.exists():
+        raise FileNotFoundError(f"not a testbed model folder (no testbed.json): {model_folder}")
+    meta = json.loads(path.read_text())
+    truth_by_caption = ground_truth(make_dataset(Recipe(**meta["recipe"])))
+    counts: dict[str, int] = {}
+    prompts, truth = [], {}
+    for entry in meta["prompts"]:
+        category = entry["category"]
+        counts[category] = counts.get(category, 0) + 1
+        kind = "none" if category == "heldout" else category
+        prompt = Prompt(f"{category}-{counts[category] - 1:03d}", entry["caption"], kind != "none", kind, name)
+        prompts.append(prompt)
+        if entry["caption"] in truth_by_caption:
+            truth[prompt.id] = Truth(*truth_by_caption[entry["caption"]])
+    return PromptSet(name, prompts, truth)
+
+
+@CAPTION_RENDERERS.register("testbed", label="the scene a testbed caption names")
+def render_caption(caption: str, size: int) -> np.ndarray:
+    """(3, size, size) in [0, 1]; ValueError for a caption outside the testbed's grammar."""
+    objects, background = parse_caption(caption)
+    return render(objects, background, size)
