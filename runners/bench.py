@@ -5,7 +5,10 @@ Prints one ``name: value`` line per figure:
 - rescore_ratio: re-scoring a 12-point layer x T grid from stored traces / one sampling pass (goal <= 0.02);
 - trace_kib_per_image: trace file + PNG on disk per image;
 - bootstrap_batch_ratio_n<N>: 1000 bootstrap replicates of AUC/TPR/F1 on N scores, all rows at once (as
-  ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores).
+  ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores);
+- sail_cost_ratio, anisotropy_cost_ratio, curvature_cost_ratio: the extra pass of SAIL (k=1), the anisotropy score
+  and a curvature map (16 probes, last step) / one plain generation of ``--steps`` steps, same seeds
+  (``benchmark.jacobian_scores``; per image, as both handle the same batch).
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from benchmark import detection
+from benchmark import jacobian_scores as jacobian
 from benchmark.capture import SamplerSettings, sample_with_capture
 from benchmark.metrics import _metric_rows
 from benchmark.models import sd14_architecture
@@ -44,6 +48,35 @@ def bootstrap_ratio(n: int, n_pos: int, replicates: int = 1000, repeats: int = 2
     batched = [timed(lambda: _metric_rows(labels[idx], scores[idx])) for _ in range(repeats)]
     looped = [timed(lambda: [_metric_rows(labels[i][None], scores[i][None]) for i in idx]) for _ in range(repeats)]
     return min(batched) / min(looped)
+
+
+def _method_ratio(plain, method, repeats: int, sync) -> float:
+    """Best time of ``method`` / best time of ``plain``, the two alternating (after one warm-up call each)."""
+    plain(), method(), sync()
+    plain_s, method_s = [], []
+    for _ in range(repeats):
+        plain_s.append(timed(lambda: (plain(), sync())))
+        method_s.append(timed(lambda: (method(), sync())))
+    return min(method_s) / min(plain_s)
+
+
+def sail_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                    sync=lambda: None) -> float:
+    """SAIL at its official k=1 (one guided pass + one JVP with math attention) / one plain generation."""
+    return _method_ratio(plain, lambda: jacobian.sail(model, PROMPT, seeds, settings), repeats, sync)
+
+
+def anisotropy_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                          sync=lambda: None) -> float:
+    """The anisotropy score (two guided passes on the initial noise) / one plain generation."""
+    return _method_ratio(plain, lambda: jacobian.anisotropy(model, PROMPT, seeds, settings), repeats, sync)
+
+
+def curvature_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                         sync=lambda: None) -> float:
+    """A curvature map at the last step with the official 16 probes (trajectory + one graph + 16 backward
+    passes) / one plain generation."""
+    return _method_ratio(plain, lambda: jacobian.curvature_map(model, PROMPT, seeds, settings), repeats, sync)
 
 
 def main() -> None:
@@ -108,6 +141,9 @@ def main() -> None:
     print(f"trace_kib_per_image: {kib:.1f}")
     for n, n_pos in ((140, 20), (560, 80)):
         print(f"bootstrap_batch_ratio_n{n}: {bootstrap_ratio(n, n_pos):.3f}")
+    for name, ratio in (("sail", sail_cost_ratio), ("anisotropy", anisotropy_cost_ratio),
+                        ("curvature", curvature_cost_ratio)):
+        print(f"{name}_cost_ratio: {ratio(model, plain, settings, seeds, args.repeats, sync):.3f}")
 
 
 if __name__ == "__main__":
