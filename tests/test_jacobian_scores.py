@@ -182,7 +182,8 @@ def test_sail_and_anisotropy_on_sd14_architecture_at_512px():
 
     from benchmark.models import sd14_architecture
 
-    model = sd14_architecture(with_vae=False)
+    model = sd14_architecture()  # with its VAE: without one the model counts as pixel space (a 512x512 latent)
+    assert model.latent_shape(512, 512) == (4, 64, 64)
     settings = SamplerSettings(steps=50, guidance=7.5, height=512, width=512)
     start = time.perf_counter()
     sharp = J.sail(model, PROMPT, [0], settings, k=1)
