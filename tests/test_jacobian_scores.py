@@ -193,3 +193,16 @@ def test_sail_and_anisotropy_on_sd14_architecture_at_512px():
     print(f"SD v1-4 architecture, 512 px, CPU: SAIL k=1 {mid - start:.1f} s, anisotropy {end - mid:.1f} s")
     assert sharp.shape == (1,) and np.isfinite(sharp).all()
     assert all(v.shape == (1,) and np.isfinite(v).all() for v in aniso.values())
+
+
+def test_cost_ratio_harness_and_the_bench_functions(tiny_model):
+    import time
+
+    from benchmark.capture import sample_with_capture
+    from runners.bench import _method_ratio, anisotropy_cost_ratio
+
+    assert 1.3 < _method_ratio(lambda: time.sleep(0.02), lambda: time.sleep(0.04), 3, lambda: None) < 3.0
+    settings = SamplerSettings(steps=3, guidance=7.5, height=16, width=16)
+    ratio = anisotropy_cost_ratio(tiny_model, lambda: sample_with_capture(tiny_model, PROMPT, [0], settings,
+                                                                          record=False), settings, [0], repeats=1)
+    assert np.isfinite(ratio) and ratio > 0
