@@ -9,7 +9,10 @@
 - host_transfers_per_call: host copies (``.cpu/.item/.numpy/.tolist``) in one capture call, whatever its steps
   and layers (the timestep list, the trace, the decoded images);
 - bootstrap_batch_ratio_n<N>: 1000 bootstrap replicates of AUC/TPR/F1 on N scores, all rows at once (as
-  ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores).
+  ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores);
+- sail_cost_ratio, anisotropy_cost_ratio, curvature_cost_ratio: the extra pass of SAIL (k=1), the anisotropy score
+  and a curvature map (16 probes, last step) / one plain generation of ``--steps`` steps, same seeds
+  (``benchmark.jacobian_scores``; per image, as both handle the same batch).
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
 
 `make bench-gpu` (``--gpu-suite``): 512 px, 50 steps, float16 and bfloat16, 16 images per call as one prompt x 16
@@ -31,6 +34,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from benchmark import detection
+from benchmark import jacobian_scores as jacobian
 from benchmark.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
 from benchmark.metrics import _metric_rows
 from benchmark.models import DTYPES, TextToImage
@@ -94,6 +98,30 @@ def alternate(fns: list, repeats: int, sync) -> list[float]:
         for fn, out in zip(fns, times):
             out.append(timed(lambda fn=fn: (fn(), sync())))
     return [min(t) for t in times]
+
+
+def sail_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                    sync=lambda: None) -> float:
+    """SAIL at its official k=1 (one guided pass + one JVP with math attention) / one plain generation."""
+    plain_s, method_s = alternate([plain, lambda: jacobian.sail(model, PROMPT, seeds, settings)], repeats, sync)
+    return method_s / plain_s
+
+
+def anisotropy_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                          sync=lambda: None) -> float:
+    """The anisotropy score (two guided passes on the initial noise) / one plain generation."""
+    plain_s, method_s = alternate([plain, lambda: jacobian.anisotropy(model, PROMPT, seeds, settings)], repeats,
+                                  sync)
+    return method_s / plain_s
+
+
+def curvature_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                         sync=lambda: None) -> float:
+    """A curvature map at the last step with the official 16 probes (trajectory + one graph + 16 backward
+    passes) / one plain generation."""
+    plain_s, method_s = alternate([plain, lambda: jacobian.curvature_map(model, PROMPT, seeds, settings)], repeats,
+                                  sync)
+    return method_s / plain_s
 
 
 def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
@@ -161,8 +189,8 @@ def cpu_bench(args) -> None:
     settings = SamplerSettings(args.steps, 7.5, args.resolution, args.resolution)
     seeds = list(range(args.images))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    plain_s, capture_s = alternate([plain_call(pipeline(model), [PROMPT] * len(seeds), seeds, settings),
-                                    capture_call(model, [PROMPT] * len(seeds), seeds, settings)],
+    plain = plain_call(pipeline(model), [PROMPT] * len(seeds), seeds, settings)
+    plain_s, capture_s = alternate([plain, capture_call(model, [PROMPT] * len(seeds), seeds, settings)],
                                    args.repeats, sync)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +238,9 @@ def cpu_bench(args) -> None:
           f"decoded)")
     for n, n_pos in ((140, 20), (560, 80)):
         print(f"bootstrap_batch_ratio_n{n}: {bootstrap_ratio(n, n_pos):.3f}")
+    for name, ratio in (("sail", sail_cost_ratio), ("anisotropy", anisotropy_cost_ratio),
+                        ("curvature", curvature_cost_ratio)):
+        print(f"{name}_cost_ratio: {ratio(model, plain, settings, seeds, args.repeats, sync):.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
