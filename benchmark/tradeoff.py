@@ -6,6 +6,9 @@ the mitigation setting, so a rerun samples nothing twice. Measures per generatio
   ``train_rmse`` (RMSE on [0, 1], inside the planted region for local memorization), ``SSCD`` when configured;
 - utility: ``CLIP`` score when configured; on the testbed, ``caption_rmse``: RMSE to the scene the caption names,
   drawn by the data recipe (lower = more faithful), which needs no downloaded network.
+Methods: Wen's and BE's optimisation (benchmark/mitigation.py; strength = target loss, lower is stronger) and Kim &
+No's padding mitigations (benchmark/pad_mitigation.py; strength = masked fraction, higher is stronger), both in the
+``target_loss`` column.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import numpy as np
 import pandas as pd
 
 from . import scores as S
-from .capture import SamplerSettings
+from .capture import SamplerSettings, sample_with_capture
 from .detection import Generation, generate
 from .localization import Truth, rmse
 from .mitigation import MitigationSettings, latent_mask, mitigate
 from .models import TextToImage
+from .pad_mitigation import PadMitigation, pad_mitigated_embedding, replacement_id
 from .similarity import SSCD, CLIPScore, pixel_LS, pixel_S
 from .testbed.data import parse_caption, render
 from .traces import TraceKey, TraceStore, traces_from_batch
@@ -35,14 +39,17 @@ class Measures:
     clip: CLIPScore | None = None
 
 
-def mitigated_key(key: TraceKey, settings: MitigationSettings) -> TraceKey:
+def mitigated_key(key: TraceKey, settings: MitigationSettings | PadMitigation) -> TraceKey:
     return replace(key, sampler=f"{key.sampler}+{settings.tag}")
 
 
 def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: SamplerSettings, store: TraceStore,
-                   settings: list[MitigationSettings], layers: list[str], batch_size: int = 8,
+                   settings: list[MitigationSettings | PadMitigation], layers: list[str], batch_size: int = 8,
                    progress: Callable[[Iterable], Iterable] = iter) -> int:
     """Sample every missing baseline and mitigated generation; return how many images were sampled now."""
+    for mit in settings:  # a replacement token the model lacks fails before any sampling
+        if isinstance(mit, PadMitigation) and mit.replaces_pad:
+            replacement_id(model, mit.token)
     sampled = generate(model, baseline, sampler, store, batch_size, progress)
     for mit in settings:
         for gen in progress(baseline):
@@ -55,14 +62,18 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
                     traces = [store.read(gen.key, s) for s in seeds]
                     maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
                     mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
-                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask)
+                if isinstance(mit, PadMitigation):  # Kim & No: a changed embedding, nothing optimised
+                    cond = pad_mitigated_embedding(model, [gen.prompt.text], mit).expand(len(seeds), -1, -1)
+                    batch, opt = sample_with_capture(model, gen.prompt.text, seeds, sampler, cond=cond), None
+                else:
+                    batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask)
                 meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": key.model,
                         "sampler": asdict(sampler), "prompt_set": key.prompt_set, "mitigation": asdict(mit)}
                 for i, (trace, image) in enumerate(zip(traces_from_batch(batch, meta, seeds), batch.images)):
-                    losses = opt.losses[:, i]
+                    losses = opt.losses[:, i] if opt else []
                     trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
                                    "loss_last": float(losses[-1]) if len(losses) else None,
-                                   "iterations": int(opt.iterations[i])}
+                                   "iterations": int(opt.iterations[i]) if opt else 0}
                     store.write(key, trace, image)
                 sampled += len(seeds)
     return sampled
@@ -88,7 +99,7 @@ def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], tru
     return out
 
 
-def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings],
+def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings | PadMitigation],
                 truth: dict[str, Truth], measures: Measures) -> pd.DataFrame:
     """One row per (method, target loss, prompt, seed), the unmitigated baseline as method ``none``."""
     rows = []

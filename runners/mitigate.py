@@ -14,6 +14,7 @@ from benchmark import detection, tradeoff
 from benchmark.capture import SamplerSettings, cross_attention_layers
 from benchmark.mitigation import MitigationSettings
 from benchmark.models import get_model
+from benchmark.pad_mitigation import PAD_METHODS, pad_settings
 from benchmark.prompts import load_prompt_set, subset
 from benchmark.scores import select_layers
 from benchmark.similarity import SSCD, CLIPScore
@@ -30,7 +31,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     try:
         # every setting is checked before any sampling
         settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm)
-                    for method in mit.methods for target in mit.target_losses]
+                    for method in mit.methods if method not in PAD_METHODS for target in mit.target_losses]
+        settings += pad_settings([m for m in mit.methods if m in PAD_METHODS], mit.pad_fractions, mit.pad_replacement)
         if mit.mask_layers not in cfg.layers.sets:
             raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
