@@ -99,3 +99,21 @@ def test_pad_mitigation_runs_through_the_mitigation_job(tmp_path):
               if f.name.startswith("m0-")}
     base = next(v for k, v in images.items() if "+" not in k)
     assert all(np.abs(v.astype(int) - base).max() > 0 for k, v in images.items() if "+" in k)
+
+
+def test_on_an_end_padded_testbed_encoder():
+    """The testbed with architecture.pad_token=end: [SEP] padding, no mask; `!` replaces it, causally."""
+    from benchmark.testbed.train import Architecture, build_untrained
+
+    model = build_untrained(Architecture(block_out_channels=(8, 16, 16), attention_heads=2, pad_token="end"), 32, 0)
+    prompts = ["a red circle at the top on a blue background"]
+    e = int(model.end_token_index(prompts)[0])
+    plain = model.encode(prompts)
+    replaced = pad_mitigated_embedding(model, prompts, PadMitigation("pad_replace_mask_end"))
+    ids = model.tokenizer(prompts, padding="max_length", max_length=model.max_length, return_tensors="pt").input_ids
+    ids[0, e + 1:] = model.tokenizer.convert_tokens_to_ids("!")
+    with torch.no_grad():
+        expected = model.text_encoder(ids)[0]  # no mask: the tokenizer pads with its end token
+    expected[0, e] = 0
+    torch.testing.assert_close(replaced, expected)
+    torch.testing.assert_close(replaced[0, :e], plain[0, :e], rtol=0, atol=1e-6)
