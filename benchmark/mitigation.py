@@ -45,8 +45,9 @@ class MitigationSettings:
     protocol: str = "per_image"
 
     def __post_init__(self):
-        if self.method not in MITIGATIONS:
-            raise ValueError(f"unknown mitigation method {self.method!r}; choose from {', '.join(MITIGATIONS)}")
+        optimised = [name for name in MITIGATIONS if MITIGATIONS[name].optimised]
+        if self.method not in optimised:
+            raise ValueError(f"unknown optimised mitigation {self.method!r}; choose from {', '.join(optimised)}")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
         if self.protocol not in PROTOCOLS:
@@ -63,8 +64,8 @@ class MitigationSettings:
         return f"{self.method}{norm}-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
 
 
-@MITIGATIONS.register("be", label="BE (masked magnitude)", needs_mask=True)
-@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False)  # the lower decorator registers first
+@MITIGATIONS.register("be", label="BE (masked magnitude)", needs_mask=True, optimised=True)
+@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False, optimised=True)  # the lower decorator registers first
 def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_norm: str = "per_image") -> torch.Tensor:
     """Per image (n,): ``||delta||`` or ``||delta * m|| / mean(m)``; delta (n, c, h, w), mask (n, h, w)."""
     if mask is None:

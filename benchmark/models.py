@@ -84,10 +84,15 @@ class TextToImage:
         return torch.tensor([min(len(x), self.max_length) - 1 for x in ids], dtype=torch.long)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Token states padded to the full context, as the UNet cross-attends to them (padding included)."""
+    def encode(self, prompts: list[str], pad_token_id: int | None = None) -> torch.Tensor:
+        """Token states padded to the full context, as the UNet cross-attends to them (padding included).
+
+        ``pad_token_id`` pads with that token instead of the tokenizer's (Kim & No's mitigation,
+        benchmark/pad_mitigation.py); whether the encoder gets a mask stays the model's rule below."""
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
+        if pad_token_id is not None:
+            tok["input_ids"] = tok.input_ids.masked_fill(tok.attention_mask == 0, pad_token_id)
         kwargs = {}
         # SD's CLIP encoder is run without a mask (its padding states are real end tokens), and so is any encoder
         # whose tokenizer pads with its end token; BERT-style encoders padding with [PAD] need the mask so that

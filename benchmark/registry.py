@@ -21,7 +21,7 @@ from typing import Any
 MODULES: dict[str, tuple[str, ...]] = {
     "detector": ("benchmark.scores",),
     "localizer": ("benchmark.scores",),
-    "mitigation": ("benchmark.mitigation",),
+    "mitigation": ("benchmark.mitigation", "benchmark.pad_mitigation"),
     "similarity measure": ("benchmark.similarity",),
     "prompt source": ("benchmark.prompts", "benchmark.prompt_files"),
     "model builder": ("benchmark.models",),
@@ -158,7 +158,9 @@ LOCALIZERS = Registry("localizer")
 """Soft masks (n, h, w) of where a generation copies, from traces: ``fn(end_maps, layers, size) -> (n, *size)``."""
 
 MITIGATIONS = Registry("mitigation")
-"""Inference-time mitigation losses. Metadata: ``needs_mask`` (whether the loss is weighted by a BE mask)."""
+"""Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
+(True: a loss minimised over the prompt embedding, ``benchmark.mitigation``; False: a function that changes the
+embedding directly, ``benchmark.pad_mitigation``)."""
 
 SIMILARITIES = Registry("similarity measure")
 """Image-to-training-image similarity: ``fn(image, reference[, mask]) -> float``. Metadata: ``needs_mask``."""

@@ -15,6 +15,7 @@ import torch
 
 from .capture import SamplerSettings
 from .prompts import Prompt
+from .registry import MITIGATIONS
 from .traces import Trace, TraceKey, TraceStore
 
 # The fields every key has always spelt out; any other field of SamplerSettings enters the key when it differs from
@@ -102,7 +103,7 @@ def sampler_key(settings, dtype: str | None = None, mitigation=None, mask_layers
 def mitigation_suffix(mitigation, mask_layers: Sequence[str] | None = None) -> str:
     """What a mitigated generation adds to its baseline's sampler key (see :func:`sampler_key`)."""
     suffix = f"+{mitigation.tag}"
-    if mitigation.method != "wen" and mask_layers is not None:
+    if MITIGATIONS[mitigation.method].needs_mask and mask_layers is not None:
         digest = hashlib.sha1(",".join(sorted(mask_layers)).encode()).hexdigest()[:8]
         suffix += f"-mask{digest}"
     return suffix

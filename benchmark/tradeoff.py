@@ -6,6 +6,9 @@ the mitigation setting, so a rerun samples nothing twice. Measures per generatio
   ``train_rmse`` (RMSE on [0, 1], inside the planted region for local memorization), ``SSCD`` when configured;
 - utility: ``CLIP`` score when configured; ``caption_rmse``: RMSE to the scene the caption names, where a registered
   caption renderer can draw it (the testbed's data recipe; lower = more faithful), which needs no downloaded network.
+Methods: Wen's and BE's optimisation (benchmark/mitigation.py; strength = target loss, lower is stronger) and Kim &
+No's padding mitigations (benchmark/pad_mitigation.py; strength = masked fraction, higher is stronger), both in the
+``target_loss`` column.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import numpy as np
 import pandas as pd
 
 from . import scores as S
-from .capture import SamplerSettings, cross_attention_layers
+from .capture import SamplerSettings, cross_attention_layers, sample_with_capture
 from .detection import Generation, generate
 from .localization import Truth, rmse
 from .mitigation import MitigationSettings, latent_mask, mitigate
 from .models import TextToImage
+from .pad_mitigation import PadMitigation, pad_mitigated_embedding, replacement_id
 from .registry import CAPTION_RENDERERS, MITIGATIONS
 from .sampling import mitigation_suffix, sample_missing
 from .similarity import SSCD, CLIPScore, pixel_LS, pixel_S
@@ -36,19 +40,22 @@ class Measures:
     clip: CLIPScore | None = None
 
 
-def mitigated_key(key: TraceKey, settings: MitigationSettings, mask_layers: list[str] | None = None) -> TraceKey:
+def mitigated_key(key: TraceKey, settings: MitigationSettings | PadMitigation, mask_layers: list[str] | None = None) -> TraceKey:
     """The baseline key with the mitigation setting added to its sampler (``sampling.sampler_key``'s format);
     ``mask_layers`` None = every cross-attention layer (the default keeps the keys of earlier stores)."""
     return replace(key, sampler=key.sampler + mitigation_suffix(settings, mask_layers))
 
 
 def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: SamplerSettings, store: TraceStore,
-                   settings: list[MitigationSettings], layers: list[str], batch_size: int = 8,
+                   settings: list[MitigationSettings | PadMitigation], layers: list[str], batch_size: int = 8,
                    progress: Callable[[Iterable], Iterable] = iter) -> int:
     """Sample every missing baseline and mitigated generation; return how many images were sampled now.
 
     Mitigated generations are sampled one prompt per batch: with ``mask_norm="batch"`` a result depends on the
     images optimised together, and those stay the seeds of one prompt, as before."""
+    for mit in settings:  # a replacement token the model lacks fails before any sampling
+        if isinstance(mit, PadMitigation) and mit.replaces_pad:
+            replacement_id(model, mit.token)
     sampled = generate(model, baseline, sampler, store, batch_size, progress)
     mask_layers = mask_key_layers(model, layers)
     for mit in settings:
@@ -62,21 +69,26 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
                 traces = [store.read(base_key[gen.key], s) for s in seeds]
                 maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
                 mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
-            batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
+            if isinstance(mit, PadMitigation):  # Kim & No: a changed embedding, nothing optimised
+                cond = pad_mitigated_embedding(model, [gen.prompt.text], mit).expand(len(seeds), -1, -1)
+                batch, opt = sample_with_capture(model, gen.prompt.text, seeds, sampler, cond=cond,
+                                                 prompt_index=gen.index), None
+            else:
+                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
             meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
                     "sampler": asdict(sampler), "prompt_set": gen.key.prompt_set, "mitigation": asdict(mit),
                     "mask_layers": list(layers) if MITIGATIONS[mit.method].needs_mask else None}
             traces = traces_from_batch(batch, meta, seeds)
             for i, trace in enumerate(traces):
-                losses = opt.losses[:, i]
+                losses = opt.losses[:, i] if opt else []
                 trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
                                "loss_last": float(losses[-1]) if len(losses) else None,
-                               "iterations": int(opt.iterations[i])}
+                               "iterations": int(opt.iterations[i]) if opt else 0}
             return list(zip(traces, batch.images))
 
         # the official protocol shares one embedding by the prompt's whole batch: it is mitigated at once
         sampled += sample_missing(store, mitigated, sample_batch, batch_size, progress, across_prompts=False,
-                                  whole_prompt=mit.protocol == "official")
+                                  whole_prompt=getattr(mit, "protocol", None) == "official")
     return sampled
 
 
@@ -106,7 +118,7 @@ def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], tru
     return out
 
 
-def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings],
+def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings | PadMitigation],
                 truth: dict[str, Truth], measures: Measures, mask_layers: list[str] | None = None) -> pd.DataFrame:
     """One row per (method, target loss, prompt, seed), the unmitigated baseline as method ``none``;
     ``mask_layers`` as in :func:`mitigated_key` (``mask_key_layers``)."""

@@ -14,6 +14,7 @@ from benchmark import detection, jobfolder, tradeoff
 from benchmark.capture import SamplerSettings, cross_attention_layers, image_seeds
 from benchmark.mitigation import OFFICIAL_N_IMAGES, MitigationSettings
 from benchmark.models import get_model
+from benchmark.pad_mitigation import PAD_METHODS, pad_settings
 from benchmark.prompts import load_prompt_set, subset
 from benchmark.scores import select_layers
 from benchmark.similarity import SSCD, CLIPScore
@@ -31,7 +32,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     try:
         # every setting is checked before any sampling
         settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm, mit.protocol)
-                    for method in mit.methods for target in mit.target_losses]
+                    for method in mit.methods if method not in PAD_METHODS for target in mit.target_losses]
+        settings += pad_settings([m for m in mit.methods if m in PAD_METHODS], mit.pad_fractions, mit.pad_replacement)
         if mit.mask_layers not in cfg.layers.sets:
             raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
         if cfg.headline.method not in mit.methods:
