@@ -123,7 +123,7 @@ def headline_section(groups: list[Group], links: dict[str, str]) -> str:
     parts = ["<section id='answer'><div class='groups'>"]
     for group in groups:
         parts.append(f"<div class='group'><h3>{escape(group.name)}</h3>")
-        for job in dict.fromkeys(f.job for f in group.findings):
+        for job in dict.fromkeys([f.job for f in group.findings] or [group.job.label]):
             parts.append(f"<div class='job'>from job <a href='{escape(links.get(job, ''))}'>{escape(job)}</a></div>")
         parts.append("<ul>" + "".join(f"<li>{escape(f.sentence)}</li>" for f in group.findings) + "</ul>")
         if not group.findings:
@@ -194,4 +194,5 @@ def page(sections: list[tuple[str, str, str]], lede: str) -> str:
     body = [f"<h1>be-bench report</h1><p class='lede'>{lede}</p>", sections[0][2], f"<nav>{nav}</nav>"]
     body += [f"<section id='{a}'><h2>{escape(t)}</h2>{html}</section>" for a, t, html in sections[1:]]
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>be-bench report</title>"
+            "<link rel='icon' href='data:,'>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")

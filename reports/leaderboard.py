@@ -20,7 +20,7 @@ import yaml
 from reports import html, plots
 from reports.headline import Group, headline_groups
 from reports.jobs import Job, finished_jobs, job_folders  # noqa: F401  (job_folders: public helper)
-from reports.latex import to_latex
+from reports.latex import escape, to_latex
 from reports.tables import (
     PAPER,
     ddpm_summary,
@@ -108,7 +108,7 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
         files |= {"table1.csv": t1.to_csv(index=False)}
         wide = {job: table1_wide(t1, job) for job in dict.fromkeys(t1.job)}
         files["table1.md"] = "\n".join(f"### {job}\n\n{_md(w)}" for job, w in wide.items())
-        files["table1.tex"] = "\n".join(f"% {job}\n{to_latex(w)}" for job, w in wide.items())
+        files["table1.tex"] = "\n".join(f"% {escape(job)}\n{to_latex(w)}" for job, w in wide.items())
         caption = (f"Each cell: ours [95% CI], then the paper's value (SD v1-4, {PAPER} Table 1) and ours - paper. "
                    "Prompt level; LD with the layer set named in the row.")
         md += ["## Table 1: detection by T and memorization type", "", caption, "", files["table1.md"]]

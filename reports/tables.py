@@ -111,7 +111,7 @@ def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd
         only_published = ref.merge(mine[["detector", "memorization_type", "T", "metric"]], how="left",
                                    indicator=True).query("_merge == 'left_only'")
         rows += [{"job": job, "detector": p.detector, "layers": chosen if p.detector == "LD" else "",
-                  "memorization_type": p.memorization_type, "T": int(p["T"]), "metric": p.metric}
+                  "memorization_type": p.memorization_type, "T": int(p.T), "metric": p.metric}
                  for p in only_published.itertuples()]
     columns = ["job", "method", "detector", "layers", "memorization_type", "T", "metric", "ours", "ours_lo",
                "ours_hi", "published", "difference"]
@@ -129,14 +129,14 @@ def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd
 
 def table1_wide(long: pd.DataFrame, job: str, digits: int = 3) -> pd.DataFrame:
     """One job's Table 1 in the paper's shape: rows method x T, columns memorization type x metric, each cell
-    ``ours [interval] | paper p (difference)``."""
+    ``ours [interval]; paper p (difference)``."""
     part = long[long.job == job]
 
     def cell(r) -> str:
         mine = fmt_ci(r.ours, r.ours_lo, r.ours_hi, digits) or "-"
         if pd.isna(r.published):
             return mine
-        return f"{mine} | paper {r.published:.{digits}f}" + (f" ({r.difference:+.{digits}f})"
+        return f"{mine}; paper {r.published:.{digits}f}" + (f" ({r.difference:+.{digits}f})"
                                                               if pd.notna(r.difference) else "")
 
     part = part.assign(cell=[cell(r) for r in part.itertuples()],
