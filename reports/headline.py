@@ -17,7 +17,7 @@ import pandas as pd
 
 from reports.jobs import Job
 from reports.labels import detector_label
-from reports.tables import box, fmt, fmt_ci, job_generations, published
+from reports.tables import box, fmt, fmt_ci, fmt_diff, job_generations, published
 
 
 @dataclass
@@ -27,6 +27,12 @@ class Finding:
     sentence: str
     values: dict[str, float] = field(default_factory=dict)
     job: str = ""             # label of the job the numbers come from
+    rows: list[dict[str, str]] = field(default_factory=list)  # figure, ours, paper, difference (formatted)
+
+
+def _figure(figure: str, ours: str, paper=None, difference=None) -> dict[str, str]:
+    return {"figure": figure, "ours": ours, "paper": fmt(paper) if isinstance(paper, float) else (paper or ""),
+            "ours - paper": fmt_diff(difference) if difference is not None else ""}
 
 
 @dataclass
@@ -71,7 +77,12 @@ def detection_findings(job: Job) -> list[Finding]:
             f"On {kind} memorization at T={T}, {ld_name} {verdict} {d_name}: AUC {ld_ci} (best of {n_sets} layer "
             f"sets: {ld.layers}) vs {d_ci}, {lead:+.3f}{paper}."),
             {f"{kind}_D_auc": d.auc, f"{kind}_LD_auc": ld.auc, f"{kind}_LD_minus_D": lead,
-             **({f"{kind}_LD_minus_D_published": p_lead} if p_lead is not None else {})}))
+             **({f"{kind}_LD_minus_D_published": p_lead} if p_lead is not None else {})},
+            rows=[_figure(f"{kind}: {d_name} AUC, T={T}", d_ci, p_d, None if p_d is None else d.auc - p_d),
+                  _figure(f"{kind}: {ld_name} [{ld.layers}] AUC, T={T}", ld_ci, p_ld,
+                          None if p_ld is None else ld.auc - p_ld),
+                  _figure(f"{kind}: {ld_name} - {d_name}", f"{lead:+.3f}", fmt_diff(p_lead),
+                          None if p_lead is None else lead - p_lead)]))
     if {"local", "global"} <= set(gap):
         (dl, ldl, pdl, pldl), (dg, ldg, pdg, pldg) = gap["local"], gap["global"]
         ours_d, ours_ld = dg - dl, ldg - ldl
@@ -79,10 +90,14 @@ def detection_findings(job: Job) -> list[Finding]:
         sentence = (f"{ld_name} {verb} the local-global AUC gap from {ours_d:.3f} ({d_name}) to {ours_ld:.3f} "
                     f"({ld_name})")
         values = {"gap_D": ours_d, "gap_LD": ours_ld}
+        rows = [_figure(f"global - local AUC, {d_name}", f"{ours_d:.3f}"),
+                _figure(f"global - local AUC, {ld_name}", f"{ours_ld:.3f}")]
         if None not in (pdl, pldl, pdg, pldg):
             sentence += f"; the paper's narrows it from {pdg - pdl:.3f} to {pldg - pldl:.3f}"
             values |= {"gap_D_published": pdg - pdl, "gap_LD_published": pldg - pldl}
-        out.append(Finding("detection", sentence + ".", values))
+            rows = [_figure(rows[0]["figure"], rows[0]["ours"], pdg - pdl, ours_d - (pdg - pdl)),
+                    _figure(rows[1]["figure"], rows[1]["ours"], pldg - pldl, ours_ld - (pldg - pldl))]
+        out.append(Finding("detection", sentence + ".", values, rows=rows))
     return out
 
 
@@ -110,7 +125,14 @@ def localization_findings(job: Job) -> list[Finding]:
         sentence += (f"; published on SD v1-4 (third party): IoU {ref['BE']:.3f} vs {ref['all-ones mask']:.3f}, "
                      f"ours - published: {best.iou - ref['BE']:+.3f}")
         values["iou_published"] = ref["BE"]
-    return [Finding("localization", sentence + ".", values)]
+    rows = [_figure(f"BE mask [{best.layers}] IoU", f"{best.iou:.3f}", ref.get("BE"),
+                    None if "BE" not in ref else best.iou - ref["BE"])]
+    if not floor.empty:
+        rows.append(_figure("all-ones mask IoU (floor)", f"{floor.iou.iloc[0]:.3f}", ref.get("all-ones mask"),
+                            None if "all-ones mask" not in ref else floor.iou.iloc[0] - ref["all-ones mask"]))
+    rows.append(_figure("pixel AUROC (never-trained control)", f"{best.pixel_auroc:.3f}" + (
+        f" ({best.control_auroc:.3f})" if pd.notna(best.get("control_auroc")) else "")))
+    return [Finding("localization", sentence + ".", values, rows=rows)]
 
 
 def intensity_findings(job: Job, layers: str = "all") -> list[Finding]:
@@ -129,7 +151,9 @@ def intensity_findings(job: Job, layers: str = "all") -> list[Finding]:
                 + "; the paper's Fig. 5: " + " > ".join(f"{k} {ref[k]:.3g}" for k in paper_order)
                 + (" (same order)." if same else " (a different order).")
                 + " Scales differ by model: compare the order.")
-    return [Finding("intensity", sentence, {f"median_{k}": v for k, v in medians.items()})]
+    return [Finding("intensity", sentence, {f"median_{k}": v for k, v in medians.items()},
+                    rows=[_figure("BE intensity order (medians)", " > ".join(ours_order), " > ".join(paper_order),
+                                  None)])]
 
 
 def _paper_mitigation_difference(kind: str) -> float | None:
@@ -169,7 +193,9 @@ def mitigation_findings(job: Job) -> list[Finding]:
         if paper is not None:
             sentence += f"; the paper's Fig. {6 if kind == 'local' else 7} (SSCD at equal CLIP score): {paper:+.4f}"
             values[f"mitigation_{kind}_SSCD_difference_published"] = paper
-        out.append(Finding("mitigation", sentence + ".", values))
+        out.append(Finding("mitigation", sentence + ".", values, rows=[_figure(
+            f"{kind}: BE - Wen, {similarity} at equal utility", f"{diff:+.4f}",
+            f"{paper:+.4f} (SSCD)" if paper is not None else "", None)]))
     return out
 
 

@@ -94,7 +94,9 @@ def _table(frame: pd.DataFrame, numeric_digits: int = 3) -> str:
     for row in frame.itertuples(index=False):
         cells = []
         for v in row:
-            if isinstance(v, float):
+            if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
+                cells.append("<td></td>")
+            elif isinstance(v, float):
                 cells.append(f"<td class='num'>{fmt(v, numeric_digits)}</td>")
             else:
                 cells.append(f"<td>{escape('' if v is None else str(v))}</td>")
@@ -126,6 +128,9 @@ def headline_section(groups: list[Group], links: dict[str, str]) -> str:
         for job in dict.fromkeys([f.job for f in group.findings] or [group.job.label]):
             parts.append(f"<div class='job'>from job <a href='{escape(links.get(job, ''))}'>{escape(job)}</a></div>")
         parts.append("<ul>" + "".join(f"<li>{escape(f.sentence)}</li>" for f in group.findings) + "</ul>")
+        figures = [r for f in group.findings for r in f.rows]
+        if figures:
+            parts.append(_table(pd.DataFrame(figures)))
         if not group.findings:
             parts.append("<p>No headline figure: the job lacks the D / LD rows, localization or intensity.</p>")
         if group.others:

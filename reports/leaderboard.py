@@ -70,6 +70,9 @@ def _markdown_findings(groups: list[Group]) -> str:
         for job in dict.fromkeys(f.job for f in group.findings):
             lines.append(f"From job: {job}\n")
         lines += [f"- {f.sentence}" for f in group.findings]
+        figures = [r for f in group.findings for r in f.rows]
+        if figures:
+            lines += ["", pd.DataFrame(figures).to_markdown(index=False)]
         if group.others:
             lines.append(f"\n{len(group.others)} more job(s) of this group are in the tables below.")
         lines.append("")

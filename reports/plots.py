@@ -160,7 +160,7 @@ def intensity_figure(table: pd.DataFrame) -> str:
                   "q3": part.q3[k], "whishi": part.upper_whisker[k], "fliers": []} for k in kinds]
         ax.bxp(stats, showfliers=False)
         ax.set_title(_wrap(source, 45), fontsize=9)
-        ax.set_ylabel("BE intensity (mean of the end-token mask)")
+        ax.set_ylabel("BE intensity")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     fig.tight_layout()
     return png(fig)

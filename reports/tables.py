@@ -218,7 +218,8 @@ def intensity_summary(jobs: list[Job], layers: str = "all") -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     ref = published("be2025_fig5_be_intensity_box.csv").assign(source=lambda t: "published: " + t.source)
-    return pd.concat([pd.DataFrame(rows), ref], ignore_index=True).round(6)
+    table = pd.concat([pd.DataFrame(rows), ref], ignore_index=True).round(6)
+    return table.assign(n=table.n.astype("Int64"))  # generations per box; none for the published boxes
 
 
 def box(values: pd.Series) -> dict:
