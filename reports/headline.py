@@ -48,6 +48,46 @@ def _row(metrics: pd.DataFrame, detector: str, subset: str, T: int) -> pd.DataFr
                    & (metrics.level == "prompt")]
 
 
+def _auc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC of each replicate row: P(pos > neg) + P(pos = neg) / 2. pos (B, P), neg (B, N)."""
+    greater = (pos[:, :, None] > neg[:, None, :]).mean(axis=(1, 2))
+    return greater + 0.5 * (pos[:, :, None] == neg[:, None, :]).mean(axis=(1, 2))
+
+
+def paired_difference_ci(job: Job, metrics: pd.DataFrame, kind: str, T: int, ld_layers: str, n_boot: int = 1000,
+                         seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of AUC(LD) - AUC(D) at prompt level on one kind (its memorized prompts against
+    every non-memorized one), from a paired stratified bootstrap: positives and negatives resampled separately,
+    the same resample for both detectors (the protocol of the job's own intervals, docs/design.md). Each
+    detector's sign is the one under which the job's own AUC is reproduced. None without generations.csv."""
+    from reports.plots import _direction
+
+    gens = job_generations(job)
+    if gens is None:
+        return None
+    scores = {}
+    for detector, layers in (("D", ""), ("LD", ld_layers)):
+        part = gens[(gens.detector == detector) & (gens.layers == layers) & (gens["T"] == T)]
+        prompt = part.groupby("prompt_id").agg(score=("score", "mean"), memorized=("memorized", "first"),
+                                               kind=("kind", "first"))
+        if prompt.empty or prompt.memorized.nunique() < 2:
+            return None
+        prompt["score"] *= _direction(metrics, detector, layers, T, prompt)
+        scores[detector] = prompt
+    both = scores["D"].join(scores["LD"][["score"]], rsuffix="_LD", how="inner")
+    both = both[(both.memorized.astype(bool) & (both.kind == kind)) | ~both.memorized.astype(bool)]
+    pos, neg = both[both.memorized.astype(bool)], both[~both.memorized.astype(bool)]
+    if pos.empty or neg.empty:
+        return None
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, len(pos), (n_boot, len(pos)))
+    j = rng.integers(0, len(neg), (n_boot, len(neg)))
+    diff = (_auc(pos.score_LD.to_numpy()[i], neg.score_LD.to_numpy()[j])
+            - _auc(pos.score.to_numpy()[i], neg.score.to_numpy()[j]))
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def detection_findings(job: Job) -> list[Finding]:
     metrics = pd.DataFrame(job.result["metrics"])
     metrics["layers"] = metrics.layers.fillna("")
@@ -71,17 +111,21 @@ def detection_findings(job: Job) -> list[Finding]:
         verdict = "beats" if lead > 0 else "ties" if lead == 0 else "trails"
         paper = (f"; paper (SD v1-4, T=1): {ld_name} {fmt(p_ld)} vs {d_name} {fmt(p_d)}, {p_lead:+.3f}, "
                  f"ours - paper: {lead - p_lead:+.3f}") if p_lead is not None else ""
+        interval = paired_difference_ci(job, metrics, kind, T, ld.layers)
+        lead_text = f"{lead:+.3f}" + (f" [{interval[0]:+.3f}, {interval[1]:+.3f}] (paired bootstrap)"
+                                      if interval else "")
         ld_ci = fmt_ci(ld.auc, ld.get("auc_lo"), ld.get("auc_hi"))
         d_ci = fmt_ci(d.auc, d.get("auc_lo"), d.get("auc_hi"))
         out.append(Finding("detection", (
             f"On {kind} memorization at T={T}, {ld_name} {verdict} {d_name}: AUC {ld_ci} (best of {n_sets} layer "
-            f"sets: {ld.layers}) vs {d_ci}, {lead:+.3f}{paper}."),
+            f"sets: {ld.layers}) vs {d_ci}, {lead_text}{paper}."),
             {f"{kind}_D_auc": d.auc, f"{kind}_LD_auc": ld.auc, f"{kind}_LD_minus_D": lead,
              **({f"{kind}_LD_minus_D_published": p_lead} if p_lead is not None else {})},
             rows=[_figure(f"{kind}: {d_name} AUC, T={T}", d_ci, p_d, None if p_d is None else d.auc - p_d),
                   _figure(f"{kind}: {ld_name} [{ld.layers}] AUC, T={T}", ld_ci, p_ld,
                           None if p_ld is None else ld.auc - p_ld),
-                  _figure(f"{kind}: {ld_name} - {d_name}", f"{lead:+.3f}", fmt_diff(p_lead),
+                  _figure(f"{kind}: {ld_name} - {d_name}", lead_text.replace(" (paired bootstrap)", ""),
+                          fmt_diff(p_lead),
                           None if p_lead is None else lead - p_lead)]))
     if {"local", "global"} <= set(gap):
         (dl, ldl, pdl, pldl), (dg, ldg, pdg, pldg) = gap["local"], gap["global"]
