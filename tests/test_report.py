@@ -30,6 +30,8 @@ from tests.test_testbed import tiny_spec
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
+    if os.environ.get("REPORT_TEST_JOBS"):  # the `outputs` folder this fixture built in an earlier session: reused
+        return Path(os.environ["REPORT_TEST_JOBS"])
     root = tmp_path_factory.mktemp("sweep")
     for steps in (5, 6):
         folder = root / "outputs" / f"steps={steps}"
