@@ -197,7 +197,8 @@ def localization_board(jobs: list[Job]) -> pd.DataFrame:
     ref = pd.DataFrame({"job": "published: " + ref.source + ", " + ref.model + " (" + ref.subset + ")",
                         "localizer": ref.method.map(lambda m: "all-ones mask (floor)" if m.startswith("all-ones")
                                                     else "BE mask"), "iou": ref.iou})
-    return pd.concat([table, ref], ignore_index=True).round(4)
+    table = pd.concat([table, ref], ignore_index=True).round(4)
+    return table.assign(n=table.n.astype("Int64"))  # generations scored; none for the published rows
 
 
 def intensity_summary(jobs: list[Job], layers: str = "all") -> pd.DataFrame:
