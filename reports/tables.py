@@ -232,8 +232,9 @@ def box(values: pd.Series) -> dict:
 
 
 def job_generations(job: Job) -> pd.DataFrame | None:
+    """A detection job's per-generation scores (generations.csv), None for other tasks or without the file."""
     path = job.folder / "generations.csv"
-    if not path.exists():
+    if job.task != "detect" or not path.exists():
         return None
     gens = pd.read_csv(path, keep_default_na=False, dtype={"prompt_id": str})
     gens["layers"] = gens.layers.astype(str)
