@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.scores import DETECTORS
+from reports.labels import detector_label, detector_order
 
 
 def _fmt(row: pd.Series, name: str) -> str:
@@ -21,12 +21,12 @@ def _fmt(row: pd.Series, name: str) -> str:
 
 def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str = "auc") -> str:
     """Detector x (layers, T) rows, one column per subset, each cell ``value [95% CI]``."""
-    order = {name: i for i, name in enumerate(DETECTORS)}
     table = metrics[metrics.level == level].copy()
+    order = {name: i for i, name in enumerate(detector_order(table.detector.unique()))}
     table = table.sort_values(["detector", "layers", "T"], key=lambda c: c.map(order) if c.name == "detector" else c,
                               kind="mergesort")
     table["cell"] = table.apply(lambda r: _fmt(r, metric), axis=1)
-    table["method"] = table.apply(lambda r: r.detector + (f"[{r.layers}]" if r.layers else "")
+    table["method"] = table.apply(lambda r: detector_label(r.detector) + (f" [{r.layers}]" if r.layers else "")
                                   + (f" T={r['T']}" if r["T"] else ""), axis=1)
     wide = table.pivot_table(index="method", columns="subset", values="cell", aggfunc="first", sort=False)
     return wide.to_markdown()
@@ -36,9 +36,9 @@ def mitigation_markdown(result: dict) -> str:
     points = pd.DataFrame(result["curves"])
     points["target_loss"] = points.target_loss.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
     parts = [f"# Mitigation: {result['model']} on {result['prompt_set']}",
-             f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
-             f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "
-             "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss.",
+             (f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
+              f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "
+              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."),
              "", "## Trade-off points: mean per kind, method and target loss", "",
              points.round(4).to_markdown(index=False)]
     for similarity, rows in result.get("equal_utility", {}).items():
@@ -55,8 +55,8 @@ def job_markdown(folder: str | Path) -> str:
         return mitigation_markdown(result)
     metrics = pd.DataFrame(result["metrics"])
     parts = [f"# {result['model']} on {result['prompt_set']}",
-             f"{result['n_prompts']} prompts, {result['n_generations']} generations "
-             f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s).",
+             (f"{result['n_prompts']} prompts, {result['n_generations']} generations "
+              f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s)."),
              "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",
              detection_markdown(metrics, "prompt", "auc"),
              "", "## Detection: TPR@1%FPR at prompt level", "", detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr")]
@@ -74,8 +74,8 @@ def job_markdown(folder: str | Path) -> str:
         parts += [f"- {k}: {v}" for k, v in result["copy_distance_median"].items()]
     if result.get("local_diversity_mean"):
         d = result["local_diversity_mean"]
-        parts += ["", f"Local prompts, mean pairwise RMSE among a prompt's generations: inside the region "
-                      f"{d['inside']}, outside {d['outside']}."]
+        parts += ["", (f"Local prompts, mean pairwise RMSE among a prompt's generations: inside the region "
+                       f"{d['inside']}, outside {d['outside']}.")]
     return "\n".join(str(p) for p in parts) + "\n"
 
 

@@ -1,346 +1,204 @@
-"""Aggregate job folders into paper-style tables with the published numbers beside ours.
+"""Aggregate job folders into one report: the headline answers first, then the paper's tables with the published
+numbers beside ours, the explorable leaderboard and the pictures.
 
-    python -m reports.leaderboard outputs/multirun/detect/table1 [more folders] --out reports/out
+    python -m reports.leaderboard outputs/detect/testbed outputs/mitigate/testbed --out outputs/report
 
-Writes Markdown + CSV (+ LaTeX for the paper tables) of: the leaderboard, Table 1 and Table 2 layouts, localization,
-BE intensity by type, mitigation trade-off points, unconditional-DDPM copies; and one self-contained ``leaderboard.html`` (ROC curves, layer x T
-heat maps, mask galleries, trade-off curves beside the paper's). Markdown and CSV are byte-identical for the same
-folders. Rows marked ``published`` are quoted from ``reports/reference``; all others are ours.
+Writes ``leaderboard.html`` (one self-contained page, opens offline), ``report.md`` (the same content for a
+terminal or a paper draft; pictures left out), and Markdown + CSV per table (+ LaTeX for Tables 1 and 2). Sections
+with no job of ours are left out. Two folders with the same configuration are one job (the latest finished run;
+``reports.jobs``). Markdown and CSV are byte-identical for the same folders. Published numbers are quoted from
+``reports/reference`` and always marked ``paper`` or ``published``.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from benchmark.jobfolder import read_job, write_config
+from benchmark.jobfolder import write_config
 
-from benchmark.registry import DETECTORS
+from reports import html, plots
+from reports.headline import Group, headline_groups
+from reports.jobs import Job, finished_jobs, job_folders  # noqa: F401  (job_folders: public helper)
+from reports.latex import escape, to_latex
+from reports.tables import (
+    PAPER,
+    ddpm_summary,
+    intensity_summary,
+    job_generations,
+    leaderboard,
+    localization_board,
+    mitigation_points,
+    published,
+    table1,
+    table1_wide,
+    table2,
+)
+from reports.tables import collect as _collect
 
-REFERENCE = Path(__file__).parent / "reference"
-method_name = DETECTORS.label  # a detector's display label; an unregistered name shows as itself
-KEYS = ["model", "prompt_set", "steps", "n_images", "level", "detector", "layers", "T", "subset"]
-
-
-def job_folders(paths: list[str | Path]) -> list[Path]:
-    """Every finished job folder (one with metrics.json) under the given folders, in a stable order."""
-    found = set()
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"no such folder: {path}")
-        found |= {p.parent for p in path.rglob("metrics.json")}
-    if not found:
-        raise ValueError(f"no finished job (metrics.json) under {', '.join(map(str, paths))}")
-    return sorted(found)
-
-
-def results(paths: list[str | Path], task: str) -> list[tuple[Path, dict]]:
-    """(folder, metrics.json) of every finished job of one task (``detect``, ``mitigate``, ``ddpm``)."""
-    out = []
-    for folder in job_folders(paths):
-        result = json.loads((folder / "metrics.json").read_text())
-        if result.get("task", "detect") == task:
-            out.append((folder, result))
-    return out
+# every file write_report may produce; those a new report does not produce are removed from --out
+OUTPUT_FILES = [f"{stem}.{ext}" for stem in ("leaderboard", "table1", "table2", "localization", "intensity",
+                                             "mitigation", "ddpm", "jobs") for ext in ("md", "csv")] + [
+    "table1.tex", "table2.tex", "report.md", "leaderboard.html"]
 
 
 def collect(paths: list[str | Path]) -> pd.DataFrame:
-    """One row per detection job x metric row, with the job's configuration columns (empty without such jobs)."""
-    frames = []
-    for folder, result in results(paths, "detect"):
-        job = read_job(folder)
-        frame = pd.DataFrame(result["metrics"])
-        frame.insert(0, "job", str(folder))
-        frame.insert(1, "model", result["model"])
-        frame.insert(2, "prompt_set", result["prompt_set"])
-        frame.insert(3, "steps", job.sampler.get("steps", -1))
-        frame.insert(4, "n_images", job.n_images if job.n_images is not None else -1)
-        frames.append(frame)
-    if not frames:
-        return pd.DataFrame(columns=KEYS + ["job"])
-    table = pd.concat(frames, ignore_index=True)
-    table["layers"] = table["layers"].fillna("")
-    return table.sort_values(KEYS + ["job"], kind="mergesort").reset_index(drop=True)
+    """Every detection job's metric rows (one job per distinct configuration) under ``paths``."""
+    return _collect(finished_jobs(paths))
 
 
-def _cell(row: pd.Series, name: str) -> str:
-    if pd.isna(row.get(name)):
-        return ""
-    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
-    if lo is None or pd.isna(lo):
-        return f"{row[name]:.3f}"
-    return f"{row[name]:.3f} [{lo:.3f}, {hi:.3f}]"
+def jobs_table(jobs: list[Job], out: Path) -> pd.DataFrame:
+    return pd.DataFrame([{"job": j.label, "task": j.task, "folder": j.link(out),
+                          "superseded runs (same configuration, not reported)": ", ".join(
+                              Path(p).name for p in j.superseded)} for j in jobs])
 
 
-def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd.DataFrame:
-    """The seed paper's Table 1 layout: method x memorization type x T -> AUC, F1, TPR@1%FPR, ours and published."""
-    rows = ours[(ours.level == level) & ours.detector.isin(["D", "LD"]) & (ours.subset != "all")
-                & ((ours.layers == "") | (ours.layers == layers))] if not ours.empty else ours
-    out = pd.DataFrame(columns=["source", "method", "memorization_type", "T", "auc", "f1", "tpr_at_1pct_fpr"]) \
-        if rows.empty else pd.DataFrame({
-        "source": "ours: " + rows.model + " / " + rows.prompt_set + " (" + rows.steps.astype(str) + " steps, "
-                  + rows.n_images.astype(str) + " images)",
-        "method": rows.detector.map(method_name), "memorization_type": rows.subset, "T": rows["T"],
-        "auc": [_cell(r, "auc") for _, r in rows.iterrows()],
-        "f1": [_cell(r, "f1") for _, r in rows.iterrows()],
-        "tpr_at_1pct_fpr": [_cell(r, "tpr_at_1pct_fpr") for _, r in rows.iterrows()]})
-    published = pd.read_csv(REFERENCE / "be2025_table1_detection.csv")
-    published = published.assign(source="published: " + published.source + ", " + published.model)
-    for name in ("auc", "f1", "tpr_at_1pct_fpr"):
-        published[name] = published[name].map(lambda v: f"{v:.3f}")
-    both = pd.concat([out, published[out.columns]], ignore_index=True)
-    return both.sort_values(["memorization_type", "method", "T", "source"], kind="mergesort").reset_index(drop=True)
+def _lede(jobs: list[Job]) -> str:
+    counts = pd.Series([j.task for j in jobs]).value_counts()
+    superseded = sum(len(j.superseded) for j in jobs)
+    text = (f"{len(jobs)} job(s): " + ", ".join(f"{n} {task}" for task, n in counts.items())
+            + (f" ({superseded} earlier run(s) of the same configurations superseded, see Jobs)" if superseded
+               else "") + f". Values marked <i>paper</i> or <i>published</i> are quoted from {PAPER} and others "
+            "(reports/reference); all else is measured here. Intervals: bootstrap 95%.")
+    return text
 
 
-def leaderboard(ours: pd.DataFrame, metric: str = "auc", subset: str = "all", level: str = "prompt") -> pd.DataFrame:
-    """Every (job, detector, layers, T) on one subset, best first."""
-    columns = ["model", "prompt_set", "steps", "n_images", "method", "T", metric, f"{metric}_ci", "n_pos", "n_neg"]
-    if ours.empty:
-        return pd.DataFrame(columns=columns)
-    rows = ours[(ours.level == level) & (ours.subset == subset)].copy()
-    rows["method"] = rows.detector.map(method_name) + rows.layers.map(lambda l: f" [{l}]" if l else "")
-    rows[f"{metric}_ci"] = [_cell(r, metric) for _, r in rows.iterrows()]
-    rows[metric] = rows[metric].round(4)
-    return rows.sort_values([metric, "model", "method", "T"], ascending=[False, True, True, True],
-                            kind="mergesort")[columns].reset_index(drop=True)
+def _markdown_findings(groups: list[Group]) -> str:
+    lines = []
+    for group in groups:
+        lines.append(f"### {group.name}\n")
+        for job in dict.fromkeys(f.job for f in group.findings):
+            lines.append(f"From job: {job}\n")
+        lines += [f"- {f.sentence}" for f in group.findings]
+        figures = [r for f in group.findings for r in f.rows]
+        if figures:
+            lines += ["", pd.DataFrame(figures).to_markdown(index=False)]
+        if group.others:
+            lines.append(f"\n{len(group.others)} more job(s) of this group are in the tables below.")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def _published(name: str) -> pd.DataFrame:
-    table = pd.read_csv(REFERENCE / name)
-    return table.assign(source="published: " + table.source)
-
-
-def table2(paths: list[str | Path]) -> pd.DataFrame:
-    """The seed paper's Table 2: F1 of similarity metrics as memorization calls, ours (ground-truth jobs) and
-    published."""
-    rows = []
-    for folder, result in results(paths, "detect"):
-        if not result.get("similarity_f1"):
-            continue
-        for (metric, threshold), part in pd.DataFrame(result["similarity_f1"]).groupby(["metric", "threshold"]):
-            f1 = part.set_index("kind")
-            rows.append({"source": f"ours: {result['model']} / {result['prompt_set']}", "metric": metric,
-                         "threshold": f">{threshold:g}",
-                         **{f"f1_{k}": f"{f1.f1[k]:.3f} (best {f1.best_f1[k]:.3f})" if k in f1.index else ""
-                            for k in ("local", "global")}})
-    published = _published("be2025_table2_similarity_f1.csv")
-    for k in ("local", "global"):
-        published[f"f1_{k}"] = published[f"f1_{k}"].map(lambda v: f"{v:.3f}")
-    return pd.concat([pd.DataFrame(rows), published[["source", "metric", "threshold", "f1_local", "f1_global"]]],
-                     ignore_index=True)
-
-
-def localization_summary(paths: list[str | Path]) -> pd.DataFrame:
-    """Mask IoU (and pixel AUROC, ours only, with its unrelated-mask control) per layer set, with the third-party
-    BE IoU on SD v1-4 beside it."""
-    rows = [{"source": f"ours: {result['model']} / {result['prompt_set']}", "subset": "local (planted)",
-             "method": "all-ones mask" if r["layers"].startswith("all-ones") else f"BE [{r['layers']}]",
-             "iou": f"{r['iou']:.3f}", "pixel_auroc": f"{r['pixel_auroc']:.3f}",
-             "control_auroc": f"{r['control_auroc']:.3f}" if "control_auroc" in r else ""}
-            for _, result in results(paths, "detect") for r in result.get("localization", [])]
-    published = _published("localization_iou_thirdparty.csv")
-    published["iou"] = published.iou.map(lambda v: f"{v:.3f}")
-    published["pixel_auroc"] = published["control_auroc"] = ""
-    return pd.concat([pd.DataFrame(rows), published[["source", "subset", "method", "iou", "pixel_auroc",
-                                                     "control_auroc"]]],
-                     ignore_index=True)
-
-
-def intensity_summary(paths: list[str | Path], layers: str = "all") -> pd.DataFrame:
-    """BE intensity quartiles per memorization type (the paper's Fig. 5 box plot as numbers), ours and published.
-    Our scale is the testbed's, not SD's: compare the ordering, not the values."""
-    rows = []
-    for folder, result in results(paths, "detect"):
-        gens = pd.read_csv(folder / "generations.csv", keep_default_na=False)
-        part = gens[(gens.detector == "BE_intensity") & (gens.layers == layers)]
-        for kind, values in part.groupby("kind")["score"]:
-            q1, median, q3 = values.quantile([0.25, 0.5, 0.75]).to_numpy()
-            reach = 1.5 * (q3 - q1)  # Tukey's whiskers, as box plots draw them
-            rows.append({"source": f"ours: {result['model']} / {result['prompt_set']}",
-                         "memorization_type": "non-memorized" if kind == "none" else kind,
-                         "lower_whisker": values[values >= q1 - reach].min(), "q1": q1, "median": median, "q3": q3,
-                         "upper_whisker": values[values <= q3 + reach].max()})
-    published = _published("be2025_fig5_be_intensity_box.csv")
-    return pd.concat([pd.DataFrame(rows), published], ignore_index=True).round(5)
-
-
-def mitigation_points(paths: list[str | Path]) -> pd.DataFrame:
-    """Every mitigation job's trade-off points (kind x method x target loss)."""
-    frames = [pd.DataFrame(result["curves"]).assign(model=result["model"], prompt_set=result["prompt_set"],
-                                                    utility=result["utility"], job=str(folder))
-              for folder, result in results(paths, "mitigate")]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-DDPM_COLUMNS = ["model", "sampler", "n_train", "duplicated", "copies", "n_generations", "copy_rate",
-                "copies_of_duplicated", "nn_ratio_median", "carlini_median", "copied_fraction_mean"]
-
-
-def ddpm_summary(paths: list[str | Path]) -> pd.DataFrame:
-    """One row per unconditional-DDPM job: its training-set knobs, sampler and memorization measures."""
-    rows = [{k: result.get(k) for k in DDPM_COLUMNS} for _, result in results(paths, "ddpm")]
-    table = pd.DataFrame(rows, columns=DDPM_COLUMNS)
-    return table.sort_values(["model", "sampler"], kind="mergesort").reset_index(drop=True).round(4)
-
-
-# --------------------------------------------------------------------------------------------------- pictures
-
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def roc_figure(job: Path, T: int, layers: str = "all") -> str:
-    """ROC curves of every detector for one job, prompt level, all memorized vs not."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    gens = pd.read_csv(job / "generations.csv", keep_default_na=False, dtype={"prompt_id": str})
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    for detector in DETECTORS:
-        entry = DETECTORS[detector]
-        rows = gens[(gens.detector == detector) & (gens.layers == (layers if entry.uses_layers else ""))
-                    & (gens["T"] == (T if entry.uses_T else 0))]
-        if rows.empty:
-            continue
-        prompt = rows.groupby("prompt_id").agg(score=("score", "mean"), memorized=("memorized", "first"))
-        sign = 1 if DETECTORS[detector].higher_is_memorized else -1
-        fpr, tpr, _ = roc_curve(prompt.memorized.astype(bool), sign * prompt.score)
-        ax.plot(fpr, tpr, label=method_name(detector))
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"T={T}, layers={layers}")
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def heatmap_figure(ours: pd.DataFrame, job: str, detector: str = "LD", metric: str = "auc") -> str:
-    """Layer set x T -> metric for one job (prompt level, all)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = ours[(ours.job == job) & (ours.detector == detector) & (ours.level == "prompt") & (ours.subset == "all")]
-    grid = rows.pivot_table(index="layers", columns="T", values=metric)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * grid.shape[1], 0.9 + 0.35 * grid.shape[0]))
-    image = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), grid.columns)
-    ax.set_yticks(range(grid.shape[0]), grid.index)
-    for (i, j), value in np.ndenumerate(grid.to_numpy()):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
-                fontsize=8)
-    ax.set(xlabel="T (first steps)", title=f"{method_name(detector)} {metric}")
-    fig.colorbar(image, ax=ax)
-    return _png(fig)
-
-
-def tradeoff_figure(points: pd.DataFrame) -> str:
-    """Similarity vs utility per memorization kind: our mitigation curves (left) and the paper's digitized Fig. 6/7
-    (right; SSCD vs CLIP score on SD v1-4). Ours use the similarity and utility measures the job had."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    published = pd.read_csv(REFERENCE / "be2025_fig6_fig7_mitigation_digitized.csv")
-    # distances (train_rmse, caption_rmse) are drawn on inverted axes, so that up = more similar to the training
-    # image and right = more faithful to the prompt, as SSCD and CLIP score are in the paper's figures
-    similarity = next((m for m in ("SSCD", "train_rmse", "S") if m in points), None)
-    kinds = sorted(points.kind.unique())
-    fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3.4 * len(kinds)), squeeze=False)
-    for row, kind in zip(axes, kinds):
-        part = points[points.kind == kind]
-        for (job, method), curve in part.groupby(["job", "method"], sort=True):
-            curve = curve.sort_values("target_loss", na_position="last")
-            style = "*" if method == "none" else "o-"
-            row[0].plot(curve[curve.utility.iloc[0]], curve[similarity], style, label=f"{method}")
-        utility = part.utility.iloc[0]
-        row[0].set(xlabel=utility + (" (axis inverted)" if utility == "caption_rmse" else ""),
-                   ylabel=similarity + (" to the training image (axis inverted)" if similarity == "train_rmse" else ""),
-                   title=f"ours: {kind}")
-        if utility == "caption_rmse":
-            row[0].invert_xaxis()
-        if similarity == "train_rmse":
-            row[0].invert_yaxis()
-        row[0].legend(fontsize=8)
-        ref = published[(published.mem_type == kind) & (published.y_metric == "SSCD")]
-        for method, curve in ref.groupby("method", sort=True):
-            row[1].plot(curve.clip_score, curve.similarity, "o-" if len(curve) > 1 else "*", label=method)
-        row[1].set(xlabel="CLIP score", ylabel="SSCD", title=f"published (BE Fig. 6/7, digitized): {kind}")
-        row[1].legend(fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame, extra: dict[str, pd.DataFrame],
-              points: pd.DataFrame, ddpm_jobs: list[tuple[Path, dict]]) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>be-bench leaderboard</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
-             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{margin:6px}</style></head><body>",
-             "<h1>be-bench leaderboard</h1>",
-             "<p>Rows marked <b>published</b> are quoted from the papers (reports/reference); all others are ours.</p>",
-             "<h2>Leaderboard (prompt level, all memorized vs not)</h2>", board.to_html(index=False),
-             "<h2>Table 1 layout</h2>", t1.to_html(index=False)]
-    for title, table in extra.items():
-        parts += [f"<h2>{title}</h2>", table.to_html(index=False)]
-    if not points.empty and points.utility.notna().all() and {"SSCD", "train_rmse", "S"} & set(points):
-        parts += ["<h2>Mitigation trade-off</h2>",
-                  f"<img alt='trade-off curves' src='data:image/png;base64,{tradeoff_figure(points)}'>"]
-    for folder, _ in ddpm_jobs:
-        encoded = base64.b64encode((folder / "copies.png").read_bytes()).decode("ascii")
-        parts.append(f"<h3>{folder}</h3><img alt='copies: generation | nearest | copied patches' "
-                     f"src='data:image/png;base64,{encoded}'>")
-    parts.append("<h2>Pictures</h2>")
-    for job in sorted(ours.job.unique()):
-        windows = sorted(t for t in ours[ours.job == job]["T"].unique() if t)
-        parts.append(f"<h3>{job}</h3>")
-        parts.append(f"<img alt='ROC' src='data:image/png;base64,{roc_figure(Path(job), windows[0])}'>")
-        parts.append(f"<img alt='heat map' src='data:image/png;base64,{heatmap_figure(ours, job)}'>")
-        gallery = Path(job) / "masks.png"
-        if gallery.exists():  # testbed jobs: generation | BE mask | ground-truth region
-            encoded = base64.b64encode(gallery.read_bytes()).decode("ascii")
-            parts.append(f"<img alt='BE masks and ground truth' src='data:image/png;base64,{encoded}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def _md(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".4g") + "\n"
 
 
 def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") -> dict[str, Path]:
+    """Write the report of every finished job under ``paths`` into ``out``; returns {file name: path}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ours = collect(paths)
-    board, t1 = leaderboard(ours, metric), table1(ours)
-    extra = {"Table 2 layout: similarity metrics as memorization calls (F1)": table2(paths),
-             "Localization: BE mask vs ground truth": localization_summary(paths),
-             "BE intensity by memorization type (Fig. 5 as numbers)": intensity_summary(paths),
-             "Unconditional DDPMs: copies of training images": ddpm_summary(paths),
-             "Published third-party re-run of detection (not ours)": _published("sail2025_detection_rerun.csv")}
-    points = mitigation_points(paths)
-    files = {"leaderboard.md": board.to_markdown(index=False) + "\n", "leaderboard.csv": board.to_csv(index=False),
-             "table1.md": t1.to_markdown(index=False) + "\n", "table1.csv": t1.to_csv(index=False),
-             "table1.tex": t1.to_latex(index=False)}
-    for stem, table in zip(("table2", "localization", "intensity", "ddpm"), extra.values()):
-        files |= {f"{stem}.md": table.to_markdown(index=False) + "\n", f"{stem}.csv": table.to_csv(index=False)}
-    files["table2.tex"] = extra["Table 2 layout: similarity metrics as memorization calls (F1)"].to_latex(index=False)
+    jobs = finished_jobs(paths)
+    links = {j.label: j.link(out) for j in jobs}
+    ours = _collect(jobs)
+    board = leaderboard(ours)
+    t1 = table1(ours)
+    t2 = table2(jobs)
+    loc = localization_board(jobs)
+    intensity = intensity_summary(jobs)
+    points = mitigation_points(jobs)
+    ddpm = ddpm_summary(jobs)
+    groups = headline_groups(jobs)
+    detect_jobs = [j for j in jobs if j.task == "detect"]
+    job_list = jobs_table(jobs, out)
+
+    files: dict[str, str] = {"jobs.md": _md(job_list), "jobs.csv": job_list.to_csv(index=False)}
+    md = ["# be-bench report", "", _lede(jobs).replace("<i>", "*").replace("</i>", "*"), "",
+          "## The answer", "", _markdown_findings(groups), "## Jobs", "", _md(job_list)]
+    sections = [("answer", "The answer", html.headline_section(groups, links))]
+    if not board.empty:
+        files |= {"leaderboard.md": _md(board), "leaderboard.csv": board.to_csv(index=False)}
+    if not t1.empty:
+        files |= {"table1.csv": t1.to_csv(index=False)}
+        wide = {job: table1_wide(t1, job) for job in dict.fromkeys(t1.job)}
+        files["table1.md"] = "\n".join(f"### {job}\n\n{_md(w)}" for job, w in wide.items())
+        files["table1.tex"] = "\n".join(f"% {escape(job)}\n{to_latex(w)}" for job, w in wide.items())
+        caption = (f"Each cell: ours [95% CI], then the paper's value (SD v1-4, {PAPER} Table 1) and ours - paper. "
+                   "Prompt level; LD with the layer set named in the row.")
+        md += ["## Table 1: detection by T and memorization type", "", caption, "", files["table1.md"]]
+        sections.append(("table1", "Table 1: detection by T and memorization type",
+                         f"<p>{caption}</p>" + "".join(
+                             f"<h3>{html.escape(job)}</h3>{html.table1_html(t1, job)}" for job in wide)))
+    if not ours.empty:
+        figures = "".join(html._img(plots.auc_vs_T_figure(ours, job, metric), f"{metric} vs T",
+                                    f"{job}: prompt level, error bars = bootstrap 95% CI; open squares = the paper")
+                          for job in dict.fromkeys(ours.job))
+        sections.append(("by-T", f"{html.METRICS.get(metric, metric)} vs T per detector", figures))
+        sections.append(("leaderboard", "Leaderboard (every detector, layer set, T, subset, level)",
+                         "<p>Click a column header to sort (again to reverse); filter and group with the menus. "
+                         "Default: prompt level, grouped by job in the order of the tables above.</p>"
+                         + html.leaderboard_html(board)))
+        md += ["## Leaderboard (prompt level; every level in leaderboard.md / .csv)", "",
+               _md(board[board.level == "prompt"])]
+    if not t2.empty:
+        files |= {"table2.md": _md(t2), "table2.csv": t2.to_csv(index=False), "table2.tex": to_latex(t2)}
+        caption = ("F1 of similarity metrics as memorization calls (ours: ground-truth jobs; S, LS on the 0-255 "
+                   f"scale), the paper's value ({PAPER} Table 2, SD v1-4) and ours - paper.")
+        md += ["## Table 2: similarity metrics as memorization calls", "", caption, "", files["table2.md"]]
+        sections.append(("table2", "Table 2: similarity metrics as memorization calls",
+                         f"<p>{caption}</p>{html._table(t2)}"))
+    if not loc.empty and (~loc.job.str.startswith("published")).any():
+        files |= {"localization.md": _md(loc), "localization.csv": loc.to_csv(index=False)}
+        caption = ("Every localizer, best IoU first within a job; control = the same maps of never-trained "
+                   "generations scored against the planted masks (what a spatial bias alone reaches).")
+        galleries = "".join(html._img(plots.gallery_figure(j.folder / "masks.png", j.label), "mask gallery")
+                            for j in detect_jobs if (j.folder / "masks.png").exists())
+        md += ["## Localization", "", caption, "", files["localization.md"]]
+        sections.append(("localization", "Localization: every localizer against the ground truth",
+                         f"<p>{caption}</p>{html._table(loc)}<div class='pics'>{galleries}</div>"))
+    if not intensity.empty:
+        files |= {"intensity.md": _md(intensity), "intensity.csv": intensity.to_csv(index=False)}
+        caption = ("BE intensity by memorization type (the paper's Fig. 5): quartiles and Tukey whiskers. "
+                   "Each panel has its own scale; the order of the boxes is what compares.")
+        md += ["## BE intensity by memorization type (Fig. 5)", "", caption, "", files["intensity.md"]]
+        sections.append(("intensity", "BE intensity by memorization type (Fig. 5)",
+                         f"<p>{caption}</p>" + html._img(plots.intensity_figure(intensity), "intensity box plots")
+                         + html._table(intensity, 5)))
     if not points.empty:
-        files |= {"mitigation.md": points.round(4).to_markdown(index=False) + "\n",
-                  "mitigation.csv": points.to_csv(index=False)}
-    ddpm_jobs = [(f, r) for f, r in results(paths, "ddpm") if (f / "copies.png").exists()]
-    files["leaderboard.html"] = html_page(ours, board, t1, extra, points, ddpm_jobs)
+        files |= {"mitigation.md": _md(points), "mitigation.csv": points.to_csv(index=False)}
+        md += ["## Mitigation trade-off (Fig. 6/7)", "", files["mitigation.md"]]
+        figure = ""
+        if points.utility.notna().all() and set(plots._SIMILARITIES) & set(points):
+            figure = html._img(plots.tradeoff_figure(points), "trade-off curves",
+                               "Similarity to the training image vs utility; ours beside the paper's Fig. 6/7.")
+        sections.append(("mitigation", "Mitigation trade-off (Fig. 6/7)", figure + html._table(points, 4)))
+    if not ddpm.empty:
+        files |= {"ddpm.md": _md(ddpm), "ddpm.csv": ddpm.to_csv(index=False)}
+        md += ["## Unconditional DDPMs: copies of training images", "", files["ddpm.md"]]
+        pictures = "".join(
+            f"<h3>{html.escape(j.label)}</h3>" + html._img(plots_b64(j.folder / "copies.png"),
+                                                          "copies: generation | nearest | copied patches")
+            for j in jobs if j.task == "ddpm" and (j.folder / "copies.png").exists())
+        sections.append(("ddpm", "Unconditional DDPMs: copies of training images", html._table(ddpm, 4) + pictures))
+    if detect_jobs:
+        pictures = []
+        for job in detect_jobs:
+            gens = job_generations(job)
+            metrics = pd.DataFrame(job.result["metrics"])
+            windows = sorted(t for t in metrics["T"].unique() if t)
+            figs = [html._img(plots.heatmap_figure(ours, job.label, "LD", metric), "layer x T heat map")]
+            if gens is not None and windows:
+                figs.insert(0, html._img(plots.roc_figure(gens, metrics, job.label, windows[0]), "ROC curves"))
+            pictures.append(f"<h3>{html.escape(job.label)}</h3><div class='pics'>{''.join(figs)}</div>")
+        sections.append(("pictures", "ROC curves and layer x T heat maps per job", "".join(pictures)))
+    sections.append(("jobs", "Jobs", html.jobs_html(job_list)))
+    rerun = published("sail2025_detection_rerun.csv")
+    sections.append(("reference", "Published third-party re-run of detection (not ours)",
+                     f"<details><summary>{len(rerun)} published rows</summary>{html._table(rerun)}</details>"))
+    files["report.md"] = "\n".join(md)
+    files["leaderboard.html"] = html.page(sections, _lede(jobs))
+    for name in OUTPUT_FILES:
+        if name not in files:
+            (out / name).unlink(missing_ok=True)  # a section this report leaves out: no stale file from before
     for name, text in files.items():
         (out / name).write_text(text)
     return {name: out / name for name in files}
+
+
+def plots_b64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 JOB_FILES = ("metrics.json", "generations.csv", "mitigation.csv", "masks.png")
@@ -371,12 +229,13 @@ def main() -> None:
     parser.add_argument("folders", nargs="*")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of a W&B project")
     parser.add_argument("--out", default="outputs/report")
-    parser.add_argument("--metric", default="auc", choices=["auc", "tpr_at_1pct_fpr", "f1"])
+    parser.add_argument("--metric", default="auc", choices=["auc", "tpr_at_1pct_fpr", "f1"],
+                        help="the metric of the by-T plots and heat maps")
     args = parser.parse_args()
     folders = list(args.folders) + ([fetch_wandb(args.wandb, args.out)] if args.wandb else [])
     if not folders:
         parser.error("give job folders and/or --wandb ENTITY/PROJECT")
-    for name, path in write_report(folders, args.out, args.metric).items():
+    for path in write_report(folders, args.out, args.metric).values():
         print(path)
 
 
