@@ -221,3 +221,23 @@ def test_end_maps_at_chosen_steps(tiny_model, tmp_path):
     assert trace.end_maps_at(-1) is trace.end_maps and trace.end_maps_at(5) is trace.end_maps
     with pytest.raises(KeyError, match=r"at steps \[0, 3, 5\]"):
         trace.end_maps_at(2)
+
+
+@pytest.mark.slow
+def test_compiled_unet_records_the_same_trace_without_recompiling():
+    """torch.compile with the recorders as graph breaks (dynamo's eager backend: tracing and guards, no codegen)."""
+    from torch._dynamo.utils import counters
+
+    from benchmark.models import tiny_text_to_image
+
+    model = tiny_text_to_image(seed=0)
+    settings = SamplerSettings(steps=3, height=32, width=32)
+    eager = sample_with_capture(model, "a cat", [0, 1], settings, decode=False)
+    model.unet.compile(backend="eager")
+    compiled = sample_with_capture(model, "a cat", [0, 1], settings, decode=False)
+    frames = counters["frames"]["total"]
+    sample_with_capture(model, ["a cat", "a dog"], [0, 1], settings, decode=False)  # new prompts, same shapes
+    assert counters["frames"]["total"] == frames  # no recompilation per call, step or prompt
+    torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-6, rtol=1e-6)
+    for layer in eager.end_maps:
+        torch.testing.assert_close(compiled.end_maps[layer], eager.end_maps[layer], atol=1e-6, rtol=1e-6)
