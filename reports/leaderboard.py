@@ -151,6 +151,54 @@ def localization_summary(paths: list[str | Path]) -> pd.DataFrame:
                      ignore_index=True)
 
 
+def localization_leaderboard(paths: list[str | Path]) -> pd.DataFrame:
+    """Every localizer of each detection job with ground truth (``localization.localization_leaderboard``: IoU and
+    pixel AUROC with bootstrap 95% intervals, unrelated-mask control), the published IoUs beside them."""
+    def cell(r: dict, name: str) -> str:
+        if pd.isna(r.get(name)):
+            return ""
+        lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
+        return f"{r[name]:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and pd.notna(lo) else "")
+
+    rows = [{"source": f"ours: {result['model']} / {result['prompt_set']}", "subset": "local (planted)",
+             "method": r["localizer"], "iou": cell(r, "iou"), "pixel_auroc": cell(r, "pixel_auroc"),
+             "control_auroc": cell(r, "control_auroc")}
+            for _, result in results(paths, "detect") for r in result.get("localization_leaderboard", [])]
+    published = _published("localization_iou_thirdparty.csv")
+    published["iou"] = published.iou.map(lambda v: f"{v:.3f}")
+    published["pixel_auroc"] = published["control_auroc"] = ""
+    return pd.concat([pd.DataFrame(rows, columns=["source", "subset", "method", "iou", "pixel_auroc", "control_auroc"]),
+                      published[["source", "subset", "method", "iou", "pixel_auroc", "control_auroc"]]],
+                     ignore_index=True)
+
+
+def early_figure(result: dict) -> str | None:
+    """Early-step BE of one job: localization IoU and pixel AUROC (per layer set) and detection AUC (BE intensity,
+    LD T=1; prompt level, all) against the 0-based step k of the end-token maps. None without early results."""
+    if not result.get("early_detection"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    det = pd.DataFrame(result["early_detection"])
+    det = det[(det.level == "prompt") & (det.subset == "all") & (det["T"] <= 1)]
+    loc = pd.DataFrame(result.get("early_localization", []))
+    fig, axes = plt.subplots(1, 3 if not loc.empty else 1, figsize=(12 if not loc.empty else 4.2, 3.6), squeeze=False)
+    for (detector, layers), part in det.groupby(["detector", "layers"], sort=False):
+        axes[0, 0].plot(part.step, part.auc, "o-", label=f"{detector} [{layers}]")
+    axes[0, 0].set(xlabel="step k (0-based)", ylabel="detection AUC", title="detection by step")
+    axes[0, 0].legend(fontsize=7)
+    for ax, metric in zip(axes[0, 1:], ("iou", "pixel_auroc")):
+        for layers, part in loc.groupby("layers", sort=False):
+            ax.plot(part.step, part[metric], "o-", label=layers)
+        ax.set(xlabel="step k (0-based)", ylabel=metric, title=f"localization {metric} by step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def intensity_summary(paths: list[str | Path], layers: str = "all") -> pd.DataFrame:
     """BE intensity quartiles per memorization type (the paper's Fig. 5 box plot as numbers), ours and published.
     Our scale is the testbed's, not SD's: compare the ordering, not the values."""
@@ -308,6 +356,9 @@ def html_page(ours: pd.DataFrame, board: pd.DataFrame, t1: pd.DataFrame, extra: 
         parts.append(f"<h3>{job}</h3>")
         parts.append(f"<img alt='ROC' src='data:image/png;base64,{roc_figure(Path(job), windows[0])}'>")
         parts.append(f"<img alt='heat map' src='data:image/png;base64,{heatmap_figure(ours, job)}'>")
+        early = early_figure(json.loads((Path(job) / "metrics.json").read_text()))
+        if early:
+            parts.append(f"<img alt='early-step BE by step' src='data:image/png;base64,{early}'>")
         gallery = Path(job) / "masks.png"
         if gallery.exists():  # testbed jobs: generation | BE mask | ground-truth region
             encoded = base64.b64encode(gallery.read_bytes()).decode("ascii")
@@ -323,6 +374,7 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     board, t1 = leaderboard(ours, metric), table1(ours)
     extra = {"Table 2 layout: similarity metrics as memorization calls (F1)": table2(paths),
              "Localization: BE mask vs ground truth": localization_summary(paths),
+             "Localization leaderboard: every localizer [bootstrap 95% CI]": localization_leaderboard(paths),
              "BE intensity by memorization type (Fig. 5 as numbers)": intensity_summary(paths),
              "Unconditional DDPMs: copies of training images": ddpm_summary(paths),
              "Published third-party re-run of detection (not ours)": _published("sail2025_detection_rerun.csv")}
@@ -330,7 +382,8 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     files = {"leaderboard.md": board.to_markdown(index=False) + "\n", "leaderboard.csv": board.to_csv(index=False),
              "table1.md": t1.to_markdown(index=False) + "\n", "table1.csv": t1.to_csv(index=False),
              "table1.tex": t1.to_latex(index=False)}
-    for stem, table in zip(("table2", "localization", "intensity", "ddpm"), extra.values()):
+    for stem, table in zip(("table2", "localization", "localization_leaderboard", "intensity", "ddpm"),
+                           extra.values()):
         files |= {f"{stem}.md": table.to_markdown(index=False) + "\n", f"{stem}.csv": table.to_csv(index=False)}
     files["table2.tex"] = extra["Table 2 layout: similarity metrics as memorization calls (F1)"].to_latex(index=False)
     if not points.empty:
