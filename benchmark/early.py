@@ -45,8 +45,9 @@ def load_step_maps(store: TraceStore, generations: list[Generation], steps: list
 
 
 def windows_at(step: int, windows: list[int]) -> list[int]:
-    """LD's step windows at step k: each T capped at k + 1, without repeats."""
-    return sorted({min(T, step + 1) for T in windows})
+    """LD's step windows at step k: 1 (the first step's D, Wen's and BE's best window) and each T of ``windows``
+    capped at k + 1 (a T past step k is "every step so far"), without repeats."""
+    return sorted({1} | {min(T, step + 1) for T in windows})
 
 
 def score_by_step(arrays: TraceArrays, step_maps: dict[int, dict[str, np.ndarray]],
@@ -160,9 +161,10 @@ def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fpr
 # ------------------------------------------------------------------------------------------------ one job
 
 def job_results(store: TraceStore, generations: list[Generation], arrays: TraceArrays, recorded: list[int],
-                n_steps: int, layer_sets: dict[str, list[str]], windows: list[int], signal: dict, fprs: list[float],
+                n_steps: int, layer_sets: dict[str, list[str]], signal: dict, fprs: list[float],
                 n_boot: int = 1000, truth: dict[str, Truth] | None = None, rule: str = "otsu") -> dict:
-    """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step`),
+    """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of BE intensity,
+    LD with T = 1, LD with T = k + 1 (every step so far) and LD with the signal's T, per layer set),
     ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T}), and where ground-truth masks
     exist ``early_localization`` (:func:`localization_by_step`) and ``localization_leaderboard`` (every localizer,
     early-step BE on the first layer set, the oracle best word where token maps were stored, the all-ones floor and
@@ -172,7 +174,7 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
     out: dict = {}
     step_maps = (load_step_maps(store, generations, steps) if steps else {}) | {n_steps - 1: arrays.end_maps}
     if steps:
-        scores = score_by_step(arrays, step_maps, layer_sets, windows)
+        scores = score_by_step(arrays, step_maps, layer_sets, [int(signal["T"]), n_steps])
         out["early_detection"] = detection_by_step(scores, n_boot).to_dict(orient="records")
         out["early_stopping"] = early_stopping(scores, signal["detector"], signal["layers"], signal["T"], fprs,
                                                n_steps).to_dict(orient="records")

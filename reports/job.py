@@ -48,6 +48,17 @@ def mitigation_markdown(result: dict) -> str:
     return "\n".join(str(p) for p in parts) + "\n"
 
 
+def early_signals(det: pd.DataFrame) -> pd.DataFrame:
+    """By-step detection rows labelled ``<detector> [<layers>] <window>``; LD's window T = k + 1 (every step so far)
+    is labelled ``T=k+1`` (and also ``T=1`` at k = 0, where both are the first step)."""
+    det = det.copy()
+    base = det.detector + " [" + det.layers + "]"
+    det["signal"] = base + det["T"].map(lambda t: f" T={t}" if t else "")
+    so_far = det[(det["T"] > 0) & (det["T"] == det.step + 1)].assign(signal=lambda d: d.signal.str.replace(
+        r" T=\d+$", " T=k+1", regex=True))
+    return pd.concat([det[(det["T"] <= 1) | (det["T"] != det.step + 1)], so_far], ignore_index=True)
+
+
 def early_markdown(result: dict) -> list[str]:
     """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early.py), where present."""
     parts = []
@@ -60,8 +71,7 @@ def early_markdown(result: dict) -> list[str]:
                   "", board[cols].round(3).to_markdown(index=False)]
     if result.get("early_detection"):
         det = pd.DataFrame(result["early_detection"])
-        det = det[(det.level == "prompt") & (det.subset == "all")].copy()
-        det["signal"] = det.detector + " [" + det.layers + "]" + det["T"].map(lambda t: f" T={t}" if t else "")
+        det = early_signals(det[(det.level == "prompt") & (det.subset == "all")])
         wide = det.pivot_table(index="signal", columns="step", values="auc", sort=False)
         parts += ["", "## Early-step BE: detection AUC (prompt level, all) by 0-based step k of the end-token maps", "",
                   wide.round(3).to_markdown()]
@@ -72,6 +82,7 @@ def early_markdown(result: dict) -> list[str]:
                   .round(3).to_markdown()]
     if result.get("early_stopping"):
         stop = pd.DataFrame(result["early_stopping"])
+        stop["threshold"] = stop.threshold.map(lambda v: f"{v:.4g}")
         signal = result["config"]["early"]["signal"] if "config" in result else {}
         title = (f"## Early stopping (simulated from the traces; signal {signal}): threshold FPR vs steps saved "
                  "vs memorized generations caught")

@@ -21,6 +21,7 @@ import pandas as pd
 from benchmark.jobfolder import read_job, write_config
 
 from benchmark.registry import DETECTORS
+from reports.job import early_signals
 
 REFERENCE = Path(__file__).parent / "reference"
 method_name = DETECTORS.label  # a detector's display label; an unregistered name shows as itself
@@ -183,11 +184,13 @@ def early_figure(result: dict) -> str | None:
     import matplotlib.pyplot as plt
 
     det = pd.DataFrame(result["early_detection"])
-    det = det[(det.level == "prompt") & (det.subset == "all") & (det["T"] <= 1)]
+    first = det.layers.iloc[0]  # the first layer set; every set is in the job's report.md
+    det = early_signals(det[(det.level == "prompt") & (det.subset == "all") & (det.layers == first)])
+    det = det[det.signal.str.endswith(("]", "T=1", "T=k+1"))]
     loc = pd.DataFrame(result.get("early_localization", []))
     fig, axes = plt.subplots(1, 3 if not loc.empty else 1, figsize=(12 if not loc.empty else 4.2, 3.6), squeeze=False)
-    for (detector, layers), part in det.groupby(["detector", "layers"], sort=False):
-        axes[0, 0].plot(part.step, part.auc, "o-", label=f"{detector} [{layers}]")
+    for signal, part in det.groupby("signal", sort=False):
+        axes[0, 0].plot(part.step, part.auc, "o-", label=signal)
     axes[0, 0].set(xlabel="step k (0-based)", ylabel="detection AUC", title="detection by step")
     axes[0, 0].legend(fontsize=7)
     for ax, metric in zip(axes[0, 1:], ("iou", "pixel_auroc")):

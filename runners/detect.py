@@ -69,8 +69,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
             if gallery is not None:
                 to_png(gallery.transpose(2, 0, 1)).save(folder / "masks.png")
         summary |= early.job_results(store, plan, arrays, list(settings.end_map_steps), s.steps, layer_sets,
-                                     list(cfg.score.T), dict(cfg.early.signal), list(cfg.early.fpr), cfg.score.n_boot,
-                                     prompt_set.truth, cfg.localization.rule)
+                                     dict(cfg.early.signal), list(cfg.early.fpr), cfg.early.n_boot, prompt_set.truth,
+                                     cfg.localization.rule)
         summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
         summary["metrics"] = metrics.to_dict(orient="records")
         jobfolder.write_results(folder, "detect", config, {**asdict(settings), "seed": s.seed, "dtype": m.dtype},
