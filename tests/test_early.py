@@ -120,3 +120,16 @@ def test_detect_job_writes_early_tables(tmp_path, compose):
     assert len(stop) == 6 and set(stop.fpr_target) == {0.0, 0.5}
     assert (stop.calibration_fpr <= stop.fpr_target).all()
     assert "Early stopping" in (tmp_path / "job" / "report.md").read_text()
+
+
+def test_pixel_aurocs_equal_the_roc_auc_of_each_pair():
+    from benchmark.metrics import pixel_auroc
+
+    rng = np.random.default_rng(0)
+    truths = rng.random((6, 8, 8)) > 0.6
+    soft = rng.integers(0, 4, (6, 8, 8)).astype(float)  # many ties
+    soft[0] = 1.0  # a constant mask: 0.5
+    expected = [pixel_auroc(m, t) if m.std() > 0 else 0.5 for m, t in zip(soft, truths)]
+    assert L.pixel_aurocs(soft, truths) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="truth mask 1 is all one class"):
+        L.pixel_aurocs(soft[:2], np.stack([truths[0], np.zeros((8, 8), bool)]))
