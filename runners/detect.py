@@ -104,7 +104,8 @@ def check_settings(cfg: DictConfig, layer_sets: dict[str, list[str]]) -> None:
         raise ValueError(f"score.headline.T={head.T} is not one of score.T {list(score.T)}")
     if head.level not in ("prompt", "generation"):
         raise ValueError(f"score.headline.level {head.level!r} is neither prompt nor generation")
-    early.check_signal(dict(cfg.early.signal), layer_sets, list(cfg.early.fpr))
+    if s.get("end_map_steps"):  # the stopping signal is used only where earlier steps are recorded
+        early.check_signal(dict(cfg.early.signal), layer_sets, list(cfg.early.fpr))
     try:
         binarize(np.arange(4.0), cfg.localization.rule)
     except ValueError as err:

@@ -133,3 +133,10 @@ def test_pixel_aurocs_equal_the_roc_auc_of_each_pair():
     assert L.pixel_aurocs(soft, truths) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="truth mask 1 is all one class"):
         L.pixel_aurocs(soft[:2], np.stack([truths[0], np.zeros((8, 8), bool)]))
+
+
+def test_a_bad_stopping_signal_fails_before_sampling(tmp_path, compose):
+    cfg = compose("detect", "debug=default", "sampler.end_map_steps=[1]", "early.signal.layers=nowhere")
+    with pytest.raises(ValueError, match="early.signal.layers 'nowhere' is not a layer set"):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "metrics.json").exists()
