@@ -48,6 +48,48 @@ def mitigation_markdown(result: dict) -> str:
     return "\n".join(str(p) for p in parts) + "\n"
 
 
+def early_signals(det: pd.DataFrame) -> pd.DataFrame:
+    """By-step detection rows labelled ``<detector> [<layers>] <window>``; LD's window T = k + 1 (every step so far)
+    is labelled ``T=k+1`` (and also ``T=1`` at k = 0, where both are the first step)."""
+    det = det.copy()
+    base = det.detector + " [" + det.layers + "]"
+    det["signal"] = base + det["T"].map(lambda t: f" T={t}" if t else "")
+    so_far = det[(det["T"] > 0) & (det["T"] == det.step + 1)].assign(signal=lambda d: d.signal.str.replace(
+        r" T=\d+$", " T=k+1", regex=True))
+    return pd.concat([det[(det["T"] <= 1) | (det["T"] != det.step + 1)], so_far], ignore_index=True)
+
+
+def early_markdown(result: dict) -> list[str]:
+    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early.py), where present."""
+    parts = []
+    if result.get("localization_leaderboard"):
+        board = pd.DataFrame(result["localization_leaderboard"])
+        for name in ("iou", "pixel_auroc"):
+            board[name] = board.apply(lambda r, n=name: _fmt(r, n), axis=1)
+        cols = [c for c in ("localizer", "iou", "pixel_auroc", "n", "control_iou", "control_auroc") if c in board]
+        parts += ["", "## Localization leaderboard: every localizer on the same local generations [bootstrap 95% CI]",
+                  "", board[cols].round(3).to_markdown(index=False)]
+    if result.get("early_detection"):
+        det = pd.DataFrame(result["early_detection"])
+        det = early_signals(det[(det.level == "prompt") & (det.subset == "all")])
+        wide = det.pivot_table(index="signal", columns="step", values="auc", sort=False)
+        parts += ["", "## Early-step BE: detection AUC (prompt level, all) by 0-based step k of the end-token maps", "",
+                  wide.round(3).to_markdown()]
+    if result.get("early_localization"):
+        loc = pd.DataFrame(result["early_localization"])
+        parts += ["", "## Early-step BE: localization by step k", "",
+                  loc.pivot_table(index="layers", columns="step", values=["iou", "pixel_auroc"], sort=False)
+                  .round(3).to_markdown()]
+    if result.get("early_stopping"):
+        stop = pd.DataFrame(result["early_stopping"])
+        stop["threshold"] = stop.threshold.map(lambda v: f"{v:.4g}")
+        signal = result["config"]["early"]["signal"] if "config" in result else {}
+        title = (f"## Early stopping (simulated from the traces; signal {signal}): threshold FPR vs steps saved "
+                 "vs memorized generations caught")
+        parts += ["", title, "", stop.round(3).to_markdown(index=False)]
+    return parts
+
+
 def job_markdown(folder: str | Path) -> str:
     folder = Path(folder)
     result = json.loads((folder / "metrics.json").read_text())
@@ -66,6 +108,7 @@ def job_markdown(folder: str | Path) -> str:
     if result.get("token_localization"):
         parts += ["", "## Which tokens' final-step maps localize the copied region (pixel AUROC, first layer set)", "",
                   pd.DataFrame(result["token_localization"]).round(3).to_markdown(index=False)]
+    parts += early_markdown(result)
     if result.get("similarity_f1"):
         parts += ["", "## Similarity metrics as memorization calls (BE Table 2 layout; S, LS on the 0-255 scale)", "",
                   pd.DataFrame(result["similarity_f1"]).round(3).to_markdown(index=False)]

@@ -179,8 +179,11 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
             figs = [html._img(plots.heatmap_figure(ours, job.label, "LD", metric), "layer x T heat map")]
             if gens is not None and windows:
                 figs.insert(0, html._img(plots.roc_figure(gens, metrics, job.label, windows[0]), "ROC curves"))
+            early = plots.early_figure(job.result, job.label)
+            if early:
+                figs.append(html._img(early, "early-step BE by step k"))
             pictures.append(f"<h3>{html.escape(job.label)}</h3><div class='pics'>{''.join(figs)}</div>")
-        sections.append(("pictures", "ROC curves and layer x T heat maps per job", "".join(pictures)))
+        sections.append(("pictures", "ROC curves, layer x T heat maps and early-step BE per job", "".join(pictures)))
     sections.append(("jobs", "Jobs", html.jobs_html(job_list)))
     rerun = published("sail2025_detection_rerun.csv")
     sections.append(("reference", "Published third-party re-run of detection (not ours)",

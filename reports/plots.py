@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports.job import early_signals
 from reports.labels import detector_label, detector_order
 from reports.tables import METRICS, published
 
@@ -245,5 +246,31 @@ def gallery_figure(masks_png: Path, job: str) -> str | None:
     axes[0][0].set_title("generation", fontsize=9)
     axes[0][1].set_title("BE mask (red = bright)\n+ ground truth (green outline)", fontsize=9)
     fig.suptitle(_wrap(f"Local memorization — {job}", 45), fontsize=9)
+    fig.tight_layout()
+    return png(fig)
+
+
+def early_figure(result: dict, job: str) -> str | None:
+    """Early-step BE of one job: detection AUC (prompt level, all; the first layer set) and localization IoU and
+    pixel AUROC (per layer set) against the 0-based step k of the end-token maps. None without early results."""
+    if not result.get("early_detection"):
+        return None
+    plt = _pyplot()
+    det = pd.DataFrame(result["early_detection"])
+    first = det.layers.iloc[0]  # the first layer set; every set is in the job's report.md
+    det = early_signals(det[(det.level == "prompt") & (det.subset == "all") & (det.layers == first)])
+    det = det[det.signal.str.endswith(("]", "T=1", "T=k+1"))]
+    loc = pd.DataFrame(result.get("early_localization", []))
+    fig, axes = plt.subplots(1, 3 if not loc.empty else 1, figsize=(12 if not loc.empty else 4.2, 3.6), squeeze=False)
+    for signal, part in det.groupby("signal", sort=False):
+        axes[0, 0].plot(part.step, part.auc, "o-", label=signal)
+    axes[0, 0].set(xlabel="step k (0-based)", ylabel="detection AUC", title="detection by step")
+    axes[0, 0].legend(fontsize=7)
+    for ax, metric in zip(axes[0, 1:], ("iou", "pixel_auroc")):
+        for layers, part in loc.groupby("layers", sort=False):
+            ax.plot(part.step, part[metric], "o-", label=layers)
+        ax.set(xlabel="step k (0-based)", ylabel=metric, title=f"localization {metric} by step")
+        ax.legend(fontsize=7)
+    fig.suptitle(_wrap(f"early-step BE: {job}"), fontsize=9)
     fig.tight_layout()
     return png(fig)

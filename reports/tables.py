@@ -179,6 +179,12 @@ def localization_board(jobs: list[Job]) -> pd.DataFrame:
     token role's final-step map (pixel AUROC only); the third-party BE IoU on SD v1-4 follows as published."""
     rows = []
     for job in jobs:
+        if job.result.get("localization_leaderboard"):  # every localizer, with bootstrap intervals
+            rows += [{"job": job.label, **{k: r.get(k) for k in ("localizer", "iou", "iou_lo", "iou_hi", "pixel_auroc",
+                                                                 "pixel_auroc_lo", "pixel_auroc_hi", "control_iou",
+                                                                 "control_auroc", "n")}}
+                     for r in job.result["localization_leaderboard"]]
+            continue
         for r in job.result.get("localization", []):
             floor = r["layers"].startswith("all-ones")
             rows.append({"job": job.label, "localizer": "all-ones mask (floor)" if floor else f"BE mask [{r['layers']}]",

@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection, jobfolder, localization
+from benchmark import detection, early, jobfolder, localization
 from benchmark.capture import SamplerSettings, image_seeds
 from benchmark.metrics import binarize
 from benchmark.models import get_model
@@ -68,6 +68,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                                            next(iter(layer_sets.values())))
             if gallery is not None:
                 to_png(gallery.transpose(2, 0, 1)).save(folder / "masks.png")
+        summary |= early.job_results(store, plan, arrays, list(settings.end_map_steps), s.steps, layer_sets,
+                                     dict(cfg.early.signal), list(cfg.early.fpr), cfg.early.n_boot, prompt_set.truth,
+                                     cfg.localization.rule)
         summary["headline"] = value = detection.headline(metrics, **cfg.score.headline)
         summary["metrics"] = metrics.to_dict(orient="records")
         jobfolder.write_results(folder, "detect", config, {**asdict(settings), "seed": s.seed, "dtype": m.dtype},
@@ -101,6 +104,8 @@ def check_settings(cfg: DictConfig, layer_sets: dict[str, list[str]]) -> None:
         raise ValueError(f"score.headline.T={head.T} is not one of score.T {list(score.T)}")
     if head.level not in ("prompt", "generation"):
         raise ValueError(f"score.headline.level {head.level!r} is neither prompt nor generation")
+    if s.get("end_map_steps"):  # the stopping signal is used only where earlier steps are recorded
+        early.check_signal(dict(cfg.early.signal), layer_sets, list(cfg.early.fpr))
     try:
         binarize(np.arange(4.0), cfg.localization.rule)
     except ValueError as err:

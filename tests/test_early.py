@@ -1,0 +1,142 @@
+"""Early-step BE (benchmark/early.py) and the localization leaderboard, on constructed numbers and the tiny model."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmark import early
+from benchmark import localization as L
+from benchmark.detection import TraceArrays
+from benchmark.prompts import Truth
+from runners.detect import run
+
+
+def test_calibrate_by_hand():
+    negatives = np.arange(1, 11) / 10  # 0.1 .. 1.0
+    assert early.calibrate(negatives, 0.1) == pytest.approx(0.9)  # one of ten may exceed it: the second largest
+    assert early.calibrate(negatives, 0.01) == pytest.approx(1.0)  # none may
+    assert early.calibrate(negatives, 0.25) == pytest.approx(0.8)  # floor(2.5) = 2 may
+    with pytest.raises(ValueError, match="fpr=1"):
+        early.calibrate(negatives, 1.0)
+
+
+def _scores(values: dict[str, list[float]], step: int) -> pd.DataFrame:
+    kinds = {"g0": "global", "l0": "local"}
+    return pd.DataFrame([{"prompt_id": p, "kind": kinds.get(p, "none"), "memorized": p in kinds, "seed": s,
+                          "step": step, "detector": "BE_intensity", "layers": "all", "T": 0, "score": v}
+                         for p, vs in values.items() for s, v in enumerate(vs)])
+
+
+def test_early_stopping_counts_by_hand():
+    # negatives n0, n2 calibrate (sorted ids, every other one); n1, n3 are evaluated
+    values = {"n0": [0.1, 0.2], "n1": [0.3, 0.6], "n2": [0.4, 0.5], "n3": [0.0, 0.1],
+              "g0": [0.7, 0.8], "l0": [0.45, 0.3]}
+    table = early.early_stopping(_scores(values, 4), "BE_intensity", "all", 1, [0.0, 0.25], n_steps=10)
+    strict, loose = table.iloc[0], table.iloc[1]
+    # fpr 0: threshold = the largest calibration score 0.5; stopped: g0 x2, n1's 0.6
+    assert strict.threshold == pytest.approx(0.5) and strict.calibration_fpr == 0
+    assert strict.caught == pytest.approx(0.5) and strict.caught_global == 1 and strict.caught_local == 0
+    assert strict.false_stop_rate == pytest.approx(0.25)
+    # 3 stopped at step 4 of 10 save 5 steps each, over 8 evaluated generations (4 memorized + 4 negatives)
+    assert strict.steps_saved_mean == pytest.approx(15 / 8) and strict.steps_saved_fraction == pytest.approx(15 / 80)
+    assert (strict.n_memorized, strict.n_eval_negatives, strict.n_calibration) == (4, 4, 4)
+    # fpr 0.25: floor(1) = 1 calibration score may exceed: threshold 0.4; l0's 0.45 is caught now
+    assert loose.threshold == pytest.approx(0.4) and loose.calibration_fpr == pytest.approx(0.25)
+    assert loose.caught_local == pytest.approx(0.5) and loose.caught == pytest.approx(0.75)
+
+
+def test_early_stopping_needs_two_negative_prompts():
+    with pytest.raises(ValueError, match="at least 2 non-memorized prompts"):
+        early.early_stopping(_scores({"n0": [0.1], "g0": [0.9]}, 0), "BE_intensity", "all", 1, [0.1], 5)
+    with pytest.raises(ValueError, match="early.signal.detector 'D'"):
+        early.check_signal({"detector": "D", "layers": "all", "T": 1}, {"all": ["*"]}, [0.1])
+
+
+def _arrays(n: int = 2, steps: int = 5) -> TraceArrays:
+    rows = pd.DataFrame({"prompt_id": ["m", "n"][:n], "kind": ["global", "none"][:n], "memorized": [True, False][:n],
+                         "seed": [0] * n})
+    delta = np.ones((n, steps, 4, 4))
+    maps = {"a": np.zeros((n, 2, 2)), "b": np.zeros((n, 2, 2))}
+    return TraceArrays(rows, delta, maps, {}, np.array([3] * n), {})
+
+
+def test_score_by_step_reads_each_steps_maps():
+    arrays = _arrays()
+    step_maps = {0: {"a": np.full((2, 2, 2), 0.1), "b": np.full((2, 2, 2), 0.3)},
+                 4: {"a": np.full((2, 2, 2), 0.5), "b": np.full((2, 2, 2), 0.7)}}
+    table = early.score_by_step(arrays, step_maps, {"all": ["*"], "a": ["a"]}, [1, 5])
+    pick = lambda **kw: table.loc[np.logical_and.reduce([table[k] == v for k, v in kw.items()]), "score"].to_numpy()
+    assert pick(step=0, detector="BE_intensity", layers="all") == pytest.approx([0.2, 0.2])
+    assert pick(step=4, detector="BE_intensity", layers="a") == pytest.approx([0.5, 0.5])
+    # LD's window at step 0 is capped at 1 step; at step 4 both windows exist. A constant mask cancels: LD = D = 4
+    assert set(table[(table.step == 0) & (table.detector == "LD")]["T"]) == {1}
+    assert set(table[(table.step == 4) & (table.detector == "LD")]["T"]) == {1, 5}
+    assert pick(step=4, detector="LD", layers="all", T=5) == pytest.approx([4.0, 4.0])
+
+
+def _truth():
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    return {"m": Truth(np.zeros((3, 4, 4)), mask)}, mask
+
+
+def test_leaderboard_rows_and_intervals():
+    truth, mask = _truth()
+    ids = ["m", "m", "m", "n"]
+    perfect = np.stack([mask.astype(float)] * 4)
+    noisy = perfect.copy()
+    noisy[1] = np.rot90(mask).astype(float)  # one of the three local generations misses: IoU 0
+    board = L.localization_leaderboard({"perfect": perfect, "noisy": noisy, "all-ones (floor)": np.ones((4, 4, 4))},
+                                       ids, truth, n_boot=200, control_of="perfect").set_index("localizer")
+    assert board.loc["perfect", "iou"] == 1 and board.loc["perfect", "iou_lo"] == 1
+    assert board.loc["noisy", "iou"] == pytest.approx(2 / 3)
+    assert board.loc["noisy", "iou_lo"] < 2 / 3 < board.loc["noisy", "iou_hi"] == 1  # resampling 3 generations
+    assert board.loc["all-ones (floor)", "iou"] == pytest.approx(0.25)
+    assert board.loc["all-ones (floor)", "pixel_auroc"] == 0.5
+    # "n" has no ground truth: the control scores its map against the planted mask
+    assert board.loc["unrelated-mask control: perfect", "n"] == 1
+    assert board.loc["perfect", "control_iou"] == 1 and board.loc["perfect", "n"] == 3
+
+
+def test_oracle_best_word_and_registered_localizers():
+    _, mask = _truth()
+    # tokens: start, word 1 (off the mask), word 2 (on it), end; the oracle takes word 2
+    tokens = np.stack([np.ones((4, 4)), np.rot90(mask).astype(float), mask.astype(float), np.ones((4, 4))])
+    oracle = L.oracle_word_maps({"a": tokens[None]}, np.array([3]), ["a"], (4, 4))
+    assert np.array_equal(oracle([0], mask[None]), mask[None].astype(float))
+    maps = L.leaderboard_maps({"a": mask[None].astype(float)}, {"all": ["*"]}, (4, 4), {"oracle best word": oracle})
+    assert list(maps) == ["BE [all]", "oracle best word", "all-ones (floor)"]
+
+
+def test_detect_job_writes_early_tables(tmp_path, compose):
+    cfg = compose("detect", "debug=default", "sampler.end_map_steps=[0,2]", "early.fpr=[0.0,0.5]")
+    run(cfg, tmp_path / "job")
+    result = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    det = pd.DataFrame(result["early_detection"])
+    assert set(det.step) == {0, 2, 4} and set(det.detector) == {"BE_intensity", "LD"}
+    assert set(det[det.step == 0]["T"]) == {0, 1}  # LD's windows capped at k + 1
+    stop = pd.DataFrame(result["early_stopping"])
+    assert len(stop) == 6 and set(stop.fpr_target) == {0.0, 0.5}
+    assert (stop.calibration_fpr <= stop.fpr_target).all()
+    assert "Early stopping" in (tmp_path / "job" / "report.md").read_text()
+
+
+def test_pixel_aurocs_equal_the_roc_auc_of_each_pair():
+    from benchmark.metrics import pixel_auroc
+
+    rng = np.random.default_rng(0)
+    truths = rng.random((6, 8, 8)) > 0.6
+    soft = rng.integers(0, 4, (6, 8, 8)).astype(float)  # many ties
+    soft[0] = 1.0  # a constant mask: 0.5
+    expected = [pixel_auroc(m, t) if m.std() > 0 else 0.5 for m, t in zip(soft, truths)]
+    assert L.pixel_aurocs(soft, truths) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="truth mask 1 is all one class"):
+        L.pixel_aurocs(soft[:2], np.stack([truths[0], np.zeros((8, 8), bool)]))
+
+
+def test_a_bad_stopping_signal_fails_before_sampling(tmp_path, compose):
+    cfg = compose("detect", "debug=default", "sampler.end_map_steps=[1]", "early.signal.layers=nowhere")
+    with pytest.raises(ValueError, match="early.signal.layers 'nowhere' is not a layer set"):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "metrics.json").exists()
