@@ -34,7 +34,7 @@ from .registry import DETECTORS, EXTRA_PASSES, LOCALIZERS
 from .traces import TraceKey, TraceStore, atomic_write
 
 EXTRA_VERSION = "1"  # bump when the meaning of a stored extra value changes
-PASS_ARGS = ("model", "prompt", "seeds", "settings", "prompt_index")  # every pass's positional inputs; the rest: knobs
+PASS_ARGS = ("model", "prompts", "seeds", "settings", "prompt_index")  # every pass's positional inputs; the rest: knobs
 SELECTION_KNOBS = ("n",)  # knobs that pick which images get a pass, not what it computes (not in the hash)
 
 
@@ -70,21 +70,21 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
 
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)
-def sail_pass(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-              prompt_index: int | None, k: int = J.SAIL_STEPS) -> dict[str, np.ndarray]:
+def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
+              prompt_index: list[int], k: int = J.SAIL_STEPS) -> dict[str, np.ndarray]:
     """SAIL per image over the first ``k`` steps (official k = 1), :func:`jacobian_scores.sail`."""
-    return {"sail": J.sail(model, prompt, seeds, settings, k, prompt_index=prompt_index)}
+    return {"sail": J.sail(model, prompts, seeds, settings, k, prompt_index=prompt_index)}
 
 
 @EXTRA_PASSES.register("anisotropy", label="anisotropy (Asthana & Belagiannis)",
                        fields={"anisotropy": "scalar", "guidance_norm": "scalar", "alignment": "scalar"},
                        check=_check_anisotropy)
-def anisotropy_pass(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-                    prompt_index: int | None, gamma_norm: float = J.ANISOTROPY_GAMMA_NORM,
+def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
+                    prompt_index: list[int], gamma_norm: float = J.ANISOTROPY_GAMMA_NORM,
                     gamma_cos: float = J.ANISOTROPY_GAMMA_COS,
                     low_noise_index: int = J.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
     """The anisotropy score and its two terms per image (official SD v1 weights 1, 2), :func:`jacobian_scores.anisotropy`."""
-    return J.anisotropy(model, prompt, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
+    return J.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
 
 
 _BASELINES: dict[tuple, TextToImage] = {}
@@ -100,14 +100,14 @@ def _baseline(source: str, model: TextToImage) -> TextToImage:
 
 @EXTRA_PASSES.register("curvature", label="curvature difference map (Kim & Lee)", fields={"curvature_map": "map"},
                        check=_check_curvature)
-def curvature_pass(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-                   prompt_index: int | None, step: int = J.CURVATURE_STEP, probes: int = J.CURVATURE_PROBES,
+def curvature_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
+                   prompt_index: list[int], step: int = J.CURVATURE_STEP, probes: int = J.CURVATURE_PROBES,
                    probe_seed: int = 0, baseline: str | None = None) -> dict[str, np.ndarray]:
     """The curvature map per image (n, h, w) at ``step`` (official: the last) with ``probes`` Hutchinson probes
     (official 16); ``baseline`` None: against the unconditional branch, else a model source (a less-trained
     snapshot) whose conditional branch is the baseline. :func:`jacobian_scores.curvature_map`."""
     base = _baseline(baseline, model) if baseline is not None else None
-    return {"curvature_map": J.curvature_map(model, prompt, seeds, settings, step, probes, probe_seed, base,
+    return {"curvature_map": J.curvature_map(model, prompts, seeds, settings, step, probes, probe_seed, base,
                                              prompt_index=prompt_index)}
 
 

@@ -175,8 +175,8 @@ LOCALIZERS = Registry("localizer", _check_localizer)
 
 EXTRA_PASSES = Registry("extra pass")
 """Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,
-prompt, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}``, one value per (prompt, seed)
-alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
+prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}`` (image i: ``prompts[i]``,
+``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
 ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.extras``."""
 
 MITIGATIONS = Registry("mitigation")
