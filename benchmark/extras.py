@@ -216,6 +216,17 @@ def requests(names: Iterable[str], knobs: dict[str, dict] | None, settings: Samp
     return out
 
 
+def check_detector(name: str, extra: list[ExtraRequest]) -> None:
+    """Raise ValueError when detector ``name`` reads an extra pass's field that none of ``extra`` provides (e.g. a
+    headline on SAIL without ``sail`` in ``capture.extra``): before anything is sampled."""
+    provided = {f for request in extra for f in request.fields}
+    for entry in EXTRA_PASSES.entries():
+        needed = set(entry.fields) & set(DETECTORS[name].trace_fields) - provided
+        if needed:
+            raise ValueError(f"detector {name!r} reads {', '.join(sorted(needed))} of the extra pass {entry.name!r}: "
+                             f"add it to capture.extra")
+
+
 def missing_seeds(store: TraceStore, key: TraceKey, seeds: list[int], request: ExtraRequest) -> list[int]:
     """The seeds among ``request.seeds(seeds)`` without the request's sidecar; raises ValueError on a sidecar of
     another format version or another pass."""

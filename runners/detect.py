@@ -40,6 +40,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())),
                                    seeding=s.seeding, gen_seed=s.seed)
         extra = extras.requests(cfg.capture.extra, OmegaConf.to_container(cfg.extra, resolve=True), settings)
+        extras.check_detector(cfg.score.headline.detector, extra)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(settings, s.n_images)
         plan = detection.plan(prompt_set, model_key(m),

@@ -121,6 +121,9 @@ def test_bad_extra_settings_get_one_clear_error():
         extras.requests(["curvature"], {}, SamplerSettings(steps=4, guidance=7.5, height=32, width=32, eta=1.0))
     with pytest.raises(ValueError, match="n must be a positive"):
         extras.requests(["anisotropy"], {"anisotropy": {"n": 0}}, SETTINGS)
+    with pytest.raises(ValueError, match="detector 'SAIL' reads sail of the extra pass 'sail': add it"):
+        extras.check_detector("SAIL", extras.requests(["anisotropy"], {}, SETTINGS))
+    extras.check_detector("D", [])
 
 
 def test_score_difference_ranks_as_D_only_at_the_first_step():
@@ -172,3 +175,17 @@ def test_detect_job_with_sail_and_anisotropy(tmp_path, compose):
     run(compose("detect", "debug=default", "capture.extra=[sail,anisotropy]"), tmp_path / "job2")
     again = json.loads((tmp_path / "job2" / "metrics.json").read_text())
     assert again["sampled_now"] == 0 and again["extra_computed_now"] == 0
+
+
+def test_extras_follow_official_seeding(tiny_model, tmp_path, same_up_to_float_order):
+    settings = SamplerSettings(steps=3, guidance=7.5, height=32, width=32, seeding="official", gen_seed=3)
+    store = TraceStore(tmp_path / "store")
+    plan = detection.plan(PROMPTS, "tiny", "official", [0, 1])
+    detection.generate(tiny_model, plan, settings, store, batch_size=4)
+    wanted = extras.requests(["anisotropy"], {"anisotropy": {"n": 1}}, settings)
+    assert extras.compute_missing(tiny_model, plan, settings, store, wanted) == 2  # row 0 of each prompt
+    arrays = detection.load(store, plan, wanted)
+    first = arrays.rows.seed.to_numpy() == 0
+    same_up_to_float_order(arrays.extras["guidance_norm"][first], S.magnitude_D(arrays.delta_sq, 1)[first],
+                           rel=2e-3)
+    assert np.isnan(arrays.extras["guidance_norm"][~first]).all()
