@@ -20,6 +20,7 @@ import inspect
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,7 @@ class ExtraRequest:
     knobs: dict = field(hash=False)
     n: int | None = None
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """Hash of everything that changes the stored values: name, knobs, format version (and the baseline
         model's weights, where a knob names a local folder)."""
