@@ -42,7 +42,9 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
         ok = [j for j, i in enumerate(picked) if done[i]]
         iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [picked[j] for j in ok], masks.shape[-2:]),
                                     masks[ok], rule)
-        row = {"layers": name, "binarisation": rule, "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
+        row = {"layers": name, "localizer": name if isinstance(layers, np.ndarray) else "BE" if layers else "floor",
+               "binarisation": rule,
+               "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
                "pixel_auroc": float(np.mean(auroc_)), "n": len(ok)}
         if unrelated:
             # each never-trained generation against one planted mask, in turn: every mask is used about equally

@@ -20,7 +20,7 @@ import pandas as pd
 
 from benchmark.jobfolder import read_job, write_config
 
-from benchmark.registry import DETECTORS
+from benchmark.registry import DETECTORS, LOCALIZERS
 
 REFERENCE = Path(__file__).parent / "reference"
 method_name = DETECTORS.label  # a detector's display label; an unregistered name shows as itself
@@ -139,7 +139,8 @@ def localization_summary(paths: list[str | Path]) -> pd.DataFrame:
     """Mask IoU (and pixel AUROC, ours only, with its unrelated-mask control) per layer set, with the third-party
     BE IoU on SD v1-4 beside it."""
     rows = [{"source": f"ours: {result['model']} / {result['prompt_set']}", "subset": "local (planted)",
-             "method": "all-ones mask" if r["layers"].startswith("all-ones") else f"BE [{r['layers']}]",
+             "method": "all-ones mask" if r["layers"].startswith("all-ones") else f"BE [{r['layers']}]"
+             if r.get("localizer", "BE") == "BE" else LOCALIZERS.label(r["localizer"]),  # an extra pass's map
              "iou": f"{r['iou']:.3f}", "pixel_auroc": f"{r['pixel_auroc']:.3f}",
              "control_auroc": f"{r['control_auroc']:.3f}" if "control_auroc" in r else ""}
             for _, result in results(paths, "detect") for r in result.get("localization", [])]

@@ -152,7 +152,7 @@ def test_localization_table_scores_other_localizers_on_their_computed_generation
     assert set(maps) == {"curvature", "score_difference"}
     table = localization_table(arrays.end_maps, list(arrays.rows.prompt_id), truth, {"all": ["*"]}, maps=maps)
     row = table[table.layers == "curvature"].iloc[0]
-    assert row.n == 1 and row.n_control == 1  # the NaN rows (not computed) are left out
+    assert row.n == 1 and row.n_control == 1 and row.localizer == "curvature"  # NaN rows (not computed) left out
     assert row.iou == pytest.approx(1.0) and row.pixel_auroc == pytest.approx(1.0)
     assert table[table.layers == "score_difference"].iloc[0].n == 2
     del arrays.extras["curvature_map"]
