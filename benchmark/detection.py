@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import extras as X
 from . import scores as S
 from .capture import SamplerSettings, cross_attention_layers, sample_with_capture
 from .metrics import detection_metrics
 from .models import TextToImage
 from .prompts import Prompt, PromptSet
-from .registry import DETECTORS, Entry
+from .registry import DETECTORS, EXTRA_PASSES, Entry
 from .sampling import Generation, sample_missing, sampler_key
 from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
 
@@ -39,8 +40,9 @@ def check_grid(model: TextToImage, layer_sets: dict[str, list[str]], windows: li
 
 
 def check_detectors() -> None:
-    """Every registered detector reads only trace fields that :class:`TraceArrays` has."""
-    known = set(TraceArrays.__dataclass_fields__) - {"rows"}
+    """Every registered detector reads only trace fields that :class:`TraceArrays` has or an extra pass adds."""
+    known = (set(TraceArrays.__dataclass_fields__) - {"rows", "extras"}
+             | {f for entry in EXTRA_PASSES.entries() for f in entry.fields})
     for entry in DETECTORS.entries():
         missing = [f for f in entry.trace_fields if f not in known]
         if missing:
@@ -85,9 +87,13 @@ class TraceArrays:
     token_attn: dict[str, np.ndarray]
     end_index: np.ndarray
     token_maps: dict[str, np.ndarray]  # layer -> (n, tokens, h, w); empty unless every trace has them
+    # fields of the extra passes asked for (``benchmark.extras``): name -> (n,) or (n, h, w); NaN rows for the
+    # generations a pass was not run on (its ``n``: a prompt's first images only)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def stack(cls, traces: list[Trace], labels: list[Prompt]) -> TraceArrays:
+    def stack(cls, traces: list[Trace], labels: list[Prompt],
+              extras: dict[str, np.ndarray] | None = None) -> TraceArrays:
         rows = pd.DataFrame({"prompt_id": [p.id for p in labels], "kind": [p.kind for p in labels],
                              "memorized": [p.memorized for p in labels],
                              "seed": [t.meta["seed"] for t in traces]})
@@ -97,7 +103,7 @@ class TraceArrays:
                    {k: np.stack([t.token_attn[k] for t in traces]) for k in layers},
                    np.array([t.end_index for t in traces]),
                    {k: np.stack([t.token_maps[k] for t in traces]) for k in layers}
-                   if all(t.token_maps for t in traces) else {})
+                   if all(t.token_maps for t in traces) else {}, dict(extras or {}))
 
     @property
     def layers(self) -> list[str]:
@@ -106,13 +112,35 @@ class TraceArrays:
     def mask(self, layers: list[str]) -> np.ndarray:
         return S.be_mask(self.end_maps, layers, self.delta_sq.shape[-2:])
 
+    def has(self, name: str) -> bool:
+        """Whether the trace field ``name`` is here: a capture field always, an extra pass's when it was asked for."""
+        return name in self.extras or (name in self.__dataclass_fields__ and name not in ("rows", "extras"))
+
+    def get(self, name: str):
+        if name in self.extras:
+            return self.extras[name]
+        if not self.has(name):
+            raise KeyError(f"no trace field {name!r} here (extra pass not asked for? capture.extra)")
+        return getattr(self, name)
+
+    def computed(self, fields: Iterable[str]) -> np.ndarray:
+        """(n,) bool: the generations whose extra fields among ``fields`` are all computed (finite)."""
+        keep = np.ones(len(self.rows), bool)
+        for name in fields:
+            if name in self.extras:
+                keep &= np.isfinite(self.extras[name].reshape(len(self.rows), -1)).all(axis=1)
+        return keep
+
     def inputs(self, detector: Entry, layers: list[str] | None, T: int, mask: np.ndarray | None) -> dict:
-        """A detector's keyword arguments, by its parameter names (``registry.LAYER_INPUTS``)."""
-        derived = {"layers": layers, "mask": mask, "T": T}
-        return {name: derived[name] if name in derived else getattr(self, name) for name in detector.inputs}
+        """A detector's (or localizer's) keyword arguments, by its parameter names (``registry.LAYER_INPUTS``;
+        ``size``: the latents' spatial size)."""
+        derived = {"layers": layers, "mask": mask, "T": T, "size": self.delta_sq.shape[-2:]}
+        return {name: derived[name] if name in derived else self.get(name) for name in detector.inputs}
 
 
-def load(store: TraceStore, generations: list[Generation]) -> TraceArrays:
+def load(store: TraceStore, generations: list[Generation], extra: list[X.ExtraRequest] = ()) -> TraceArrays:
+    """The stored traces of ``generations``, stacked, with the fields of the ``extra`` passes (``benchmark.extras``:
+    their sidecars must be computed, ``extras.compute_missing``)."""
     traces, labels = [], []
     for gen in generations:
         for seed in gen.seeds:
@@ -120,24 +148,28 @@ def load(store: TraceStore, generations: list[Generation]) -> TraceArrays:
             labels.append(gen.prompt)
     if not traces:
         raise ValueError("no traces to score")
-    return TraceArrays.stack(traces, labels)
+    rows = [(gen.key, gen.seeds, seed) for gen in generations for seed in gen.seeds]
+    return TraceArrays.stack(traces, labels, X.load_fields(store, rows, list(extra)) if extra else None)
 
 
 def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int]) -> pd.DataFrame:
     """Every detector on every layer set and step window, per generation, in long format.
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
+    A detector that reads a field these traces lack (an extra pass not asked for, ``capture.extra``) is skipped;
+    one whose extra pass ran on some generations only (its ``n``) has rows for those only.
     """
     _check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
-    detectors = DETECTORS.entries()
+    detectors = [d for d in DETECTORS.entries() if all(arrays.has(f) for f in d.trace_fields)]
 
     def add(detector: Entry, name: str, layers: list[str] | None, T: int, mask: np.ndarray | None = None):
         values = np.asarray(detector.fn(**arrays.inputs(detector, layers, T, mask)))
         if values.shape != (len(arrays.rows),):
             raise ValueError(f"detector {detector.name!r} returned shape {values.shape}, expected "
                              f"({len(arrays.rows)},): one score per generation")
-        parts.append(arrays.rows.assign(detector=detector.name, layers=name, T=T, score=values))
+        keep = arrays.computed(detector.trace_fields)
+        parts.append(arrays.rows.assign(detector=detector.name, layers=name, T=T, score=values)[keep])
 
     # the order of the rows: detectors without a layer set, then per layer set those without a window, then per T
     for d in detectors:

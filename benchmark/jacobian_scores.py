@@ -34,7 +34,7 @@ kernels support.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .capture import SamplerSettings, initial_noise
+from .capture import SamplerSettings, encode_prompts, initial_noise
 from .models import TextToImage
 
 # official defaults, named where they come from
@@ -179,8 +179,17 @@ def _check_model(model: TextToImage, seeds: list[int], settings: SamplerSettings
         raise ValueError(f"sampler steps must be >= 1, got {settings.steps}")
 
 
-def _context(model: TextToImage, prompt: str, n: int) -> torch.Tensor:
-    return torch.cat([model.encode([""]).expand(n, -1, -1), model.encode([prompt]).expand(n, -1, -1)])
+def _prompts(prompt: str | Sequence[str], n: int) -> list[str]:
+    """One prompt per image: ``prompt`` for all, or ``prompt[i]`` with ``seeds[i]``."""
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} seeds: give one prompt, or one per seed")
+    return prompts
+
+
+def _context(model: TextToImage, prompt: str | Sequence[str], n: int) -> torch.Tensor:
+    # each distinct prompt encoded on its own (capture.encode_prompts), as the sampler does for the traces
+    return torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, _prompts(prompt, n))])
 
 
 def _guided_step(model: TextToImage, eps: torch.Tensor, t, latents: torch.Tensor,
@@ -196,17 +205,20 @@ def _step_index(step: int, n_steps: int, what: str) -> int:
 
 
 @torch.no_grad()
-def sail(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
-         k: int = SAIL_STEPS) -> np.ndarray:
+def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
+         k: int = SAIL_STEPS, prompt_index: int | Sequence[int] | None = None) -> np.ndarray:
     """SAIL's sharpness score per image (n,), float32: the mean over the first ``k`` sampling steps of
     ``||(H_c - H_u)(s_c - s_u)||_2`` (see :func:`sail_step`); higher = memorized. Prompt level (the paper's):
     the mean over a prompt's images. Costs per step one guided UNet pass and one JVP (about three passes).
+    ``prompt``: one for every image, or one per image (images of several prompts in one call; each value depends
+    on its own prompt and seed alone). ``prompt_index``: the prompt's position in its set (one, or one per image),
+    needed by official seeding (``capture.initial_noise``).
     Raises ValueError for an empty seed list, ``k`` outside 1..steps, or a non-epsilon model."""
     _check_model(model, seeds, settings)
     if not 1 <= k <= settings.steps:
         raise ValueError(f"SAIL steps k={k} must be in 1..{settings.steps}")
     context = _context(model, prompt, len(seeds))
-    latents = initial_noise(model, seeds, settings)
+    latents = initial_noise(model, seeds, settings, prompt_index)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
     eps_fn = eps_predictor(model.unet)
@@ -221,19 +233,21 @@ def sail(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSet
 
 
 @torch.no_grad()
-def anisotropy(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
+def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
                gamma_norm: float = ANISOTROPY_GAMMA_NORM, gamma_cos: float = ANISOTROPY_GAMMA_COS,
-               low_noise_index: int = ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
+               low_noise_index: int = ANISOTROPY_LOW_NOISE_INDEX, prompt_index: int | Sequence[int] | None = None
+               ) -> dict[str, np.ndarray]:
     """The anisotropy score on pure noise, per image: ``{"anisotropy", "guidance_norm", "alignment"}``, each (n,)
     float32 (see :func:`anisotropy_terms`); higher = memorized. Two guided UNet passes on ``x_T``, at
     ``timesteps[0]`` and ``timesteps[low_noise_index]`` of the sampler's schedule; no denoising step.
+    ``prompt_index``: as in :func:`sail`.
     Raises ValueError for an empty seed list, a timestep index outside the schedule, or a non-epsilon model."""
     _check_model(model, seeds, settings)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
     low = scheduler.timesteps[_step_index(low_noise_index, len(scheduler.timesteps), "low-noise timestep index")]
     context = _context(model, prompt, len(seeds))
-    latents = initial_noise(model, seeds, settings)
+    latents = initial_noise(model, seeds, settings, prompt_index)
     eps_fn = eps_predictor(model.unet)
     pair = torch.cat([latents, latents])
     first = scheduler.timesteps[0]
@@ -245,9 +259,9 @@ def anisotropy(model: TextToImage, prompt: str, seeds: list[int], settings: Samp
             "guidance_norm": norm, "alignment": alignment}
 
 
-def curvature_map(model: TextToImage, prompt: str, seeds: list[int], settings: SamplerSettings,
+def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
                   step: int = CURVATURE_STEP, probes: int = CURVATURE_PROBES, probe_seed: int = 0,
-                  baseline: TextToImage | None = None) -> np.ndarray:
+                  baseline: TextToImage | None = None, prompt_index: int | Sequence[int] | None = None) -> np.ndarray:
     """Coordinate-wise curvature difference map per image, (n, h, w) float32 at the latent resolution, >= 0.
 
     The guided trajectory of ``model`` runs to step index ``step`` (negative counts from the end; official: the
@@ -256,7 +270,7 @@ def curvature_map(model: TextToImage, prompt: str, seeds: list[int], settings: S
     :func:`curvature_from_diagonal`). ``baseline`` None: ``eps_b`` is the model's unconditional branch (the paper's
     Delta h_emptyset); a model (e.g. a less-trained snapshot with the same latent space): ``eps_b`` is its
     conditional branch on its own encoding of the prompt (Delta h_theta~). Costs the trajectory (``step`` guided
-    passes), one forward pass with its graph and one backward pass per probe.
+    passes), one forward pass with its graph and one backward pass per probe. ``prompt_index``: as in :func:`sail`.
     Raises ValueError for an empty seed list, a step outside the schedule, probes < 1 or a non-epsilon model."""
     _check_model(model, seeds, settings)
     scheduler = model.scheduler
@@ -268,7 +282,7 @@ def curvature_map(model: TextToImage, prompt: str, seeds: list[int], settings: S
     context = _context(model, prompt, n)
     eps_fn = eps_predictor(model.unet)
     with torch.no_grad():
-        latents = initial_noise(model, seeds, settings)
+        latents = initial_noise(model, seeds, settings, prompt_index)
         for t in scheduler.timesteps[:index]:
             eps = eps_fn(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, context)
             latents = _guided_step(model, eps, t, latents, settings)
@@ -278,7 +292,7 @@ def curvature_map(model: TextToImage, prompt: str, seeds: list[int], settings: S
             eps_u, eps_c = eps_fn(scheduler.scale_model_input(torch.cat([y, y]), t), t, context).chunk(2)
             return eps_c - eps_u
     else:
-        cond, base_cond = context[n:], baseline.encode([prompt]).expand(n, -1, -1).to(baseline.device)
+        cond, base_cond = context[n:], encode_prompts(baseline, _prompts(prompt, n)).to(baseline.device)
         base_fn = eps_predictor(baseline.unet)
 
         def difference(y):

@@ -26,8 +26,10 @@ __all__ = ["Truth"]  # defined with the prompt sets that carry it; imported from
 
 
 def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],
-                       layer_sets: dict[str, list[str]], rule: str = "otsu") -> pd.DataFrame:
-    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set.
+                       layer_sets: dict[str, list[str]], rule: str = "otsu",
+                       maps: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set, then per
+    other localizer in ``maps`` (name -> (n, h, w), :func:`localizer_maps`; its NaN rows are left out).
 
     ``control_*``: the same scores for the generations of never-trained prompts against the ground-truth masks
     (unrelated to them). A map with a spatial bias (brighter centre, say) scores above 0.5 there: the floor a
@@ -39,26 +41,52 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
     unrelated = [i for i, p in enumerate(prompt_ids) if p not in truth]
     distinct = np.unique(masks, axis=0)
     rows = []
-    for name, layers in list(layer_sets.items()) + [("all-ones (floor)", None)]:
-        iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, picked, masks.shape[-2:]), masks, rule)
-        row = {"layers": name, "binarisation": rule, "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
-               "pixel_auroc": float(np.mean(auroc_)), "n": len(picked)}
+    for name, layers in list(layer_sets.items()) + list((maps or {}).items()) + [("all-ones (floor)", None)]:
+        done = _computed(layers, len(prompt_ids))
+        ok = [j for j, i in enumerate(picked) if done[i]]
+        iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [picked[j] for j in ok], masks.shape[-2:]),
+                                    masks[ok], rule)
+        row = {"layers": name, "localizer": name if isinstance(layers, np.ndarray) else "BE" if layers else "floor",
+               "binarisation": rule,
+               "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
+               "pixel_auroc": float(np.mean(auroc_)), "n": len(ok)}
         if unrelated:
             # each never-trained generation against one planted mask, in turn: every mask is used about equally
             # often at a fraction of the cost of all pairs
             others = distinct[np.arange(len(unrelated)) % len(distinct)]
-            iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, unrelated, masks.shape[-2:]), others, rule)
+            ok = [j for j, i in enumerate(unrelated) if done[i]]
+            iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [unrelated[j] for j in ok], masks.shape[-2:]),
+                                        others[ok], rule)
             row |= {"control_iou": float(np.mean(iou_)), "control_auroc": float(np.mean(auroc_)),
-                    "n_control": len(unrelated)}
+                    "n_control": len(ok)}
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _soft_masks(end_maps: dict[str, np.ndarray], layers: list[str] | None, rows: list[int],
+def localizer_maps(arrays) -> dict[str, np.ndarray]:
+    """The maps (n, h, w) of every registered localizer without a layer set whose trace fields ``arrays`` (a
+    ``detection.TraceArrays``) has, by localizer name: e.g. ``score_difference`` always, ``curvature`` when its
+    extra pass ran (NaN rows where it did not)."""
+    from .registry import LOCALIZERS
+
+    return {e.name: e(**arrays.inputs(e, None, 0, None)) for e in LOCALIZERS.entries()
+            if not e.uses_layers and all(arrays.has(f) for f in e.trace_fields)}
+
+
+def _computed(source, n: int) -> np.ndarray:
+    """(n,) bool: the generations a map source covers (a map array's non-NaN rows; layer sets cover all)."""
+    if isinstance(source, np.ndarray):
+        return np.isfinite(source.reshape(len(source), -1)).all(axis=1)
+    return np.ones(n, bool)
+
+
+def _soft_masks(end_maps: dict[str, np.ndarray], layers: list[str] | np.ndarray | None, rows: list[int],
                 shape: tuple[int, ...]) -> np.ndarray:
-    """The BE masks of some generations (``layers`` None: the all-ones floor)."""
+    """The BE masks of some generations (``layers`` None: the all-ones floor; an array: another localizer's maps)."""
     if layers is None:
         return np.ones((len(rows),) + tuple(shape))
+    if isinstance(layers, np.ndarray):
+        return S.resize_maps(np.asarray(layers[rows], dtype=np.float32), tuple(shape))
     return S.be_mask({k: v[rows] for k, v in end_maps.items()}, layers, shape)
 
 
@@ -191,10 +219,11 @@ def similarity_f1(table: pd.DataFrame, threshold: float = -50.0) -> pd.DataFrame
 
 
 def evaluate(end_maps: dict[str, np.ndarray], images: list[np.ndarray], prompt_ids: list[str], kinds: list[str],
-             truth: dict[str, Truth], layer_sets: dict[str, list[str]], rule: str = "otsu") -> dict[str, pd.DataFrame]:
-    """Every ground-truth table of one job."""
+             truth: dict[str, Truth], layer_sets: dict[str, list[str]], rule: str = "otsu",
+             maps: dict[str, np.ndarray] | None = None) -> dict[str, pd.DataFrame]:
+    """Every ground-truth table of one job (``maps``: other localizers' maps, :func:`localization_table`)."""
     similarity = similarity_table(images, end_maps, prompt_ids, kinds, truth, next(iter(layer_sets.values())))
-    return {"localization": localization_table(end_maps, prompt_ids, truth, layer_sets, rule),
+    return {"localization": localization_table(end_maps, prompt_ids, truth, layer_sets, rule, maps),
             "copying": copy_table(images, prompt_ids, kinds, truth),
             "diversity": diversity_table(images, prompt_ids, truth),
             "similarity_f1": similarity_f1(similarity)}

@@ -19,8 +19,9 @@ from typing import Any
 # The library's modules that register entries of each axis: imported before any look-up, so a registry is complete
 # whatever the caller imported. A new module of detectors (say) is added here once.
 MODULES: dict[str, tuple[str, ...]] = {
-    "detector": ("benchmark.scores",),
-    "localizer": ("benchmark.scores",),
+    "detector": ("benchmark.scores", "benchmark.extras"),
+    "localizer": ("benchmark.scores", "benchmark.extras"),
+    "extra pass": ("benchmark.extras",),
     "mitigation": ("benchmark.mitigation", "benchmark.pad_mitigation"),
     "similarity measure": ("benchmark.similarity",),
     "prompt source": ("benchmark.prompts", "benchmark.prompt_files"),
@@ -154,8 +155,29 @@ DETECTORS = Registry("detector", _check_detector)
 """Detection scores, one per generation. Metadata: ``higher_is_memorized``; derived from the parameters:
 ``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
 
-LOCALIZERS = Registry("localizer")
-"""Soft masks (n, h, w) of where a generation copies, from traces: ``fn(end_maps, layers, size) -> (n, *size)``."""
+LOCALIZER_INPUTS = ("layers", "size")
+
+
+def _check_localizer(name: str, fn: Callable, meta: dict) -> dict:
+    import inspect
+
+    # parameters without a default are inputs: ``layers`` (a layer set), ``size`` (the map size asked for), any
+    # other a trace field, as for detectors
+    params = [p.name for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
+    return {**meta, "inputs": tuple(params), "uses_layers": "layers" in params,
+            "trace_fields": tuple(p for p in params if p not in LOCALIZER_INPUTS)}
+
+
+LOCALIZERS = Registry("localizer", _check_localizer)
+"""Soft masks (n, h, w) of where a generation copies, from traces: ``fn(<trace fields>[, layers], size) ->
+(n, *size)``, e.g. ``be_mask(end_maps, layers, size)``. Derived metadata: ``inputs``, ``uses_layers``,
+``trace_fields`` (a layer-set-free localizer reads only trace fields, e.g. an extra pass's map)."""
+
+EXTRA_PASSES = Registry("extra pass")
+"""Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,
+prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}`` (image i: ``prompts[i]``,
+``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
+ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.extras``."""
 
 MITIGATIONS = Registry("mitigation")
 """Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``

@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection, early, jobfolder, localization
+from benchmark import detection, early, extras, jobfolder, localization
 from benchmark.capture import SamplerSettings, image_seeds
 from benchmark.metrics import binarize
 from benchmark.models import get_model
@@ -39,6 +39,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         check_labels(prompt_set, cfg.score.headline.subset)
         settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())),
                                    seeding=s.seeding, gen_seed=s.seed)
+        extra = extras.requests(cfg.capture.extra, OmegaConf.to_container(cfg.extra, resolve=True), settings)
+        extras.check_detector(cfg.score.headline.detector, extra)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(settings, s.n_images)
         plan = detection.plan(prompt_set, model_key(m),
@@ -47,19 +49,25 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
                                      progress=lambda it: tqdm(it, desc="prompts", disable=None),
                                      token_maps=cfg.capture.token_maps)
-        sampling_s = time.perf_counter() - start
-        arrays = detection.load(store, plan)
+        extra_start = time.perf_counter()
+        extra_now = extras.compute_missing(model, plan, settings, store, extra, s.batch_size,
+                                           progress=lambda it: tqdm(it, desc="extra passes", disable=None))
+        sampling_s, extra_s = time.perf_counter() - start, time.perf_counter() - extra_start
+        arrays = detection.load(store, plan, extra)
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
         metrics = detection.detection_table(scores, cfg.score.n_boot)
         summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
-                   "n_generations": len(arrays.rows), "sampled_now": sampled,
+                   "n_generations": len(arrays.rows), "sampled_now": sampled, "extra_computed_now": extra_now,
+                   "extra_seconds": round(extra_s, 2),  # part of sampling_seconds
+                   "extra": {r.name: {**r.knobs, "n": r.n, "hash": r.digest} for r in extra},
                    "sampling_seconds": round(sampling_s, 2), "scoring_seconds": round(time.perf_counter() - start
                                                                                       - sampling_s, 2)}
         if prompt_set.truth:
             images = [store.read_image(g.key, seed).transpose(2, 0, 1) for g in plan for seed in g.seeds]
             rows = arrays.rows
             tables = localization.evaluate(arrays.end_maps, images, list(rows.prompt_id), list(rows.kind),
-                                           prompt_set.truth, layer_sets, cfg.localization.rule)
+                                           prompt_set.truth, layer_sets, cfg.localization.rule,
+                                           localization.localizer_maps(arrays))
             summary |= localization.summarise(tables)
             tokens = localization.token_table(arrays.token_maps, arrays.end_index, list(rows.prompt_id),
                                               prompt_set.truth, next(iter(layer_sets.values())))

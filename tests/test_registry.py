@@ -12,6 +12,7 @@ from benchmark import detection
 from benchmark.registry import (
     CAPTION_RENDERERS,
     DETECTORS,
+    EXTRA_PASSES,
     LOCALIZERS,
     MITIGATIONS,
     MODEL_BUILDERS,
@@ -27,7 +28,8 @@ N, STEPS, TOKENS = 12, 6, 10
 
 def fake_arrays(seed: int = 0) -> detection.TraceArrays:
     """Traces of N generations with the shapes capture writes: delta_sq (n, steps, 8, 8), end maps at two sizes,
-    token attention normalised over tokens. Half the prompts are labelled memorized."""
+    token attention normalised over tokens, and every extra pass's fields (a scalar or an 8x8 map per generation).
+    Half the prompts are labelled memorized."""
     rng = np.random.default_rng(seed)
     rows = pd.DataFrame({"prompt_id": [f"p{i // 2}" for i in range(N)],
                          "kind": ["global" if i < N // 2 else "none" for i in range(N)],
@@ -38,7 +40,9 @@ def fake_arrays(seed: int = 0) -> detection.TraceArrays:
         rows, rng.random((N, STEPS, 8, 8)) + 0.1,
         {k: rng.random((N, s, s)) + 0.05 for k, s in sizes.items()},
         {k: v / v.sum(-1, keepdims=True) for k, v in attn.items()},
-        rng.integers(2, TOKENS - 1, N), {})
+        rng.integers(2, TOKENS - 1, N), {},
+        {f: rng.random((N,) if kind == "scalar" else (N, 8, 8)) for e in EXTRA_PASSES.entries()
+         for f, kind in e.fields.items()})
 
 
 def scores_of(arrays, name: str, layers: str = "a", T: int = 2) -> np.ndarray:
@@ -80,7 +84,8 @@ def test_detector_reads_only_the_first_T_steps(arrays, name):
 def test_detector_reads_only_its_layer_set(arrays, name):
     other = fake_arrays(seed=2)
     changed = detection.TraceArrays(arrays.rows, arrays.delta_sq, {**arrays.end_maps, "b.0.attn2": other.end_maps[
-        "b.0.attn2"]}, {**arrays.token_attn, "b.0.attn2": other.token_attn["b.0.attn2"]}, arrays.end_index, {})
+        "b.0.attn2"]}, {**arrays.token_attn, "b.0.attn2": other.token_attn["b.0.attn2"]}, arrays.end_index, {},
+        arrays.extras)
     np.testing.assert_allclose(scores_of(changed, name, layers="a"), scores_of(arrays, name, layers="a"), rtol=1e-6)
 
 
@@ -159,7 +164,8 @@ def test_a_registered_detector_reaches_scores_metrics_and_the_leaderboard(arrays
 @pytest.mark.parametrize("name", LOCALIZERS.names())
 def test_localizer_returns_a_map_of_the_latents_size(arrays, name):
     size = arrays.delta_sq.shape[-2:]
-    maps = LOCALIZERS[name](arrays.end_maps, LAYER_SETS["a"], size)
+    entry = LOCALIZERS[name]
+    maps = entry(**arrays.inputs(entry, LAYER_SETS["a"], 0, None))
     assert maps.shape == (N, *size) and np.isfinite(maps).all()
 
 
