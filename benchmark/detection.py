@@ -1,10 +1,8 @@
 """Detection end to end: sample missing traces into the store, score every detector on a grid, compute metrics."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +15,7 @@ from .models import TextToImage
 from .prompts import Prompt, PromptSet
 from .registry import DETECTORS, EXTRA_PASSES, Entry
 from .sampling import Generation, sample_missing, sampler_key
-from .traces import Trace, TraceKey, TraceStore, atomic_write, traces_from_batch
+from .traces import Trace, TraceKey, TraceStore, traces_from_batch
 
 __all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
 
@@ -213,18 +211,6 @@ def detection_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
                 rows.append({"level": level, "detector": detector, "layers": layers, "T": T, "subset": subset,
                              **m})
     return pd.DataFrame(rows)
-
-
-def write_results(folder: Path, summary: dict, metrics: pd.DataFrame, scores: pd.DataFrame) -> None:
-    """The job folder contract read by reports: ``metrics.json`` and the per-generation ``generations.csv``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {**summary, "metrics": metrics.to_dict(orient="records")}
-    _write_text(folder / "generations.csv", scores.to_csv(index=False))
-    _write_text(folder / "metrics.json", json.dumps(payload, indent=1) + "\n")  # last: its presence means done
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: str, level: str,

@@ -47,7 +47,8 @@ class MitigationSettings:
     def __post_init__(self):
         optimised = [name for name in MITIGATIONS if MITIGATIONS[name].optimised]
         if self.method not in optimised:
-            raise ValueError(f"unknown optimised mitigation {self.method!r}; choose from {', '.join(optimised)}")
+            raise ValueError(f"unknown mitigation method {self.method!r} for embedding optimisation; choose from "
+                             f"{', '.join(optimised)} (other mitigations: {', '.join(n for n in MITIGATIONS if n not in optimised)})")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
         if self.protocol not in PROTOCOLS:

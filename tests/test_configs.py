@@ -19,7 +19,7 @@ def test_a_model_alone_brings_its_sampler_layers_and_mitigation_targets(tmp_path
     assert "res64" in cfg.layers.sets
     assert config("mitigate", "model=sd-v1-4").mitigation.target_losses == [1, 2, 3, 4, 5]
     tiny = config("detect", "model=tiny")
-    assert tiny.sampler.steps == 5 and set(tiny.layers.sets) == {"all", "down", "up"}
+    assert tiny.sampler.steps == 5 and set(tiny.layers.sets) == {"all", "down", "up", "ren_E"}
     # an explicit choice still wins over the preset's
     assert config("detect", "model=sd-v1-4", "sampler=tiny", "layers=testbed").sampler.steps == 5
     assert "low8" in config("detect", "model=sd-v1-4", "layers=testbed").layers.sets
@@ -29,9 +29,12 @@ def test_the_default_detection_job_is_unchanged(tmp_path):
     """`python -m runners.detect` on the testbed: the values every earlier release composed."""
     cfg = OmegaConf.to_container(config("detect", f"paths.root={tmp_path}"), resolve=True)
     assert cfg["sampler"] == {"steps": 30, "guidance": 3.0, "height": 32, "width": 32, "eta": 0.0, "n_images": 4,
-                              "seed": 0, "batch_size": 8}
+                              "seed": 0, "batch_size": 8,
+                              # added since: the default seeding and the early-step maps (#14, #18)
+                              "seeding": "per_image", "end_map_steps": [0, 4, 9, 19]}
     assert cfg["layers"]["sets"] == {"all": ["*"], "down16": ["down_blocks.1"], "up16": ["up_blocks.1"],
-                                     "low8": ["down_blocks.2", "mid_block", "up_blocks.0"]}
+                                     "low8": ["down_blocks.2", "mid_block", "up_blocks.0"],
+                                     "ren_E": ["forward:3"]}  # added since: Ren's E layer (#14)
     assert {k: cfg["model"][k] for k in ("name", "build", "device", "dtype", "token_maps")} == {
         "name": "testbed", "build": "testbed", "device": "cpu", "dtype": "float32", "token_maps": True}
     assert cfg["prompts"]["loader"] == "testbed" and cfg["score"]["T"] == [1, 5, 30]

@@ -81,6 +81,7 @@ def test_pad_mitigation_runs_through_the_mitigation_job(tmp_path):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("mitigate", overrides=[f"paths.root={tmp_path}", "debug=default", "sampler.steps=3",
                                              "mitigation.methods=[pad_mask,pad_replace_mask_end]",
+                                             "headline.method=pad_mask",
                                              "mitigation.pad_fractions=[0.5,1.0]"])
     run(cfg, tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())

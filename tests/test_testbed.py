@@ -151,7 +151,7 @@ def test_causal_text_encoder_survives_the_folder_round_trip(tmp_path, tiny_testb
         train(replace(spec, architecture=replace(spec.architecture, text_encoder="gpt")), tmp_path / "x")
 
 
-def test_end_token_padding_survives_the_folder_round_trip(tmp_path):
+def test_end_token_padding_survives_the_folder_round_trip(tmp_path, tiny_testbed_spec):
     """pad_token=end: the saved tokenizer pads with [SEP], the end index still points at the first [SEP], and the
     causal encoder runs without a mask, so each padding copy is a real token state, as SD v1-4 pads with CLIP."""
     from dataclasses import replace
@@ -160,7 +160,7 @@ def test_end_token_padding_survives_the_folder_round_trip(tmp_path):
     from benchmark.models import pads_with_end_token
     from benchmark.testbed.train import build_untrained
 
-    spec = tiny_spec()
+    spec = tiny_testbed_spec
     end_spec = replace(spec, architecture=replace(spec.architecture, pad_token="end"))
     model = load_text_to_image(str(train(end_spec, tmp_path / "pipeline", progress=False)))
     tok = model.tokenizer
