@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from benchmark.testbed.train import train
 from reports.jobs import finished_jobs
@@ -19,34 +18,23 @@ from reports.labels import detector_label
 from reports.latex import escape
 from reports.leaderboard import collect, write_report
 from reports.tables import fmt, fmt_ci
-from runners.common import CONF
 from runners.ddpm import run as run_ddpm
 from runners.detect import run
 from runners.mitigate import run as run_mitigation
-from tests.test_mitigation import _config as mitigation_config
-from tests.test_runner import config
-from tests.test_testbed import tiny_spec
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    if os.environ.get("REPORT_TEST_JOBS"):  # the `outputs` folder this fixture built in an earlier session: reused
-        return Path(os.environ["REPORT_TEST_JOBS"])
+def jobs(tmp_path_factory, compose_at, tiny_testbed_spec):
     root = tmp_path_factory.mktemp("sweep")
     for steps in (5, 6):
-        folder = root / "outputs" / f"steps={steps}"
-        run(config("debug=default", f"paths.root={root}", f"sampler.steps={steps}"), folder)
-        (folder / ".hydra").mkdir()
-        (folder / ".hydra" / "config.yaml").write_text(f"sampler:\n  steps: {steps}\n  n_images: 2\n")
+        run(compose_at(root, "detect", "debug=default", f"sampler.steps={steps}"), root / "outputs" / f"steps={steps}")
     # a mitigation job on a testbed trained in seconds (it has ground truth and captions)
-    testbed = train(tiny_spec(), root / "testbed", progress=False)
-    run_mitigation(mitigation_config(f"paths.root={root}", f"model.source={testbed}", "model.build=null",
-                                     "sampler.steps=4", "mitigation.n_images=1", "mitigation.target_losses=[0.1,1]"),
+    testbed = train(tiny_testbed_spec, root / "testbed", progress=False)
+    run_mitigation(compose_at(root, "mitigate", f"model.source={testbed}", "model.build=null",
+                              "sampler.steps=4", "mitigation.n_images=1", "mitigation.target_losses=[0.1,1]"),
                    root / "outputs" / "mitigation")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        ddpm = compose("ddpm", overrides=["ddpm_model=tiny", f"paths.root={root}", "sampler.n_images=4",
-                                          "sampler.steps=3"])
-    run_ddpm(ddpm, root / "outputs" / "ddpm")
+    run_ddpm(compose_at(root, "ddpm", "ddpm_model=tiny", "sampler.n_images=4", "sampler.steps=3"),
+             root / "outputs" / "ddpm")
     return root / "outputs"
 
 
