@@ -46,11 +46,12 @@ class Entry:
     meta: dict = field(default_factory=dict)
 
     def __getattr__(self, key: str) -> Any:
-        # entry.higher_is_memorized etc.: the axis' metadata read as attributes
-        try:
-            return self.__dict__["meta"][key]
-        except KeyError:
-            raise AttributeError(f"{self.__dict__['name']!r} has no {key!r}") from None
+        # entry.higher_is_memorized etc.: the axis' metadata read as attributes. Only reached for names that are not
+        # fields, so during unpickling (empty __dict__) every look-up must fail as an AttributeError.
+        meta = self.__dict__.get("meta", {})
+        if key.startswith("__") or key not in meta:
+            raise AttributeError(f"{self.__dict__.get('name', 'entry')!r} has no {key!r}")
+        return meta[key]
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

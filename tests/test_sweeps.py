@@ -69,7 +69,7 @@ def test_kill_and_resume_equals_a_clean_run(tmp_path):
     assert not list(killed_root.rglob("*.tmp"))
     assert job_metrics(killed_root) == job_metrics(tmp_path / "clean") and len(job_metrics(killed_root)) == 4
     again = subprocess.run(sweep_cmd(killed_root), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert again.stdout.count("finished already, skipped") == 4
+    assert again.stdout.count("finished already with the same inputs, skipped") == 4
 
 
 def test_submitit_local_executor_runs_the_sweep(tmp_path):
