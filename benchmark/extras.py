@@ -11,7 +11,7 @@ resampled (the trace file is not touched). ``<hash>`` covers the pass name, ever
 its default filled in: ``k``, ``probes``, ``step``, ``probe_seed``, the baseline model and its weights...) and
 :data:`EXTRA_VERSION`; the knob ``n`` (how many of a prompt's images get the pass) only picks seeds and is not in it.
 
-Formulas and official protocols: ``benchmark.jacobian_scores`` and docs/protocols_jacobian.md.
+Formulas and official protocols: ``benchmark.jacobian_scores`` and docs/protocols.md.
 """
 from __future__ import annotations
 
