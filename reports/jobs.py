@@ -46,9 +46,14 @@ class Job:
 
     @property
     def n_images(self) -> int:
-        """Generations per prompt (a mitigation job's own ``mitigation.n_images`` where it has one)."""
+        """Generations per prompt, as the job recorded it (``benchmark.jobfolder``'s ``n_images``: a mitigation job's
+        resolved ``mitigation.n_images``); folders older than that field fall back to the config."""
+        if self.result.get("n_images") is not None:
+            return int(self.result["n_images"])
         mitigation = self.config.get("mitigation", {})
-        return int(mitigation.get("n_images", self.config.get("sampler", {}).get("n_images", -1)))
+        value = mitigation.get("n_images") if mitigation.get("n_images") is not None else \
+            self.config.get("sampler", {}).get("n_images", -1)
+        return int(value)
 
     def link(self, out: Path) -> str:
         """The folder relative to ``out`` (where the report is written), for links that survive moving both."""
