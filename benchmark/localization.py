@@ -25,6 +25,20 @@ from .similarity import pixel_LS, pixel_S
 __all__ = ["Truth"]  # defined with the prompt sets that carry it; imported from here too
 
 
+def truth_split(prompt_ids: list[str], truth: dict[str, Truth]):
+    """The generations a localization is scored on: ``picked`` (indices of those whose prompt has a ground-truth
+    mask) with their ``masks`` (k, H, W), and the never-trained ``unrelated`` ones with ``others``, one planted mask
+    each, the distinct masks in turn (the control: every mask used about equally often at a fraction of the cost
+    of all pairs). None when no generation has a mask."""
+    picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None]
+    if not picked:
+        return None
+    masks = np.stack([truth[prompt_ids[i]].mask for i in picked])
+    unrelated = [i for i, p in enumerate(prompt_ids) if p not in truth]
+    distinct = np.unique(masks, axis=0)
+    return picked, masks, unrelated, distinct[np.arange(len(unrelated)) % len(distinct)]
+
+
 def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],
                        layer_sets: dict[str, list[str]], rule: str = "otsu",
                        maps: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
@@ -34,12 +48,10 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
     ``control_*``: the same scores for the generations of never-trained prompts against the ground-truth masks
     (unrelated to them). A map with a spatial bias (brighter centre, say) scores above 0.5 there: the floor a
     localization has to beat, where the all-ones mask only gives 0.5."""
-    picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None]
-    if not picked:
+    split = truth_split(prompt_ids, truth)
+    if split is None:
         return pd.DataFrame()
-    masks = np.stack([truth[prompt_ids[i]].mask for i in picked])
-    unrelated = [i for i, p in enumerate(prompt_ids) if p not in truth]
-    distinct = np.unique(masks, axis=0)
+    picked, masks, unrelated, others = split
     rows = []
     for name, layers in list(layer_sets.items()) + list((maps or {}).items()) + [("all-ones (floor)", None)]:
         done = _computed(layers, len(prompt_ids))
@@ -50,10 +62,7 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
                "binarisation": rule,
                "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
                "pixel_auroc": float(np.mean(auroc_)), "n": len(ok)}
-        if unrelated:
-            # each never-trained generation against one planted mask, in turn: every mask is used about equally
-            # often at a fraction of the cost of all pairs
-            others = distinct[np.arange(len(unrelated)) % len(distinct)]
+        if unrelated:  # each never-trained generation against one planted mask (truth_split)
             ok = [j for j, i in enumerate(unrelated) if done[i]]
             iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [unrelated[j] for j in ok], masks.shape[-2:]),
                                         others[ok], rule)
@@ -326,13 +335,10 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
     ``unrelated-mask control: <control_of>`` repeats that control, with intervals, as a row of its own.
 
     Returns an empty table when no generation has a mask."""
-    picked = [i for i, p in enumerate(prompt_ids) if p in truth and truth[p].mask is not None]
-    if not picked:
+    split = truth_split(prompt_ids, truth)
+    if split is None:
         return pd.DataFrame()
-    masks = np.stack([truth[prompt_ids[i]].mask for i in picked])
-    unrelated = [i for i, p in enumerate(prompt_ids) if p not in truth]
-    distinct = np.unique(masks, axis=0)
-    others = distinct[np.arange(len(unrelated)) % len(distinct)]
+    picked, masks, unrelated, others = split
 
     def soft(m: Maps, rows: list[int], targets: np.ndarray) -> np.ndarray:
         return m(rows, targets) if callable(m) else np.asarray(m)[rows]
