@@ -14,7 +14,7 @@ from benchmark import detection, jobfolder, tradeoff
 from benchmark.capture import SamplerSettings, cross_attention_layers, image_seeds
 from benchmark.mitigation import OFFICIAL_N_IMAGES, MitigationSettings
 from benchmark.models import get_model
-from benchmark.pad_mitigation import PAD_METHODS, pad_settings
+from benchmark.pad_mitigation import pad_settings
 from benchmark.prompts import load_prompt_set, subset
 from benchmark.registry import MITIGATIONS
 from benchmark.scores import select_layers
@@ -32,9 +32,11 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     tracker = job_tracker(cfg, folder)
     try:
         # every setting is checked before any sampling
+        # the registry says which methods optimise the embedding (a target loss each) and which change it directly
+        direct = [m for m in mit.methods if m in MITIGATIONS and not MITIGATIONS[m].optimised]
         settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm, mit.protocol)
-                    for method in mit.methods if method not in PAD_METHODS for target in mit.target_losses]
-        settings += pad_settings([m for m in mit.methods if m in PAD_METHODS], mit.pad_fractions, mit.pad_replacement)
+                    for method in mit.methods if method not in direct for target in mit.target_losses]
+        settings += pad_settings(direct, mit.pad_fractions, mit.pad_replacement)
         if mit.mask_layers not in cfg.layers.sets:
             raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
         if cfg.headline.method not in mit.methods:
