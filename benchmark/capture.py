@@ -76,7 +76,7 @@ class SamplerSettings:
 
 
 @dataclass
-class _Recording:
+class Recording:
     """Shared state of one sampling pass, read and filled by every recording processor; tensors stay on device."""
 
     n_cond: int  # conditional images are the second half of the CFG batch
@@ -102,7 +102,7 @@ class RecordingCrossAttnProcessor:
     def __init__(self, layer: str, original):
         self.layer = layer
         self.original = original
-        self.recording: _Recording | None = None
+        self.recording: Recording | None = None
 
     # Under torch.compile the recorder is a graph break: its Python-side state (step, lists) never becomes a guard
     # that would recompile the UNet at every step.
@@ -126,7 +126,7 @@ class RecordingCrossAttnProcessor:
         self._record(rec, probs.unflatten(0, (-1, attn.heads)))
         return out
 
-    def _record(self, rec: _Recording, probs: torch.Tensor) -> None:
+    def _record(self, rec: Recording, probs: torch.Tensor) -> None:
         cond = probs[-rec.n_cond:].float()  # (n, heads, pixels, tokens)
         rec.token_attn.setdefault(self.layer, []).append(cond.mean(dim=(1, 2)))
         if rec.keep_maps:
@@ -152,7 +152,7 @@ def check_recordable(layer: str, module: Attention) -> None:
 
 
 @contextmanager
-def capture(unet: torch.nn.Module, recording: _Recording | None) -> Iterator[dict[str, RecordingCrossAttnProcessor]]:
+def capture(unet: torch.nn.Module, recording: Recording | None) -> Iterator[dict[str, RecordingCrossAttnProcessor]]:
     """Wrap every cross-attention layer's processor in a recorder writing into ``recording`` (None: the wrapped
     processors run alone); on exit the processors that were there before are put back, the same objects."""
     layers = cross_attention_layers(unet)
@@ -239,6 +239,16 @@ def guided_eps(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, co
     return eps_uncond, eps_cond
 
 
+def ddim_cfg_step(model: TextToImage, latents: torch.Tensor, t: int, t_device: torch.Tensor, context: torch.Tensor,
+                  settings: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step with classifier-free guidance: (the next latents, ``eps_cond - eps_uncond``), both (n, c, h, w).
+    ``t``: the timestep as a host int (the scheduler's table lookup), ``t_device`` the same on the device (the
+    UNet's input)."""
+    eps_uncond, eps_cond = guided_eps(model.unet, latents, t_device, context)
+    delta = eps_cond - eps_uncond
+    return model.scheduler.step(eps_uncond + settings.guidance * delta, t, latents, eta=settings.eta).prev_sample, delta
+
+
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Float32 CPU copies of device tensors in a single transfer (one flat buffer), shapes kept."""
     if not tensors:
@@ -276,7 +286,7 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
     steps = scheduler.timesteps.tolist()
     timesteps = scheduler.timesteps.to(device)
     end_index = model.end_token_index(prompts)
-    rec = _Recording(n, end_index.to(device), tuple(latents.shape[-2:]),
+    rec = Recording(n, end_index.to(device), tuple(latents.shape[-2:]),
                      frozenset(settings.end_map_steps) | {len(steps) - 1}, len(steps) - 1, token_maps
                      ) if record else None
     delta_sq = []
@@ -284,11 +294,9 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
         for i, t in enumerate(steps):
             if rec is not None:
                 rec.start_step(i)
-            eps_uncond, eps_cond = guided_eps(model.unet, latents, timesteps[i], context)
-            delta = eps_cond - eps_uncond
+            latents, delta = ddim_cfg_step(model, latents, t, timesteps[i], context, settings)
             if record:
                 delta_sq.append(delta.float().pow(2).sum(1))
-            latents = scheduler.step(eps_uncond + settings.guidance * delta, t, latents, eta=settings.eta).prev_sample
     if not record:
         return latents
     final = rec.end_maps.pop(len(steps) - 1)

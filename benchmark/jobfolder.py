@@ -32,7 +32,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 ERROR = "error.txt"
 CLAIM = ".claim"
-TABLES = {"detect": "generations.csv", "mitigate": "mitigation.csv", "ddpm": "copies.csv"}
+TABLES = {"detect": "generations.csv", "mitigate": "mitigation.csv", "ddpm": "copies.csv", "guard": "guarded.csv"}
 # Config parts that say where things go or how they are watched, never what a result is: not part of identity.
 NOT_IDENTITY = ("paths", "logger", "sweep_name", "hydra")
 FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones (model weights) are sampled

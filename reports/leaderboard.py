@@ -25,6 +25,7 @@ from reports.latex import escape, to_latex
 from reports.tables import (
     PAPER,
     ddpm_summary,
+    guard_summary,
     intensity_summary,
     job_generations,
     leaderboard,
@@ -39,7 +40,7 @@ from reports.tables import collect as _collect
 
 # every file write_report may produce; those a new report does not produce are removed from --out
 OUTPUT_FILES = [f"{stem}.{ext}" for stem in ("leaderboard", "table1", "table2", "localization", "intensity",
-                                             "mitigation", "ddpm", "jobs") for ext in ("md", "csv")] + [
+                                             "mitigation", "ddpm", "guard", "jobs") for ext in ("md", "csv")] + [
     "table1.tex", "table2.tex", "report.md", "leaderboard.html"]
 
 
@@ -98,6 +99,7 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     intensity = intensity_summary(jobs)
     points = mitigation_points(jobs)
     ddpm = ddpm_summary(jobs)
+    guarded = guard_summary(jobs)
     groups = headline_groups(jobs)
     detect_jobs = [j for j in jobs if j.task == "detect"]
     job_list = jobs_table(jobs, out)
@@ -170,6 +172,11 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
                                                           "copies: generation | nearest | copied patches")
             for j in jobs if j.task == "ddpm" and (j.folder / "copies.png").exists())
         sections.append(("ddpm", "Unconditional DDPMs: copies of training images", html._table(ddpm, 4) + pictures))
+    if not guarded.empty:
+        title = "Guarded generation: in-loop early stopping on the early bright ending"
+        files |= {"guard.md": _md(guarded), "guard.csv": guarded.to_csv(index=False)}
+        md += [f"## {title}", "", files["guard.md"]]
+        sections.append(("guard", title, html._table(guarded, 4)))
     if detect_jobs:
         pictures = []
         for job in detect_jobs:

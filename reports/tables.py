@@ -268,3 +268,17 @@ def ddpm_summary(jobs: list[Job]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).sort_values(["model", "sampler"], kind="mergesort").reset_index(drop=True).round(4)
+
+
+GUARD_COLUMNS = ["model", "prompt_set", "n_generations", "stopped", "restarted", "steps_saved_fraction", "caught",
+                 "false_stop_rate"]
+
+
+def guard_summary(jobs: list[Job]) -> pd.DataFrame:
+    """One row per guarded-generation job (runners.guard; empty without one): its stop rule and what it saved,
+    caught and stopped by mistake."""
+    rows = [{"job": job.label, **{k: job.result.get(k) for k in GUARD_COLUMNS},
+             **{f"rule {k}": v for k, v in job.result.get("rule", {}).items()},
+             "restart": (job.result.get("restart") or {}).get("method", "stop")}
+            for job in jobs if job.task == "guard"]
+    return pd.DataFrame(rows).round(4) if rows else pd.DataFrame()

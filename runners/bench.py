@@ -12,7 +12,10 @@
   ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores);
 - sail_cost_ratio, anisotropy_cost_ratio, curvature_cost_ratio: the extra pass of SAIL (k=1), the anisotropy score
   and a curvature map (16 probes, last step) / one plain generation of ``--steps`` steps, same seeds
-  (``benchmark.jacobian_scores``; per image, as both handle the same batch).
+  (``benchmark.jacobian_scores``; per image, as both handle the same batch);
+- early_stop_none_ratio, early_stop_all_ratio: sampling with in-loop early stopping at step ``steps // 3`` (LD
+  over the steps so far) / sampling with capture, when no image crosses the threshold (the cost of the check) and
+  when every image does (the saving; ideally (k + 1) / steps), ``benchmark.early_stop``.
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
 
 `make bench-gpu` (``--gpu-suite``): 512 px, 50 steps, float16 and bfloat16, 16 images per call as one prompt x 16
@@ -36,6 +39,7 @@ from diffusers import StableDiffusionPipeline
 from benchmark import detection
 from benchmark import jacobian_scores as jacobian
 from benchmark.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
+from benchmark.early_stop import StopRule, sample_with_early_stop
 from benchmark.metrics import _metric_rows
 from benchmark.models import DTYPES, TextToImage
 from benchmark.profiling import count_flops, count_host_transfers, peak_tflops
@@ -122,6 +126,18 @@ def curvature_cost_ratio(model, plain, settings: SamplerSettings, seeds: list[in
     plain_s, method_s = alternate([plain, lambda: jacobian.curvature_map(model, PROMPT, seeds, settings)], repeats,
                                   sync)
     return method_s / plain_s
+
+
+def early_stop_ratios(model, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                      sync=lambda: None) -> tuple[float, float]:
+    """Guarded sampling (stop at step steps // 3) with no image stopped, and with every image stopped / capture."""
+    def guarded(threshold: float):
+        rule = StopRule(settings.steps // 3, "LD", ("*",), settings.steps, threshold)
+        return lambda: sample_with_early_stop(model, PROMPT, seeds, settings, rule, decode=False)
+
+    capture_s, none_s, all_s = alternate([capture_call(model, [PROMPT] * len(seeds), seeds, settings),
+                                          guarded(np.inf), guarded(-np.inf)], repeats, sync)
+    return none_s / capture_s, all_s / capture_s
 
 
 def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
@@ -241,6 +257,9 @@ def cpu_bench(args) -> None:
     for name, ratio in (("sail", sail_cost_ratio), ("anisotropy", anisotropy_cost_ratio),
                         ("curvature", curvature_cost_ratio)):
         print(f"{name}_cost_ratio: {ratio(model, plain, settings, seeds, args.repeats, sync):.3f}")
+    none, every = early_stop_ratios(model, settings, seeds, args.repeats, sync)
+    print(f"early_stop_none_ratio: {none:.3f}")
+    print(f"early_stop_all_ratio: {every:.3f} (stop at step {settings.steps // 3} of {settings.steps})")
 
 
 def main(argv: list[str] | None = None) -> None:
