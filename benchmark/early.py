@@ -188,9 +188,8 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
         extra = {f"BE [{first}] @ step {k}": S.be_mask(step_maps[k], first_layers, size) for k in steps}
         if arrays.token_maps:
             extra["oracle best word"] = L.oracle_word_maps(arrays.token_maps, arrays.end_index, first_layers, size)
-        for name, maps in L.localizer_maps(arrays).items():  # curvature, score difference: every generation only
-            if np.isfinite(maps).all():
-                extra[name] = S.resize_maps(maps.astype(np.float32), size)
+        for name, maps in L.localizer_maps(arrays).items():  # curvature (NaN where not computed), score difference
+            extra[name] = S.resize_maps(maps.astype(np.float32), size)
         maps = L.leaderboard_maps(arrays.end_maps, layer_sets, size, extra)
         board = L.localization_leaderboard(maps, ids, truth, rule, n_boot, control_of=f"BE [{first}]")
         out["localization_leaderboard"] = board.to_dict(orient="records")

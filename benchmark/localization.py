@@ -330,7 +330,9 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
                              rule: str = "otsu", n_boot: int = 1000, seed: int = 0,
                              control_of: str | None = None) -> pd.DataFrame:
     """Every localizer on the same generations: mean IoU (after ``rule``) and pixel AUROC with bootstrap 95%
-    intervals, over the generations whose prompt has a ground-truth mask; ``control_iou`` / ``control_auroc``: the
+    intervals, over the generations whose prompt has a ground-truth mask (a map array with NaN rows, e.g. an extra
+    pass run on each prompt's first image, on the generations it covers: its ``n`` says how many; a localizer
+    covering none of them has no row); ``control_iou`` / ``control_auroc``: the
     same on never-trained generations against the planted masks in turn (as :func:`localization_table`). The row
     ``unrelated-mask control: <control_of>`` repeats that control, with intervals, as a row of its own.
 
@@ -353,11 +355,18 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
 
     control = None
     for name, m in maps.items():
-        r = row(name, *_mask_scores(soft(m, picked, masks), masks, rule), len(picked))
-        if unrelated:
-            c_iou, c_auroc = _mask_scores(soft(m, unrelated, others), others, rule)
+        covered = _computed(m, len(prompt_ids))  # a map computed for some generations only: scored on those
+        mine = [k for k, i in enumerate(picked) if covered[i]]
+        if not mine:
+            continue
+        rows_in = [picked[k] for k in mine]
+        r = row(name, *_mask_scores(soft(m, rows_in, masks[mine]), masks[mine], rule), len(rows_in))
+        theirs = [k for k, i in enumerate(unrelated) if covered[i]]
+        if theirs:
+            c_rows = [unrelated[k] for k in theirs]
+            c_iou, c_auroc = _mask_scores(soft(m, c_rows, others[theirs]), others[theirs], rule)
             r |= {"control_iou": float(np.mean(c_iou)), "control_auroc": float(np.mean(c_auroc)),
-                  "n_control": len(unrelated)}
+                  "n_control": len(c_rows)}
             if name == control_of:
                 control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, len(unrelated))
         rows.append(r)

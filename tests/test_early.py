@@ -99,6 +99,18 @@ def test_leaderboard_rows_and_intervals():
     assert board.loc["perfect", "control_iou"] == 1 and board.loc["perfect", "n"] == 3
 
 
+def test_leaderboard_scores_a_partial_map_on_the_generations_it_covers():
+    truth, mask = _truth()
+    ids = ["m", "m", "m", "n"]
+    partial = np.stack([np.rot90(mask).astype(float), mask.astype(float), mask.astype(float), mask.astype(float)])
+    partial[1:3] = np.nan  # computed for the first image of each prompt only (an extra pass with n = 1)
+    board = L.localization_leaderboard({"partial": partial, "none": np.full((4, 4, 4), np.nan)}, ids, truth,
+                                       n_boot=0).set_index("localizer")
+    assert list(board.index) == ["partial"]  # no generation covered: no row, not a NaN one
+    assert board.loc["partial", "n"] == 1 and board.loc["partial", "iou"] == 0  # only row 0, which misses
+    assert board.loc["partial", "n_control"] == 1 and board.loc["partial", "control_iou"] == 1
+
+
 def test_oracle_best_word_and_registered_localizers():
     _, mask = _truth()
     # tokens: start, word 1 (off the mask), word 2 (on it), end; the oracle takes word 2
