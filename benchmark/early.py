@@ -110,12 +110,21 @@ def calibration_split(prompt_ids: pd.Series, memorized: pd.Series) -> np.ndarray
 
 
 def calibrate(negatives: np.ndarray, fpr: float) -> float:
-    """The threshold t that stops (``score > t``) at most a fraction ``fpr`` of the calibration negatives: with m =
-    floor(fpr * n), the (m + 1)-th largest negative score. Scores are oriented so that higher = memorized."""
-    negatives = np.sort(np.asarray(negatives, dtype=float))[::-1]
-    if negatives.size == 0 or not 0 <= fpr < 1:
-        raise ValueError(f"calibrate: need negatives and 0 <= fpr < 1 (got {negatives.size} scores, fpr={fpr})")
-    return float(negatives[int(np.floor(fpr * negatives.size))])
+    """The threshold t that stops (``score > t``) at most a fraction ``fpr`` of the calibration negatives, placed
+    halfway between the scores it separates, so that no calibration score sits on it (a score recomputed in another
+    precision or batch, as the in-loop sampler does, then falls on the same side). With the negatives sorted
+    descending and m = floor(fpr * n): t = (s[m] + s[m-1]) / 2, the midpoint between the largest score kept and the
+    smallest one stopped; for m = 0, s[0] + (s[0] - s[1]) / 2 (the same margin above the largest); s[0] alone when
+    there is one negative. Tied scores at the boundary are all kept (t = s[m]), so at most m are stopped. Scores are
+    oriented so that higher = memorized."""
+    s = np.sort(np.asarray(negatives, dtype=float))[::-1]
+    if s.size == 0 or not 0 <= fpr < 1:
+        raise ValueError(f"calibrate: need negatives and 0 <= fpr < 1 (got {s.size} scores, fpr={fpr})")
+    m = int(np.floor(fpr * s.size))
+    kept = s[m]
+    if m > 0:
+        return float((kept + s[m - 1]) / 2)
+    return float(kept + (kept - s[1]) / 2) if s.size > 1 else float(kept)
 
 
 def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fprs: list[float],

@@ -7,8 +7,11 @@ what it has so far, the same way the simulation does (``early.score_by_step``): 
 mask (the end-token maps of step k, mean over the rule's layers, at the latent size; Chen et al., ICLR 2025, Sec. 4)
 or LD = Wen's magnitude over the first min(T, k + 1) steps weighted by that mask (``scores.localized_LD``). Images
 whose signal crosses the threshold (``> threshold`` for a detector where higher = memorized) leave the batch; the
-others go on to the last step. Images never affect each other (one generator per seed, each prompt encoded alone),
-so the decisions are those of the simulation on the same (prompt, seed) pairs, up to the store's precision.
+others go on to the last step. Images never affect each other (an image's initial noise depends on its seed, and
+under official seeding its prompt index, alone; each prompt is encoded alone), so the decisions are those of the
+simulation on the same (prompt, seed) pairs; ``early.calibrate`` puts the threshold halfway between calibration
+scores, so the float noise of recomputing a score in another batch or precision (about 1e-6 relative; 1e-3 for a
+float16 store) does not move a calibration generation across it.
 
 The decision needs one device-to-host copy at step k (the maps and the magnitudes so far); nothing else leaves the
 device before the last step.

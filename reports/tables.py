@@ -271,7 +271,7 @@ def ddpm_summary(jobs: list[Job]) -> pd.DataFrame:
 
 
 GUARD_COLUMNS = ["model", "prompt_set", "n_generations", "stopped", "restarted", "steps_saved_fraction", "caught",
-                 "false_stop_rate"]
+                 "non_memorized_stopped"]
 
 
 def guard_summary(jobs: list[Job]) -> pd.DataFrame:

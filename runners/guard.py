@@ -37,6 +37,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         calibration = jobfolder.read_job(g.calibration)
         rule = early_stop.rule_from_job(calibration, int(g.step), float(g.fpr))
         check_calibration(calibration, config)
+        if not rule.step < s.steps - 1:
+            raise ValueError(f"guard.step={rule.step} must be before the last of sampler.steps={s.steps} steps "
+                             "(a stop at the last step saves nothing)")
         restart = restart_settings(g.restart)
         if s.n_images < 1 or s.batch_size < 1:
             raise ValueError(f"sampler.n_images and sampler.batch_size must be >= 1 (got {s.n_images}, "
@@ -76,7 +79,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         print(f"{summary['stopped']} of {len(table)} generations stopped at step {rule.step} "
               f"({rule.detector}, threshold {rule.threshold:.4g} at {g.fpr:g} FPR); "
-              f"{value:.1%} of the denoising steps saved | results in {folder}")
+              f"{summary['restarted']} restarted; {value:.1%} of an unguarded run's denoising steps saved | "
+              f"results in {folder}")
         return value
     finally:
         tracker.finish()
@@ -102,7 +106,9 @@ def restart_settings(restart: DictConfig) -> PadMitigation | None:
     method = restart.method
     if method is None:
         return None
-    if method not in MITIGATIONS or MITIGATIONS[method].optimised:
+    if method not in MITIGATIONS:
+        raise ValueError(f"guard.restart.method {method!r} is not a mitigation ({', '.join(MITIGATIONS)})")
+    if MITIGATIONS[method].optimised:
         raise ValueError(f"guard.restart.method {method!r} is not an inference-time mitigation (pad_mask, "
                          "pad_replace, pad_replace_mask_end, mask_end); for an optimised one (wen, be) run "
                          "runners.mitigate prompts.select_ids=<this job's stopped_ids.txt>")
@@ -111,8 +117,10 @@ def restart_settings(restart: DictConfig) -> PadMitigation | None:
 
 def summarise(table: pd.DataFrame, n_steps: int) -> dict:
     """Steps saved and who was stopped: ``stopped`` (count), ``stop_rate``, ``steps_saved_fraction`` (of the steps
-    an unguarded run computes, restarts counted as extra steps), and with labels ``caught`` (memorized generations
-    stopped; ``caught_<kind>`` per kind) and ``false_stop_rate`` (non-memorized generations stopped)."""
+    an unguarded run computes, restarts counted as extra steps, so negative when they outweigh the stops), and with
+    labels ``caught`` (memorized generations stopped; ``caught_<kind>`` per kind) and ``non_memorized_stopped``
+    (every non-memorized generation of the set; not the simulation's ``false_stop_rate``, which counts only the
+    held-out prompts that did not calibrate the threshold)."""
     memorized = table.memorized.to_numpy(bool)
     stopped = table.stopped.to_numpy(bool)
     out = {"n_generations": len(table), "stopped": int(stopped.sum()), "stop_rate": float(stopped.mean()),
@@ -123,7 +131,7 @@ def summarise(table: pd.DataFrame, n_steps: int) -> dict:
         out |= {f"caught_{kind}": float(stopped[memorized & (table.kind == kind).to_numpy()].mean())
                 for kind in sorted(set(table.kind[memorized]))}
     if (~memorized).any():
-        out["false_stop_rate"] = float(stopped[~memorized].mean())
+        out["non_memorized_stopped"] = float(stopped[~memorized].mean())
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 

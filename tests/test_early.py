@@ -14,9 +14,12 @@ from runners.detect import run
 
 def test_calibrate_by_hand():
     negatives = np.arange(1, 11) / 10  # 0.1 .. 1.0
-    assert early.calibrate(negatives, 0.1) == pytest.approx(0.9)  # one of ten may exceed it: the second largest
-    assert early.calibrate(negatives, 0.01) == pytest.approx(1.0)  # none may
-    assert early.calibrate(negatives, 0.25) == pytest.approx(0.8)  # floor(2.5) = 2 may
+    # halfway between the largest score kept and the smallest one stopped
+    assert early.calibrate(negatives, 0.1) == pytest.approx(0.95)  # one of ten may exceed it: 1.0 stops, 0.9 not
+    assert early.calibrate(negatives, 0.01) == pytest.approx(1.05)  # none may: the same margin above the largest
+    assert early.calibrate(negatives, 0.25) == pytest.approx(0.85)  # floor(2.5) = 2 may
+    assert early.calibrate([0.3, 0.5, 0.5, 0.2], 0.25) == pytest.approx(0.5)  # a tie at the boundary: both kept
+    assert early.calibrate([0.4], 0.5) == pytest.approx(0.4)
     with pytest.raises(ValueError, match="fpr=1"):
         early.calibrate(negatives, 1.0)
 
@@ -31,18 +34,18 @@ def _scores(values: dict[str, list[float]], step: int) -> pd.DataFrame:
 def test_early_stopping_counts_by_hand():
     # negatives n0, n2 calibrate (sorted ids, every other one); n1, n3 are evaluated
     values = {"n0": [0.1, 0.2], "n1": [0.3, 0.6], "n2": [0.4, 0.5], "n3": [0.0, 0.1],
-              "g0": [0.7, 0.8], "l0": [0.45, 0.3]}
+              "g0": [0.7, 0.8], "l0": [0.47, 0.3]}
     table = early.early_stopping(_scores(values, 4), "BE_intensity", "all", 1, [0.0, 0.25], n_steps=10)
     strict, loose = table.iloc[0], table.iloc[1]
-    # fpr 0: threshold = the largest calibration score 0.5; stopped: g0 x2, n1's 0.6
-    assert strict.threshold == pytest.approx(0.5) and strict.calibration_fpr == 0
+    # fpr 0: threshold = the largest calibration score 0.5 plus half its gap to the next, 0.4; stopped: g0 x2, n1's 0.6
+    assert strict.threshold == pytest.approx(0.55) and strict.calibration_fpr == 0
     assert strict.caught == pytest.approx(0.5) and strict.caught_global == 1 and strict.caught_local == 0
     assert strict.false_stop_rate == pytest.approx(0.25)
     # 3 stopped at step 4 of 10 save 5 steps each, over 8 evaluated generations (4 memorized + 4 negatives)
     assert strict.steps_saved_mean == pytest.approx(15 / 8) and strict.steps_saved_fraction == pytest.approx(15 / 80)
     assert (strict.n_memorized, strict.n_eval_negatives, strict.n_calibration) == (4, 4, 4)
-    # fpr 0.25: floor(1) = 1 calibration score may exceed: threshold 0.4; l0's 0.45 is caught now
-    assert loose.threshold == pytest.approx(0.4) and loose.calibration_fpr == pytest.approx(0.25)
+    # fpr 0.25: floor(1) = 1 calibration score may exceed: threshold between 0.4 and 0.5; l0's 0.47 is caught now
+    assert loose.threshold == pytest.approx(0.45) and loose.calibration_fpr == pytest.approx(0.25)
     assert loose.caught_local == pytest.approx(0.5) and loose.caught == pytest.approx(0.75)
 
 
