@@ -287,8 +287,8 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
     timesteps = scheduler.timesteps.to(device)
     end_index = model.end_token_index(prompts)
     rec = Recording(n, end_index.to(device), tuple(latents.shape[-2:]),
-                     frozenset(settings.end_map_steps) | {len(steps) - 1}, len(steps) - 1, token_maps
-                     ) if record else None
+                    frozenset(settings.end_map_steps) | {len(steps) - 1}, len(steps) - 1, token_maps
+                    ) if record else None
     delta_sq = []
     with capture(model.unet, rec):
         for i, t in enumerate(steps):
