@@ -368,7 +368,7 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
             r |= {"control_iou": float(np.mean(c_iou)), "control_auroc": float(np.mean(c_auroc)),
                   "n_control": len(c_rows)}
             if name == control_of:
-                control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, len(unrelated))
+                control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, len(c_rows))
         rows.append(r)
     if control is not None:
         rows.append(control)
