@@ -135,9 +135,17 @@ def summarise(table: pd.DataFrame, n_steps: int) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def same_calibration_spelling(cfg: DictConfig) -> DictConfig:
+    """``guard.calibration`` as an absolute path, so that one calibration folder written relative, absolute or with a
+    trailing slash makes one job (its identity holds the path)."""
+    if cfg.guard.calibration:
+        cfg.guard.calibration = str(Path(cfg.guard.calibration).expanduser().resolve())
+    return cfg
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="guard")
 def main(cfg: DictConfig) -> float:
-    return run_job(lambda c, folder: run(c, folder, job_device(c.model.device)), cfg)
+    return run_job(lambda c, folder: run(c, folder, job_device(c.model.device)), same_calibration_spelling(cfg))
 
 
 if __name__ == "__main__":

@@ -131,3 +131,12 @@ def test_guard_refuses_a_threshold_calibrated_elsewhere(tmp_path, compose, calib
         assert not (tmp_path / "job" / "metrics.json").exists()
     with pytest.raises(ValueError, match="not a finished detection job"):
         rule_from_job(jobfolder.Job(tmp_path, "mitigate", {}, {}), 2, 0.5)
+
+
+def test_one_calibration_folder_is_one_job_however_it_is_spelt(tmp_path, compose, monkeypatch):
+    (tmp_path / "cal").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spellings = ["cal", "./cal/", str(tmp_path / "cal"), str(tmp_path / "cal") + "/"]
+    configs = [guard.same_calibration_spelling(compose("guard", f"guard.calibration={c}")) for c in spellings]
+    assert {c.guard.calibration for c in configs} == {str((tmp_path / "cal").resolve())}
+    assert guard.same_calibration_spelling(compose("guard")).guard.calibration is None
