@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-all bench bench-gpu report testbed-weights ddpm sync
+.PHONY: setup run test test-all bench bench-gpu report testbed-weights testbed-weights-endpad ddpm sync
 
 setup:              ## create .venv and install everything (CPU torch on these machines)
 	bash scripts/setup.sh
@@ -33,6 +33,10 @@ testbed-weights:    ## retrain the shipped testbed weights from scratch (about 1
 	$(PY) -m runners.train_testbed testbed.training.steps=3000
 	$(PY) -m runners.train_testbed testbed.training.steps=4500   # resumes at step 3000 (docs/testbed.md, attempt 7)
 	$(PY) -m runners.train_testbed ship=true                     # resumes at step 4500 and goes on to 7500
+
+testbed-weights-endpad: ## retrain the end-padded testbed's shipped weights (attempt 9, about 75 min on 2 idle cores)
+	$(PY) -m runners.train_testbed testbed.architecture.pad_token=end testbed.training.steps=3000 out=artifacts/testbed-endpad-train/pipeline
+	$(PY) -m runners.train_testbed testbed.architecture.pad_token=end testbed.training.steps=4500 out=artifacts/testbed-endpad-train/pipeline ship=true weights=testbed_endpad
 
 ddpm:               ## train (first time) and measure the digits DDPM with planted duplicates
 	$(PY) -m runners.ddpm

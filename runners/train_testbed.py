@@ -7,21 +7,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.testbed.build import SHIPPED, spec_from_dict
+from benchmark.testbed.build import WEIGHTS, spec_from_dict
 from benchmark.testbed.train import train
 from runners.common import CONF
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train_testbed")
 def main(cfg: DictConfig) -> None:
+    if cfg.ship and cfg.weights not in WEIGHTS:  # before hours of training, not after
+        raise ValueError(f"weights={cfg.weights!r} is not a shipped testbed ({', '.join(WEIGHTS)})")
     spec = spec_from_dict(OmegaConf.to_container(cfg.testbed, resolve=True))
     folder = train(spec, Path(cfg.out), progress=cfg.progress)
     print(f"testbed written to {folder}")
     if cfg.ship:
-        shutil.rmtree(SHIPPED, ignore_errors=True)
-        shutil.copytree(folder / "unet", SHIPPED / "unet")
-        shutil.copy(folder / "testbed_spec.json", SHIPPED / "testbed_spec.json")
-        print(f"shipped to {SHIPPED}")
+        shipped = WEIGHTS[cfg.weights]
+        shutil.rmtree(shipped, ignore_errors=True)
+        shutil.copytree(folder / "unet", shipped / "unet")
+        shutil.copy(folder / "testbed_spec.json", shipped / "testbed_spec.json")
+        print(f"shipped to {shipped}")
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def test_unknown_entries_get_one_clear_error():
     from benchmark.models import get_model
     from benchmark.prompts import load_prompt_set
 
-    with pytest.raises(ValueError, match="unknown model build 'magic' \\(one of testbed\\)"):
+    with pytest.raises(ValueError, match="unknown model build 'magic' \\(one of testbed, testbed_endpad\\)"):
         get_model("/nowhere", build="magic")
     with pytest.raises(ValueError, match="unknown prompt loader 'magic'"):
         load_prompt_set({"loader": "magic", "name": "x"})

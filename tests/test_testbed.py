@@ -11,6 +11,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 
 from benchmark.models import load_text_to_image
+from benchmark.registry import MODEL_BUILDERS
 from benchmark.testbed.data import Recipe, evaluation_prompts, make_dataset, training_items
 from benchmark.testbed.plugin import testbed_prompt_set as load_testbed_prompts
 from benchmark.testbed.train import TestbedSpec, train
@@ -83,24 +84,30 @@ def test_the_training_command_short_version_works(tmp_path):
     assert spec["training"]["steps"] == 4 and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
-def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path):
-    from benchmark.testbed.build import ASSEMBLED, SHIPPED, ensure_testbed
+@pytest.mark.parametrize("weights, pad_token", [("testbed", "pad"), ("testbed_endpad", "end")])
+def test_make_run_assembles_the_testbed_from_the_shipped_weights(tmp_path, weights, pad_token):
+    from benchmark.testbed.build import ASSEMBLED, WEIGHTS, ensure_testbed, spec_from_dict
 
+    SHIPPED = WEIGHTS[weights]  # noqa: N806
     assert (SHIPPED / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 20 * 2**20
-    folder = ensure_testbed(tmp_path / "testbed" / "pipeline")
+    folder = MODEL_BUILDERS[weights](tmp_path / "testbed" / "pipeline")  # the model config's build: <weights>
+    spec = spec_from_dict(json.loads((folder / "testbed_spec.json").read_text()))
+    assert spec.architecture.pad_token == pad_token
     model = load_text_to_image(str(folder))
     shipped = UNet2DConditionModel.from_pretrained(SHIPPED, subfolder="unet")
     for p, q in zip(model.unet.parameters(), shipped.parameters()):
         torch.testing.assert_close(p, q)
     prompts = load_testbed_prompts(folder)
     assert len(prompts) == 8 + 12 + 120 and sum(p.memorized for p in prompts) == 20
-    assert ensure_testbed(folder) == folder  # reused, not rebuilt
+    assert ensure_testbed(folder, weights) == folder  # reused, not rebuilt
     (folder / "unet" / "stale").write_text("x")
     (folder / ASSEMBLED).write_text("weights-shipped-before\n")  # the package now ships other weights
-    assert ensure_testbed(folder) == folder and not (folder / "unet" / "stale").exists()  # reassembled
+    assert ensure_testbed(folder, weights) == folder and not (folder / "unet" / "stale").exists()  # reassembled
     (folder / ASSEMBLED).unlink()  # a folder someone trained: never replaced
     (folder / "unet" / "stale").write_text("x")
-    assert ensure_testbed(folder) == folder and (folder / "unet" / "stale").exists()
+    assert ensure_testbed(folder, weights) == folder and (folder / "unet" / "stale").exists()
+    with pytest.raises(ValueError, match="unknown testbed weights 'nope'"):
+        ensure_testbed(folder, "nope")
 
 
 def test_flat_patch_and_caption_parsing():

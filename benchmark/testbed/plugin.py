@@ -23,6 +23,15 @@ def testbed_folder(source: str | Path) -> Path:
     return ensure_testbed(source)
 
 
+@MODEL_BUILDERS.register("testbed_endpad", label="planted-memorization testbed, padded with the end token",
+                         in_process=False)
+def testbed_endpad_folder(source: str | Path) -> Path:
+    """The end-padded testbed (attempt 9, docs/testbed.md) at ``source``: reused or assembled from its weights."""
+    from .build import ensure_testbed
+
+    return ensure_testbed(source, "testbed_endpad")
+
+
 @PROMPT_SOURCES.register("testbed", label="the testbed's captions, with ground truth")
 def testbed_prompt_set(model_folder: str | Path, name: str = "testbed", **_) -> PromptSet:
     """The testbed's memorized (global / local) and held-out captions, from the model folder's testbed.json, with
