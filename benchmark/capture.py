@@ -226,6 +226,16 @@ def official_batch_noise(model: TextToImage, batch_seed: int, n: int, shape: tup
     generator = torch.Generator(device=device).manual_seed(int(seed))
     return torch.randn((n, *shape), generator=generator, device=device, dtype=model.dtype)
 
+def prompts_per_image(prompt: str | Sequence[str], n: int) -> list[str]:
+    """One prompt per image: ``prompt`` for all ``n``, or ``prompt[i]`` for image i. Raises ValueError when there
+    are no images or the number of prompts is not ``n``."""
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != n or n == 0:
+        raise ValueError(f"sampling needs one prompt per seed and at least one seed: {len(prompts)} prompts, "
+                         f"{n} seeds")
+    return prompts
+
+
 def encode_prompts(model: TextToImage, prompts: list[str]) -> torch.Tensor:
     """(n, tokens, dim): each distinct prompt encoded on its own, so an encoding never depends on its batch."""
     distinct = {p: model.encode([p]) for p in dict.fromkeys(prompts)}
@@ -270,10 +280,7 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
     ``settings.seeding == "official"`` (``initial_noise``). Raises ValueError when the prompts do not match the
     seeds."""
     n = len(seeds)
-    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != n or n == 0:
-        raise ValueError(f"sampling needs one prompt per seed and at least one seed: {len(prompts)} prompts, "
-                         f"{n} seeds")
+    prompts = prompts_per_image(prompt, n)
     device = model.device
     cond = encode_prompts(model, prompts) if cond is None else cond.to(device, model.dtype)
     uncond = model.encode([""]).expand(n, -1, -1)

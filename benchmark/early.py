@@ -127,6 +127,14 @@ def calibrate(negatives: np.ndarray, fpr: float) -> float:
     return float(kept + (kept - s[1]) / 2) if s.size > 1 else float(kept)
 
 
+def caught(stopped: np.ndarray, memorized: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
+    """``caught``: the fraction of memorized generations stopped, and ``caught_<kind>`` for each memorization kind
+    (all (n,) arrays over the same generations; at least one memorized)."""
+    out = {"caught": float(stopped[memorized].mean())}
+    return out | {f"caught_{kind}": float(stopped[memorized & (kinds == kind)].mean())
+                  for kind in sorted(set(kinds[memorized]))}
+
+
 def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fprs: list[float],
                    n_steps: int) -> pd.DataFrame:
     """For each recorded step k and target FPR: calibrate the threshold, stop the generations above it.
@@ -156,9 +164,7 @@ def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fpr
             row = {"step": step, "fpr_target": fpr, "threshold": sign * threshold,
                    "calibration_fpr": float(stop[calib].mean()),
                    "false_stop_rate": float(stop[evaluated & ~memorized].mean()),
-                   "caught": float(stop[memorized].mean())}
-            row |= {f"caught_{kind}": float(stop[memorized & (part.kind == kind).to_numpy()].mean())
-                    for kind in sorted(set(part.kind[memorized]))}
+                   **caught(stop, memorized, part.kind.to_numpy())}
             row |= {"steps_saved_mean": float(saved.mean()), "steps_saved_fraction": float(saved.sum()
                                                                                           / (saved.size * n_steps)),
                     "n_memorized": int(memorized.sum()), "n_eval_negatives": int((evaluated & ~memorized).sum()),

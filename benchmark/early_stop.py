@@ -26,7 +26,7 @@ import torch
 
 from . import scores as S
 from .capture import (Recording, SamplerSettings, capture, cross_attention_layers, ddim_cfg_step, encode_prompts,
-                      initial_noise, to_host)
+                      initial_noise, prompts_per_image, sample_with_capture, to_host)
 from .early import SIGNALS
 from .jobfolder import Job
 from .models import TextToImage
@@ -123,10 +123,7 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     initial noise with it, to the last step and without a stop rule. Raises ValueError when the prompts do not
     match the seeds, the rule's step is not before the last step, or its layers are not the model's."""
     n = len(seeds)
-    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != n or n == 0:
-        raise ValueError(f"sampling needs one prompt per seed and at least one seed: {len(prompts)} prompts, "
-                         f"{n} seeds")
+    prompts = prompts_per_image(prompt, n)
     if not 0 <= rule.step < settings.steps - 1:
         raise ValueError(f"stop step {rule.step} must be before the last of {settings.steps} steps (0-based)")
     S.select_layers(list(cross_attention_layers(model.unet)), list(rule.layers))  # raises on an unknown layer
@@ -160,13 +157,11 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     restarted = np.zeros(n, dtype=bool)
     if restart is not None and stopped.any():
         again = np.flatnonzero(stopped)
-        replacement = restart([prompts[i] for i in again]).to(device, model.dtype)
+        replacement = restart([prompts[i] for i in again])
         indices = None if prompt_index is None or isinstance(prompt_index, int) else [prompt_index[i] for i in again]
-        part = initial_noise(model, [seeds[i] for i in again], settings, prompt_index if indices is None else indices)
-        part_context = torch.cat([uncond[: len(again)], replacement])
-        for i, t in enumerate(steps):
-            part, _ = ddim_cfg_step(model, part, t, timesteps[i], part_context, settings)
-        latents[torch.from_numpy(again).to(device)] = part
+        latents[torch.from_numpy(again).to(device)] = sample_with_capture(
+            model, [prompts[i] for i in again], [seeds[i] for i in again], settings, record=False, cond=replacement,
+            prompt_index=prompt_index if indices is None else indices)
         restarted[again] = True
         steps_run[again] += len(steps)
     images = None

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .capture import SamplerSettings, encode_prompts, initial_noise
+from .capture import SamplerSettings, encode_prompts, initial_noise, prompts_per_image
 from .models import TextToImage
 
 # official defaults, named where they come from
@@ -179,17 +179,9 @@ def _check_model(model: TextToImage, seeds: list[int], settings: SamplerSettings
         raise ValueError(f"sampler steps must be >= 1, got {settings.steps}")
 
 
-def _prompts(prompt: str | Sequence[str], n: int) -> list[str]:
-    """One prompt per image: ``prompt`` for all, or ``prompt[i]`` with ``seeds[i]``."""
-    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != n:
-        raise ValueError(f"{len(prompts)} prompts for {n} seeds: give one prompt, or one per seed")
-    return prompts
-
-
 def _context(model: TextToImage, prompt: str | Sequence[str], n: int) -> torch.Tensor:
     # each distinct prompt encoded on its own (capture.encode_prompts), as the sampler does for the traces
-    return torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, _prompts(prompt, n))])
+    return torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, prompts_per_image(prompt, n))])
 
 
 def _guided_step(model: TextToImage, eps: torch.Tensor, t, latents: torch.Tensor,
@@ -292,7 +284,7 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
             eps_u, eps_c = eps_fn(scheduler.scale_model_input(torch.cat([y, y]), t), t, context).chunk(2)
             return eps_c - eps_u
     else:
-        cond, base_cond = context[n:], encode_prompts(baseline, _prompts(prompt, n)).to(baseline.device)
+        cond, base_cond = context[n:], encode_prompts(baseline, prompts_per_image(prompt, n)).to(baseline.device)
         base_fn = eps_predictor(baseline.unet)
 
         def difference(y):

@@ -10,7 +10,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import early_stop, jobfolder
+from benchmark import early, early_stop, jobfolder
 from benchmark.capture import SamplerSettings, image_seeds
 from benchmark.models import get_model
 from benchmark.pad_mitigation import PadMitigation, pad_mitigated_embedding
@@ -127,9 +127,7 @@ def summarise(table: pd.DataFrame, n_steps: int) -> dict:
            "restarted": int(table.restarted.sum()),
            "steps_saved_fraction": float(1 - table.steps_run.sum() / (len(table) * n_steps))}
     if memorized.any():
-        out["caught"] = float(stopped[memorized].mean())
-        out |= {f"caught_{kind}": float(stopped[memorized & (table.kind == kind).to_numpy()].mean())
-                for kind in sorted(set(table.kind[memorized]))}
+        out |= early.caught(stopped, memorized, table.kind.to_numpy())
     if (~memorized).any():
         out["non_memorized_stopped"] = float(stopped[~memorized].mean())
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
