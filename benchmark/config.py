@@ -22,9 +22,11 @@ import typing
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from .config_types import Count, Fraction, Kind, Name, NonNegative, OpenFraction, Positive, PositiveInt, Rate, Seed
 from .registry import EXTRA_PASSES, PROMPT_SOURCES, Registry
 
 # JSON-strict: the config is data, so validate it as data (lists for tuples, ints for floats, nothing else coerced).
@@ -41,14 +43,6 @@ class Section(BaseModel):
     model_config = STRICT
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Count = Annotated[int, Field(ge=0)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # torch.Generator.manual_seed's range, less the negative half
-Fraction = Annotated[float, Field(ge=0, le=1)]
-Rate = Annotated[float, Field(ge=0, lt=1)]  # a target false-positive rate
-NonNegative = Annotated[float, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
-Name = Annotated[str, Field(min_length=1, pattern=r"\S")]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
 
 
@@ -147,7 +141,7 @@ class InlineEntry(Section):
     text: Name
     id: Name | int | None = None
     memorized: bool | None = None
-    kind: Literal["global", "local", "memorized", "none"] | None = None
+    kind: Kind | None = None
 
 
 # ------------------------------------------------------------------------------------ the jobs' own sections
@@ -236,7 +230,6 @@ class Job(Section):
     run_name: Name
     sweep_name: Name
     paths: Paths
-    logger: Logger
 
     # sections whose fields come from a registered function, validated by :func:`check_job` (name -> how)
     dynamic: ClassVar[tuple[str, ...]] = ()
@@ -246,6 +239,7 @@ class Job(Section):
 
 
 class TextToImageJob(Job):
+    logger: Logger
     sampler: Sampler
     layers: Layers
     model: Model
@@ -299,7 +293,7 @@ class DetectJob(TextToImageJob):
                                   f"{', '.join(early.SIGNALS)}")
             self.layer_set("early.signal.layers", self.early.signal.layers)
         try:
-            binarize([0.0, 1.0, 2.0, 3.0], self.localization.rule)
+            binarize(np.arange(4.0), self.localization.rule)
         except ValueError as err:
             raise ConfigError(f"localization.rule={self.localization.rule!r}: {err}") from None
         unknown = sorted(set(self.extra) - set(EXTRA_PASSES))
@@ -380,7 +374,7 @@ class CopyMeasures(Section):
     carlini_n: PositiveInt
     copy_below: Positive
     patch: PositiveInt
-    patch_ratio_below: Annotated[float, Field(gt=0, le=1)]
+    patch_ratio_below: OpenFraction
 
 
 def _ddpm_model_section():
@@ -401,11 +395,39 @@ def _ddpm_model_section():
 
 @JOBS.register("ddpm", label="unconditional DDPM")
 class DDPMJob(Job):
+    logger: Logger
     device: Device
     sampler: DDPMSampler
     measure: CopyMeasures
     store: Store = Store()
     ddpm_model: _ddpm_model_section()
+
+
+def _testbed_section():
+    from .testbed.data import Recipe
+    from .testbed.train import Architecture, Training
+
+    class Testbed(Section):
+        recipe: Recipe
+        architecture: Architecture
+        training: Training
+
+    return Testbed
+
+
+@JOBS.register("train_testbed", label="testbed training")
+class TrainTestbedJob(Job):
+    testbed: _testbed_section()
+    out: Name
+    ship: bool
+    weights: Name
+    progress: bool
+
+    def check(self) -> None:
+        from .testbed.build import WEIGHTS
+
+        if self.ship and self.weights not in WEIGHTS:  # before hours of training, not after
+            raise ConfigError(f"weights={self.weights!r} is not a shipped testbed ({', '.join(WEIGHTS)})")
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -455,6 +477,8 @@ def _line(error: dict, where: str, schema: type[BaseModel]) -> str:
         return f"unknown setting {loc}={value!r}" + (f" (known here: {', '.join(known)})" if known else "")
     if error["type"] == "missing":
         return f"{loc} is missing"
+    if value is None:
+        return f"{loc} is null: it needs a value ({error['msg'][0].lower() + error['msg'][1:]})"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{loc}={value!r}: must be a finite number"
     message = error["msg"][0].lower() + error["msg"][1:]

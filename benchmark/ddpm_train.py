@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config_types import Channels, Count, Fraction, Name, Positive, PositiveInt, Seed
 from .ddpm import DDPM, save_ddpm
 from .training import Trainer
 
@@ -27,29 +28,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass
 class DDPMData:
-    source: str = "digits"  # "digits" or a folder of images
-    resolution: int = 16
-    n_train: int = 300  # training-set size (unique images, after a seeded shuffle)
-    duplicated: int = 10  # how many of them are duplicated ...
-    copies: int = 30  # ... and how many times each appears
-    seed: int = 0
+    source: Name = "digits"  # "digits" or a folder of images
+    resolution: PositiveInt = 16
+    n_train: PositiveInt = 300  # training-set size (unique images, after a seeded shuffle)
+    duplicated: Count = 10  # how many of them are duplicated ...
+    copies: PositiveInt = 30  # ... and how many times each appears
+    seed: Seed = 0
 
 
 @dataclass
 class DDPMArchitecture:
-    block_out_channels: tuple[int, ...] = (32, 64)
-    layers_per_block: int = 1
+    block_out_channels: Channels = (32, 64)
+    layers_per_block: PositiveInt = 1
 
 
 @dataclass
 class DDPMTraining:
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 50
-    ema_decay: float = 0.995
-    checkpoint_every: int = 250
-    seed: int = 0
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 64
+    lr: Positive = 1e-3
+    warmup: Count = 50
+    ema_decay: Fraction = 0.995
+    checkpoint_every: PositiveInt = 250
+    seed: Seed = 0
 
 
 @dataclass

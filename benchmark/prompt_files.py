@@ -10,7 +10,9 @@ import csv
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
+from .config_types import Kind, Name, PositiveInt, Seed
 from .prompts import Prompt, PromptSet
 from .registry import PROMPT_SOURCES
 
@@ -81,10 +83,11 @@ def read_records(path: Path, fmt: str, sep: str) -> list[tuple[int, dict | str]]
 
 
 @PROMPT_SOURCES.register("file", label="a prompt file (txt, jsonl, csv, parquet)")
-def file_prompt_set(name: str, path: str, memorized: bool = False, format: str | None = None, sep: str = ",",
-                    text_field: str = "caption", id_field: str | None = None, kind: str | None = None,
-                    kind_field: str | None = None, kind_map: dict | None = None, on_error: str = "raise",
-                    **_) -> PromptSet:
+def file_prompt_set(name: str, path: Name, memorized: bool = False,
+                    format: Literal["txt", "jsonl", "csv", "parquet"] | None = None, sep: Name = ",",
+                    text_field: Name = "caption", id_field: Name | None = None, kind: Kind | None = None,
+                    kind_field: Name | None = None, kind_map: dict[str, Kind] | None = None,
+                    on_error: Literal["raise", "skip"] = "raise", **_) -> PromptSet:
     """A labelled prompt set from one file. Ids come from ``id_field`` or else the record's position."""
     path_ = Path(path).expanduser()
     fmt = format or {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(path_.suffix)
@@ -116,7 +119,7 @@ def file_prompt_set(name: str, path: str, memorized: bool = False, format: str |
 
 
 @PROMPT_SOURCES.register("random", label="Wen et al.'s random captions")
-def random_prompt_set(name: str, n: int, seed: int = 0, **_) -> PromptSet:
+def random_prompt_set(name: str, n: PositiveInt, seed: Seed = 0, **_) -> PromptSet:
     """Wen et al.'s random captions: k = randrange(77) distinct random token ids of SD's tokenizer, decoded."""
     from .models import clip_tokenizer
 
@@ -132,7 +135,7 @@ def random_prompt_set(name: str, n: int, seed: int = 0, **_) -> PromptSet:
 
 
 @PROMPT_SOURCES.register("hf", label="a Hugging Face dataset (online)")
-def hf_prompt_set(name: str, dataset: str, split: str, field: str, limit: int = 500, local_alternative: str = "",
+def hf_prompt_set(name: str, dataset: Name, split: Name, field: Name, limit: PositiveInt = 500, local_alternative: str = "",
                   **_) -> PromptSet:
     """A set that only exists on the Hugging Face hub (Lexica, COCO 2017), for users who are online."""
     hint = f"; offline, use a local file instead: {local_alternative}" if local_alternative else ""

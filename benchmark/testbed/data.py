@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+from ..config_types import Count, OpenFraction, PositiveInt, Seed
 
 COLOURS = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1),
@@ -33,16 +36,16 @@ POSITIONS = {  # name -> centre as a fraction of the image (row, col)
 class Recipe:
     """Knobs of the data set. The defaults are the recipe measured in docs/testbed.md."""
 
-    resolution: int = 32
-    n_unique: int = 2400
-    n_global: int = 8
-    global_copies: int = 50
-    n_local: int = 12
-    local_copies: int = 100
-    patch_fraction: float = 0.5  # side of the planted patch as a fraction of the image side (0.5 -> 25% of pixels)
-    patch: str = "flat"  # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
-    n_heldout: int = 120
-    seed: int = 0
+    resolution: PositiveInt = 32
+    n_unique: PositiveInt = 2400
+    n_global: Count = 8
+    global_copies: PositiveInt = 50
+    n_local: Count = 12
+    local_copies: PositiveInt = 100
+    patch_fraction: OpenFraction = 0.5  # side of the planted patch as a fraction of the image side (0.5 -> 25% of pixels)
+    patch: Literal["smooth", "flat"] = "flat"  # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
+    n_heldout: PositiveInt = 120
+    seed: Seed = 0
 
 
 @dataclass

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from ..config_types import Channels, Count, Fraction, NonNegative, Positive, PositiveInt, Seed
 from ..models import TextToImage, save_text_to_image
 from ..training import Trainer
 from .data import Recipe, make_dataset, training_items, write_metadata
@@ -29,33 +31,33 @@ NOISE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, 
 
 @dataclass
 class Architecture:
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = 1
-    attention_heads: int = 4
-    context_tokens: int = 32  # the text encoder's context, padded like SD's 77
+    block_out_channels: Channels = (16, 32, 64)
+    layers_per_block: PositiveInt = 1
+    attention_heads: PositiveInt = 4
+    context_tokens: PositiveInt = 32  # the text encoder's context, padded like SD's 77
     # "minilm": bidirectional, every token state sees the whole caption; "minilm-causal": the same weights run
     # causally, so that, as in SD's CLIP, only the end token (and the padding after it) sees the whole caption
-    text_encoder: str = "minilm-causal"
+    text_encoder: Literal["minilm", "minilm-causal"] = "minilm-causal"
     # the padding token: "pad" = MiniLM's [PAD], masked out of the encoder; "end" = copies of the end token [SEP]
     # with no mask, as SD v1-4's CLIP tokenizer pads every prompt to 77 tokens with its end-of-text token, so each
     # padding copy is a real token state (causal: it sees the caption and the copies before it)
-    pad_token: str = "pad"
+    pad_token: Literal["pad", "end"] = "pad"
 
 
 @dataclass
 class Training:
-    steps: int = 7500
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 50
-    ema_decay: float = 0.995
-    caption_dropout: float = 0.1  # classifier-free guidance needs the empty caption
-    checkpoint_every: int = 250
-    snapshot_every: int = 0  # > 0: also save the EMA pipeline every so many steps, as <folder>-step<N>
+    steps: PositiveInt = 7500
+    batch_size: PositiveInt = 32
+    lr: Positive = 1e-3
+    warmup: Count = 50
+    ema_decay: Fraction = 0.995
+    caption_dropout: Fraction = 0.1  # classifier-free guidance needs the empty caption
+    checkpoint_every: PositiveInt = 250
+    snapshot_every: Count = 0  # > 0: also save the EMA pipeline every so many steps, as <folder>-step<N>
     # Wen et al.'s training-time mitigation: > 0 drops from each batch's loss the captioned samples whose
     # ||eps_cond - eps_uncond|| exceeds this threshold (one extra forward pass without gradient).
-    mitigation_threshold: float = 0.0
-    seed: int = 0
+    mitigation_threshold: NonNegative = 0.0
+    seed: Seed = 0
 
 
 @dataclass
