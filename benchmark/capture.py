@@ -66,6 +66,7 @@ class SamplerSettings:
     end_map_steps: tuple[int, ...] = ()
     # per_image: one generator per image seed (be-bench's default). official: the official scripts' draw, a prompt's
     # whole batch from one generator seeded with prompt index + gen_seed (docs/protocols.md); seeds are then rows.
+    # The prompt index is the prompt's position in its whole set (prompts.Prompt.position), whatever narrowed it.
     seeding: str = "per_image"
     gen_seed: int = 0  # the run's first seed (sampler.seed); for official seeding the scripts' --gen_seed
 
@@ -201,8 +202,8 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
     """The initial latents (len(seeds), c, h, w), scaled by the scheduler's initial sigma.
 
     ``per_image``: one CPU generator per seed, so an image depends on its seed alone, not on its batch.
-    ``official``: ``seeds`` are rows of their prompt's batch and ``prompt_index`` the prompt's position (one for all
-    images, or one per image); see ``official_batch_noise``. A row's noise does not depend on the other rows sampled
+    ``official``: ``seeds`` are rows of their prompt's batch and ``prompt_index`` the prompt's position in its whole
+    set (``Prompt.position``; one for all images, or one per image); see ``official_batch_noise``. A row's noise does not depend on the other rows sampled
     with it. Raises ValueError when official seeding gets no ``prompt_index`` or a negative row."""
     shape = model.latent_shape(settings.height, settings.width)
     if settings.seeding == "official":
