@@ -114,6 +114,26 @@ def test_early_stop_and_sail_follow_the_same_step_noise(tiny_model, same_up_to_f
     same_up_to_float_order(together[1:], alone)
 
 
+def test_passes_that_rewalk_the_trajectory_walk_the_samplers_with_eta_1(tiny_model, monkeypatch,
+                                                                       same_up_to_float_order):
+    walked = {"sampler": [], "sail": []}
+
+    def spy(where, step):
+        def record(*args):
+            walked[where].append(step(*args))
+            return walked[where][-1]
+        return record
+
+    from benchmark import capture
+    monkeypatch.setattr(capture, "ddim_step", spy("sampler", capture.ddim_step))
+    monkeypatch.setattr(jacobian_scores, "ddim_step", spy("sail", jacobian_scores.ddim_step))
+    sample_with_capture(tiny_model, PROMPTS[:2], [3, 4], ETA, record=False)
+    jacobian_scores.sail(tiny_model, PROMPTS[:2], [3, 4], ETA, k=3)
+    assert len(walked["sail"]) == 2
+    for ours, theirs in zip(walked["sail"], walked["sampler"]):
+        same_up_to_float_order(ours, theirs)
+
+
 def test_eta_above_0_gets_its_own_store_key():
     assert sampler_key(SamplerSettings(steps=50, height=512, width=512), "float16") == \
         "ddim50-g7.5-512x512-eta0-float16"  # existing stores stay valid
