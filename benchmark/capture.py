@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
@@ -46,6 +47,10 @@ def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
 
 
 SEEDINGS = ("per_image", "official")
+STEP_NOISE_TAG = 0x5EED_57E9  # mixed into every step-noise seed: its streams are no image's initial noise
+# What a sampler key with eta > 0 adds: its step noise is drawn per image (ddim_step). Stores written before drew
+# it from the global generator, batch-wide; their traces sit under keys without this part and are never reused.
+STEP_NOISE_KEY = "-imgnoise"
 
 
 @dataclass
@@ -61,6 +66,7 @@ class SamplerSettings:
     end_map_steps: tuple[int, ...] = ()
     # per_image: one generator per image seed (be-bench's default). official: the official scripts' draw, a prompt's
     # whole batch from one generator seeded with prompt index + gen_seed (docs/protocols.md); seeds are then rows.
+    # The prompt index is the prompt's position in its whole set (prompts.Prompt.position), whatever narrowed it.
     seeding: str = "per_image"
     gen_seed: int = 0  # the run's first seed (sampler.seed); for official seeding the scripts' --gen_seed
 
@@ -196,8 +202,8 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
     """The initial latents (len(seeds), c, h, w), scaled by the scheduler's initial sigma.
 
     ``per_image``: one CPU generator per seed, so an image depends on its seed alone, not on its batch.
-    ``official``: ``seeds`` are rows of their prompt's batch and ``prompt_index`` the prompt's position (one for all
-    images, or one per image); see ``official_batch_noise``. A row's noise does not depend on the other rows sampled
+    ``official``: ``seeds`` are rows of their prompt's batch and ``prompt_index`` the prompt's position in its whole
+    set (``Prompt.position``; one for all images, or one per image); see ``official_batch_noise``. A row's noise does not depend on the other rows sampled
     with it. Raises ValueError when official seeding gets no ``prompt_index`` or a negative row."""
     shape = model.latent_shape(settings.height, settings.width)
     if settings.seeding == "official":
@@ -212,6 +218,47 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
         return noise * model.scheduler.init_noise_sigma
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(model.device, model.dtype) * model.scheduler.init_noise_sigma
+
+
+def step_generators(settings: SamplerSettings, seeds: list[int], prompt_index: int | Sequence[int] | None = None
+                    ) -> list[torch.Generator] | None:
+    """One CPU generator per image for DDIM's variance noise (``ddim_step``), or None when ``settings.eta == 0``
+    (DDIM then draws nothing, and nothing is created).
+
+    Image i's generator is seeded from that image's identity alone: ``per_image``, its seed; ``official``, its
+    prompt's batch seed (prompt index + gen_seed) and its row. The seed is mixed by numpy's SeedSequence with a
+    tag of its own, so the stream is not the initial noise of any image. An image's step noise thus does not
+    depend on its batch, nor on what was sampled before it; under official seeding it is be-bench's own (the
+    scripts would continue the global generator, batch-wide). Raises ValueError as ``initial_noise`` does."""
+    if settings.eta == 0:
+        return None
+    if settings.seeding == "official":
+        if prompt_index is None or min(seeds) < 0:
+            raise ValueError(f"official seeding needs the prompt index and rows >= 0, got {prompt_index}, {seeds}")
+        indices = [prompt_index] * len(seeds) if isinstance(prompt_index, int) else list(prompt_index)
+        identities = [(1, index + settings.gen_seed, row) for index, row in zip(indices, seeds, strict=True)]
+    else:
+        identities = [(0, seed) for seed in seeds]
+    # SeedSequence takes non-negative entries: a negative seed wraps to its 64-bit two's complement
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence(
+        [STEP_NOISE_TAG, *(int(x) % 2**64 for x in ident)]).generate_state(1, np.uint64)[0])) for ident in identities]
+
+
+def ddim_step(scheduler, eps: torch.Tensor, t, latents: torch.Tensor, eta: float,
+              generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """The scheduler's DDIM update of ``latents`` (n, c, h, w) with noise prediction ``eps`` (same shape) at
+    timestep ``t``; the one place a sampling loop takes a step. With ``eta > 0`` the variance noise of row i is
+    drawn from ``generators[i]`` (``step_generators``; float32 on the CPU, then moved), never from the global
+    generator nor batch-wide. ``eta == 0`` draws nothing: the update is the deterministic one. Raises ValueError
+    when eta > 0 comes without one generator per row."""
+    noise = None
+    if eta > 0:
+        if generators is None or len(generators) != len(latents):
+            raise ValueError(f"DDIM with eta={eta:g} needs one step-noise generator per image: "
+                             f"{0 if generators is None else len(generators)} for {len(latents)}")
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        noise = noise.to(latents.device, latents.dtype)
+    return scheduler.step(eps, t, latents, eta=eta, variance_noise=noise).prev_sample
 
 
 def official_batch_noise(model: TextToImage, batch_seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -250,13 +297,15 @@ def guided_eps(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, co
 
 
 def ddim_cfg_step(model: TextToImage, latents: torch.Tensor, t: int, t_device: torch.Tensor, context: torch.Tensor,
-                  settings: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor]:
+                  settings: SamplerSettings, generators: Sequence[torch.Generator] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step with classifier-free guidance: (the next latents, ``eps_cond - eps_uncond``), both (n, c, h, w).
     ``t``: the timestep as a host int (the scheduler's table lookup), ``t_device`` the same on the device (the
-    UNet's input)."""
+    UNet's input); ``generators``: one per row, for the variance noise when eta > 0 (``ddim_step``)."""
     eps_uncond, eps_cond = guided_eps(model.unet, latents, t_device, context)
     delta = eps_cond - eps_uncond
-    return model.scheduler.step(eps_uncond + settings.guidance * delta, t, latents, eta=settings.eta).prev_sample, delta
+    return ddim_step(model.scheduler, eps_uncond + settings.guidance * delta, t, latents, settings.eta,
+                     generators), delta
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -286,6 +335,7 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
     uncond = model.encode([""]).expand(n, -1, -1)
     context = torch.cat([uncond, cond])  # diffusers' order: unconditional half first
     latents = initial_noise(model, seeds, settings, prompt_index)
+    generators = step_generators(settings, seeds, prompt_index)
     scheduler = model.scheduler
     # Timesteps on the host: DDIM's update then reads its alpha table with a Python int and never waits for the
     # device; the UNet gets the same values from a device copy made once.
@@ -301,7 +351,7 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
         for i, t in enumerate(steps):
             if rec is not None:
                 rec.start_step(i)
-            latents, delta = ddim_cfg_step(model, latents, t, timesteps[i], context, settings)
+            latents, delta = ddim_cfg_step(model, latents, t, timesteps[i], context, settings, generators)
             if record:
                 delta_sq.append(delta.float().pow(2).sum(1))
     if not record:

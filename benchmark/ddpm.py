@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from .capture import STEP_NOISE_KEY, ddim_step
 from .models import check_pipeline_folder, load_error
 from .sampling import Generation, sample_missing
 from .traces import Trace, TraceKey, TraceStore
@@ -73,8 +74,10 @@ class DDPMSampler:
 
     @property
     def key(self) -> str:
-        """The store's sampler key, ``<sampler><steps>-eta<eta>`` (``sampling.sampler_key`` returns it)."""
-        return f"{self.sampler}{self.steps}-eta{self.eta:g}"
+        """The store's sampler key, ``<sampler><steps>-eta<eta>`` (``sampling.sampler_key`` returns it), with
+        ``-imgnoise`` for DDIM with eta > 0 (its step noise per image; earlier stores drew it batch-wide)."""
+        noise = STEP_NOISE_KEY if self.sampler == "ddim" and self.eta > 0 else ""
+        return f"{self.sampler}{self.steps}-eta{self.eta:g}{noise}"
 
 
 @torch.no_grad()
@@ -87,14 +90,15 @@ def sample_ddpm(model: DDPM, seeds: list[int], settings: DDPMSampler) -> tuple[t
     scheduler.set_timesteps(settings.steps, device=model.device)
     x = torch.stack([torch.randn(model.image_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     x = x.to(model.device, model.unet.dtype)
-    # one generator per image also for the ancestral noise, so an image depends on its seed alone
+    # one generator per image also for the ancestral noise and DDIM's eta > 0 noise, so an image depends on its
+    # seed alone
     noise_gens = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     energy = []
     for t in scheduler.timesteps:
         eps = model.unet(x, t).sample
         energy.append(eps.float().pow(2).sum(1).cpu())
         if settings.sampler == "ddim":
-            x = scheduler.step(eps, t, x, eta=settings.eta).prev_sample
+            x = ddim_step(scheduler, eps, t, x, settings.eta, noise_gens)
         else:
             out = [scheduler.step(eps[i:i + 1], t, x[i:i + 1], generator=g).prev_sample
                    for i, g in enumerate(noise_gens)]

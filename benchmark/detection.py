@@ -20,11 +20,11 @@ from .traces import Trace, TraceKey, TraceStore, traces_from_batch
 __all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
 
 
-def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int],
-         index: dict[str, int] | None = None) -> list[Generation]:
-    """``index`` maps prompt ids to their positions when ``prompt_set`` is a subset of the set they are keyed by."""
-    index = index or {p.id: i for i, p in enumerate(prompt_set)}
-    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds), index[p.id])
+def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
+    """One generation per prompt, keyed by ``sampler`` (``sampler_key``) and ``seeds``; its ``index`` is the
+    prompt's position in its whole set (``Prompt.position``, kept by shard / limit / select_ids / subsets), so
+    official seeding gives a prompt the same noise in a narrowed run as in the full one."""
+    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds), p.position)
             for p in prompt_set]
 
 

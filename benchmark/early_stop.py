@@ -26,7 +26,7 @@ import torch
 
 from . import scores as S
 from .capture import (Recording, SamplerSettings, capture, cross_attention_layers, ddim_cfg_step, encode_prompts,
-                      initial_noise, prompts_per_image, sample_with_capture, to_host)
+                      initial_noise, prompts_per_image, sample_with_capture, step_generators, to_host)
 from .early import SIGNALS
 from .jobfolder import Job
 from .models import TextToImage
@@ -131,6 +131,7 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     cond = encode_prompts(model, prompts)
     uncond = model.encode([""]).expand(n, -1, -1)
     latents = initial_noise(model, seeds, settings, prompt_index)
+    generators = step_generators(settings, seeds, prompt_index)
     scheduler.set_timesteps(settings.steps)
     steps = scheduler.timesteps.tolist()
     timesteps = scheduler.timesteps.to(device)
@@ -141,7 +142,8 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     with capture(model.unet, rec):
         for i in range(rule.step + 1):
             rec.start_step(i)
-            latents, delta = ddim_cfg_step(model, latents, steps[i], timesteps[i], context, settings)
+            latents, delta = ddim_cfg_step(model, latents, steps[i], timesteps[i], context, settings,
+                                           generators)
             delta_sq.append(delta.float().pow(2).sum(1))
     maps = rec.end_maps[rule.step]
     host = to_host([torch.stack(delta_sq, 1), *maps.values()])  # the one copy the decision needs
@@ -150,8 +152,10 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     go = torch.from_numpy(np.flatnonzero(~stopped)).to(device)
     if len(go):
         part, part_context = latents[go], torch.cat([uncond[go], cond[go]])
+        # each image keeps its own step-noise generator: leaving the batch changes no other image's noise
+        part_generators = None if generators is None else [generators[j] for j in go.tolist()]
         for i in range(rule.step + 1, len(steps)):
-            part, _ = ddim_cfg_step(model, part, steps[i], timesteps[i], part_context, settings)
+            part, _ = ddim_cfg_step(model, part, steps[i], timesteps[i], part_context, settings, part_generators)
         latents[go] = part
     steps_run = np.where(stopped, rule.step + 1, len(steps))
     restarted = np.zeros(n, dtype=bool)

@@ -41,18 +41,9 @@ SELECTION_KNOBS = ("n",)  # knobs that pick which images get a pass, not what it
 
 # ------------------------------------------------------------------------------------------- the passes
 
-def _walks_trajectory(settings: SamplerSettings, what: str) -> None:
-    # DDIM with eta > 0 draws fresh noise from the global RNG at every step: a pass that re-walks the trajectory
-    # would not follow the trace's, nor depend on (prompt, seed) alone
-    if settings.eta != 0:
-        raise ValueError(f"{what} re-walks the sampling trajectory, which needs eta = 0 (got {settings.eta:g})")
-
-
 def _check_sail(settings: SamplerSettings, k: int) -> None:
     if not 1 <= k <= settings.steps:
         raise ValueError(f"extra.sail.k={k} must be in 1..{settings.steps} sampled steps")
-    if k > 1:
-        _walks_trajectory(settings, "extra.sail with k > 1")
 
 
 def _check_anisotropy(settings: SamplerSettings, gamma_norm: float, gamma_cos: float, low_noise_index: int) -> None:
@@ -66,8 +57,6 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
         raise ValueError(f"extra.curvature.step={step} is outside the {settings.steps} steps")
     if probes < 1:
         raise ValueError(f"extra.curvature.probes must be >= 1, got {probes}")
-    if step % settings.steps:
-        _walks_trajectory(settings, "extra.curvature at a step after the first")
 
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .capture import SamplerSettings, encode_prompts, initial_noise, prompts_per_image
+from .capture import SamplerSettings, ddim_step, encode_prompts, initial_noise, prompts_per_image, step_generators
 from .models import TextToImage
 
 # official defaults, named where they come from
@@ -184,10 +184,11 @@ def _context(model: TextToImage, prompt: str | Sequence[str], n: int) -> torch.T
     return torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, prompts_per_image(prompt, n))])
 
 
-def _guided_step(model: TextToImage, eps: torch.Tensor, t, latents: torch.Tensor,
-                 settings: SamplerSettings) -> torch.Tensor:
+def _guided_step(model: TextToImage, eps: torch.Tensor, t, latents: torch.Tensor, settings: SamplerSettings,
+                 generators: list[torch.Generator] | None) -> torch.Tensor:
     eps_u, eps_c = eps.chunk(2)
-    return model.scheduler.step(eps_u + settings.guidance * (eps_c - eps_u), t, latents, eta=settings.eta).prev_sample
+    return ddim_step(model.scheduler, eps_u + settings.guidance * (eps_c - eps_u), t, latents, settings.eta,
+                     generators)
 
 
 def _step_index(step: int, n_steps: int, what: str) -> int:
@@ -211,6 +212,7 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
         raise ValueError(f"SAIL steps k={k} must be in 1..{settings.steps}")
     context = _context(model, prompt, len(seeds))
     latents = initial_noise(model, seeds, settings, prompt_index)
+    generators = step_generators(settings, seeds, prompt_index)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
     eps_fn = eps_predictor(model.unet)
@@ -220,7 +222,7 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
         values, eps = sail_step(eps_fn, x, t, context, sigma_at(scheduler, t))
         total += values.cpu()
         if i + 1 < k:
-            latents = _guided_step(model, eps, t, latents, settings)
+            latents = _guided_step(model, eps, t, latents, settings, generators)
     return (total / k).numpy()
 
 
@@ -275,9 +277,10 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
     eps_fn = eps_predictor(model.unet)
     with torch.no_grad():
         latents = initial_noise(model, seeds, settings, prompt_index)
+        generators = step_generators(settings, seeds, prompt_index)
         for t in scheduler.timesteps[:index]:
             eps = eps_fn(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, context)
-            latents = _guided_step(model, eps, t, latents, settings)
+            latents = _guided_step(model, eps, t, latents, settings, generators)
     t = scheduler.timesteps[index]
     if baseline is None:
         def difference(y):

@@ -5,7 +5,7 @@ Prompt sources (``loader`` in a prompt config) are registered in :data:`benchmar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,9 @@ class Prompt:
     memorized: bool
     kind: str = "none"  # global / local for memorized prompts where known, "memorized" where not, else none
     source: str = ""
+    # 0-based position in the whole set its source loaded (a union: in the union), kept when select_ids, limit or
+    # shard narrow the set: official seeding's prompt index. None until a PromptSet numbers it.
+    position: int | None = None
 
 
 @dataclass
@@ -40,6 +43,8 @@ class PromptSet:
     skipped: int = 0  # malformed records left out (only when a loader is told to skip them)
 
     def __post_init__(self):
+        """Numbers a source's prompts by their order (``Prompt.position``); a subset's keep theirs. Raises
+        ValueError for an empty set, a duplicate id, or prompts of which only some have a position."""
         if not self.prompts:
             raise ValueError(f"prompt set {self.name!r} is empty")
         seen = set()
@@ -47,6 +52,12 @@ class PromptSet:
             if p.id in seen:
                 raise ValueError(f"prompt set {self.name!r}: duplicate prompt id {p.id!r}")
             seen.add(p.id)
+        numbered = [p.position is not None for p in self.prompts]
+        if not any(numbered):
+            self.prompts = [replace(p, position=i) for i, p in enumerate(self.prompts)]
+        elif not all(numbered):
+            raise ValueError(f"prompt set {self.name!r}: {numbered.count(False)} prompts without a position among "
+                             "numbered ones (a subset keeps its prompts' positions; a new set numbers them all)")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -80,6 +91,7 @@ def shard(prompt_set: PromptSet, spec: str) -> PromptSet:
 
 
 def subset(prompt_set: PromptSet, kept: list[Prompt], name: str | None = None) -> PromptSet:
+    """The prompts ``kept`` of ``prompt_set`` (with their truth), each keeping its position in the whole set."""
     return PromptSet(name or prompt_set.name, kept, {p.id: prompt_set.truth[p.id] for p in kept
                                                      if p.id in prompt_set.truth})
 
@@ -154,7 +166,8 @@ def union_prompt_set(name: str, parts: dict | list, **_) -> PromptSet:
 
 
 def union(name: str, parts: list[PromptSet]) -> PromptSet:
-    """Several sets as one; ids are prefixed with their part's name so they stay unique."""
+    """Several sets as one; ids are prefixed with their part's name so they stay unique. The union is a new whole
+    set: its prompts are numbered in its order (``Prompt.position``), not by their parts."""
     prompts, truth = [], {}
     for part in parts:
         for p in part:

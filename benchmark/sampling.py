@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .capture import SamplerSettings
+from .capture import STEP_NOISE_KEY, SamplerSettings
 from .prompts import Prompt
 from .registry import MITIGATIONS
 from .traces import Trace, TraceKey, TraceStore
@@ -31,7 +31,7 @@ class Generation:
     prompt: Prompt | None
     key: TraceKey
     seeds: list[int]
-    index: int = 0  # the prompt's position in its prompt set (official seeding: prompt index + gen_seed)
+    index: int = 0  # the prompt's position in its whole prompt set, Prompt.position (official: index + gen_seed)
 
 
 BatchSampler = Callable[[list[tuple[Generation, int]]], list[tuple[Trace, np.ndarray | torch.Tensor]]]
@@ -76,10 +76,12 @@ def sampler_key(settings, dtype: str | None = None, mitigation=None, mask_layers
     """The sampler part of a trace key, from every setting that changes a generation.
 
     - text-to-image (:class:`SamplerSettings`): ``ddim<steps>-g<guidance>-<H>x<W>-eta<eta>-<dtype>``, then
-      ``-<field><value>`` for every other SamplerSettings field off its default (e.g. ``end_map_steps``);
+      ``-imgnoise`` when eta > 0 (``capture.STEP_NOISE_KEY``), ``-<field><value>`` for every other
+      SamplerSettings field off its default (e.g. ``end_map_steps``), and ``-official<gen_seed>-fullindex``
+      under official seeding;
     - mitigated (``mitigation``, a MitigationSettings): ``+<its tag>``, and for the BE-masked method
       ``-mask<hash>`` of ``mask_layers`` (the resolved layer names) unless None (= every cross-attention layer);
-    - unconditional DDPM (a DDPMSampler): ``<sampler><steps>-eta<eta>``.
+    - unconditional DDPM (a DDPMSampler): ``<sampler><steps>-eta<eta>`` (``-imgnoise`` for DDIM with eta > 0).
     """
     if not isinstance(settings, SamplerSettings):
         # other samplers (ddpm.DDPMSampler) name their own key; asked for, not imported: ddpm imports this module
@@ -89,12 +91,16 @@ def sampler_key(settings, dtype: str | None = None, mitigation=None, mask_layers
     if dtype is None:
         raise ValueError("a text-to-image sampler key needs the model dtype")
     key = f"ddim{settings.steps}-g{settings.guidance:g}-{settings.height}x{settings.width}-eta{settings.eta:g}-{dtype}"
+    if settings.eta > 0:
+        key += STEP_NOISE_KEY
     for f in fields(settings):
         value = getattr(settings, f.name)
         if f.name not in _KEY_FIELDS + ("seeding", "gen_seed") and value != _default(f):
             key += f"-{f.name}{_key_value(value)}"
     if settings.seeding != "per_image":  # rows are drawn from prompt index + gen_seed; per-image seeds name the file
-        key += f"-{settings.seeding}{settings.gen_seed}"
+        # -fullindex: the prompt index is the prompt's position in its whole set (Prompt.position); keys without
+        # it hold traces of runs that counted positions after shard / limit / select_ids, never reused
+        key += f"-{settings.seeding}{settings.gen_seed}-fullindex"
     if mitigation is not None:
         key += mitigation_suffix(mitigation, mask_layers)
     return key

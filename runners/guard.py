@@ -49,7 +49,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
         conditioning = (lambda prompts: pad_mitigated_embedding(model, prompts, restart)) if restart else None
         seeds = image_seeds(settings, s.n_images)
-        items = [(index, p, seed) for index, p in enumerate(prompt_set) for seed in seeds]
+        items = [(p.position, p, seed) for p in prompt_set for seed in seeds]  # official: whole-set positions
         batches = [items[i:i + s.batch_size] for i in range(0, len(items), s.batch_size)]
         rows, start = [], time.perf_counter()
         for batch in tqdm(batches, desc="guarded batches", disable=None):

@@ -62,10 +62,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, seeding=s.seeding, gen_seed=s.seed)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(sampler, n_images)
-        index = {p.id: i for i, p in enumerate(full)}  # official seeding: positions in the whole prompt set
         baseline = detection.plan(prompt_set, model_key(m),
-                                  trace_sampler_key(detection.sampler_key(sampler, m.dtype), cfg.store.dtype), seeds,
-                                  index)
+                                  trace_sampler_key(detection.sampler_key(sampler, m.dtype), cfg.store.dtype), seeds)
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
                                           progress=lambda it: tqdm(it, desc="prompts", disable=None))

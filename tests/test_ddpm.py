@@ -61,9 +61,10 @@ def test_ddpm_folder_round_trip_and_errors(tmp_path):
 
 def test_sampling_depends_on_the_seed_alone(same_up_to_float_order):
     model = tiny_ddpm()
-    for sampler in ("ddim", "ddpm"):
-        settings = DDPMSampler(steps=4, sampler=sampler)
+    for sampler, eta in (("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)):  # DDIM's eta > 0 noise per image too
+        settings = DDPMSampler(steps=4, sampler=sampler, eta=eta)
         together, energy = sample_ddpm(model, [1, 2], settings)
+        torch.manual_seed(sampler == "ddim")  # the global generator has no part in it
         alone, _ = sample_ddpm(model, [2], settings)
         tolerance = same_up_to_float_order(together[1:], alone)
         assert (together[0] - alone[0]).abs().max() > 100 * tolerance  # another seed is far outside it

@@ -44,7 +44,7 @@ def test_seeding_settings_and_store_keys():
     default = SamplerSettings(steps=50, guidance=7.5, height=512, width=512)
     assert sampler_key(default, "float16") == "ddim50-g7.5-512x512-eta0-float16"  # existing stores stay valid
     official = SamplerSettings(steps=50, guidance=7.5, height=512, width=512, seeding="official", gen_seed=0)
-    assert sampler_key(official, "float16") == "ddim50-g7.5-512x512-eta0-float16-official0"
+    assert sampler_key(official, "float16") == "ddim50-g7.5-512x512-eta0-float16-official0-fullindex"
     assert image_seeds(SamplerSettings(gen_seed=10), 3) == [10, 11, 12]
     assert image_seeds(SamplerSettings(seeding="official", gen_seed=10), 3) == [0, 1, 2]  # rows of the batch
     with pytest.raises(ValueError, match="seeding 'global'"):
