@@ -19,7 +19,7 @@ import inspect
 import json
 import math
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -88,12 +88,14 @@ class Sampler(Section):
             raise ConfigError(f"sampler.end_map_steps={self.end_map_steps}: steps {late} are past the last of "
                               f"sampler.steps={self.steps} (0-based)")
 
-    def settings(self):
-        """The :class:`benchmark.capture.SamplerSettings` of this section: the one place a job builds them."""
+    def settings(self, end_maps: bool = True):
+        """The :class:`benchmark.capture.SamplerSettings` of this section, the one place a job builds them;
+        ``end_maps=False``: without ``end_map_steps`` (a job that records no earlier steps' maps)."""
         from .capture import SamplerSettings
 
         return SamplerSettings(self.steps, self.guidance, self.height, self.width, self.eta,
-                               tuple(self.end_map_steps), seeding=self.seeding, gen_seed=self.seed)
+                               tuple(self.end_map_steps) if end_maps else (), seeding=self.seeding,
+                               gen_seed=self.seed)
 
 
 class Model(Section):
@@ -115,8 +117,8 @@ class Model(Section):
 
         if self.build is not None:
             entry = MODEL_BUILDERS.get(self.build)
-            if entry is None or entry.in_process:
-                folders = [n for n in MODEL_BUILDERS if not MODEL_BUILDERS[n].in_process]
+            if entry is None or entry.meta.get("in_process"):
+                folders = [n for n in MODEL_BUILDERS if not MODEL_BUILDERS[n].meta.get("in_process")]
                 raise ConfigError(f"model.build={self.build!r} is not a model builder ({', '.join(folders)})")
 
 
@@ -237,6 +239,14 @@ class Job(Section):
     def check(self) -> None:
         """Settings that depend on each other; raises ConfigError."""
 
+    @staticmethod
+    def library_check(check, *args) -> None:
+        """Run one of the library's own checks (which raise ValueError) as a config check."""
+        try:
+            check(*args)
+        except ValueError as err:
+            raise ConfigError(str(err).splitlines()[0]) from None
+
 
 class TextToImageJob(Job):
     logger: Logger
@@ -250,7 +260,9 @@ class TextToImageJob(Job):
     def check(self) -> None:
         self.sampler.check()
         self.model.check()
-        check_ddim_steps(self.model.source, self.model.build, self.sampler.steps)
+        scheduler = model_scheduler_config(self.model.source)
+        if scheduler is not None:
+            check_ddim_steps(scheduler, self.sampler.steps)
 
     def layer_set(self, setting: str, name: str) -> None:
         if name not in self.layers.sets:
@@ -288,22 +300,13 @@ class DetectJob(TextToImageJob):
         if DETECTORS[head.detector].uses_T and head.T not in score.T:
             raise ConfigError(f"score.headline.T={head.T} is not one of score.T={score.T}")
         if self.sampler.end_map_steps:  # the stopping signal is used only where earlier steps are recorded
-            if self.early.signal.detector not in early.SIGNALS:
-                raise ConfigError(f"early.signal.detector={self.early.signal.detector!r} is not one of "
-                                  f"{', '.join(early.SIGNALS)}")
-            self.layer_set("early.signal.layers", self.early.signal.layers)
+            self.library_check(early.check_signal, self.early.signal.model_dump(), self.layers.sets, self.early.fpr)
         try:
             binarize(np.arange(4.0), self.localization.rule)
         except ValueError as err:
             raise ConfigError(f"localization.rule={self.localization.rule!r}: {err}") from None
-        unknown = sorted(set(self.extra) - set(EXTRA_PASSES))
-        if unknown:
-            raise ConfigError(f"extra.{unknown[0]}: not an extra pass ({', '.join(EXTRA_PASSES)})")
-        try:
-            requests = extras.requests(self.capture.extra, self.extra, self.sampler.settings())
-            extras.check_detector(head.detector, requests)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        self.library_check(lambda: extras.check_detector(
+            head.detector, extras.requests(self.capture.extra, self.extra, self.sampler.settings())))
 
 
 @JOBS.register("mitigate", label="mitigation")
@@ -515,7 +518,7 @@ def _inner(annotation):
 
 # ------------------------------------------------------------ sections whose fields a registered function has
 
-@lru_cache(maxsize=None)
+@cache
 def argument_model(fn, skip: tuple[str, ...], base: type[BaseModel] = Section) -> type[BaseModel]:
     """A schema for the keyword arguments of ``fn`` (a registered loader or pass), from its signature: each
     parameter's annotation and default, ``skip`` left out (what the caller supplies), ``**kwargs`` never open."""
@@ -536,8 +539,8 @@ def check_prompts(spec: dict, where: str = "prompts") -> list[str]:
     loader = spec.get("loader")
     source = PROMPT_SOURCES.get(loader) if isinstance(loader, str) else None
     if source is None:
-        return errors + ([] if errors else [f"{where}.loader={loader!r}: not a prompt source "
-                                            f"({', '.join(PROMPT_SOURCES)})"])
+        unknown = f"{where}.loader={loader!r}: not a prompt source ({', '.join(PROMPT_SOURCES)})"
+        return errors or [unknown]
     arguments = {k: v for k, v in spec.items() if k not in PromptOptions.model_fields}
     model = argument_model(source.fn, ("name",))
     if loader == "union":
@@ -580,38 +583,36 @@ DYNAMIC = {"prompts": check_prompts, "extra": check_extra_knobs}
 
 # --------------------------------------------------------------------------------------- sampler vs model
 
-def check_ddim_steps(source: str, build: str | None, steps: int, scheduler_config: dict | None = None) -> None:
-    """Raise ConfigError when ``steps`` DDIM steps of the model's scheduler reach a timestep it was not trained on
-    (e.g. 1000 steps with SD's ``steps_offset=1``: timesteps 1000..1, and 1000 is past the table). The scheduler's
-    config is ``scheduler_config``, or read from a model folder or an in-process builder's metadata before loading
-    anything; where it cannot be read yet (a hub id, a folder still to build) nothing is checked here, and the
-    runner checks the loaded scheduler."""
-    config = scheduler_config or _scheduler_config(source, build)
-    if config is None:
-        return
+def check_ddim_steps(scheduler_config: dict, steps: int) -> None:
+    """Raise ConfigError when ``steps`` DDIM steps of a scheduler (its diffusers config) reach a timestep it was not
+    trained on (e.g. 1000 steps with SD's ``steps_offset=1``: timesteps 1000..1, and 1000 is past the table, where
+    diffusers fails with a raw IndexError mid-sampling). Jobs call it before loading where the model's scheduler
+    config can be read (:func:`model_scheduler_config`), and on the loaded scheduler otherwise."""
     from diffusers import DDIMScheduler
 
     def last_timestep(n: int) -> int:
-        scheduler = DDIMScheduler.from_config(config)
+        scheduler = DDIMScheduler.from_config(scheduler_config)
         scheduler.set_timesteps(n)
         return int(scheduler.timesteps.max())
 
-    trained = int(config.get("num_train_timesteps", 1000))
+    trained = int(scheduler_config.get("num_train_timesteps", 1000))
     if last_timestep(steps) < trained:
         return
     fits = next((n for n in range(min(steps, trained), 0, -1) if last_timestep(n) < trained), 0)
     raise ConfigError(f"sampler.steps={steps}: this model's DDIM schedule (num_train_timesteps={trained}, "
-                      f"steps_offset={config.get('steps_offset', 0)}) then reaches timestep {last_timestep(steps)}, "
-                      f"past the last trained one ({trained - 1}); use at most {fits} steps")
+                      f"steps_offset={scheduler_config.get('steps_offset', 0)}) then reaches timestep "
+                      f"{last_timestep(steps)}, past the last trained one ({trained - 1}); use at most {fits} steps")
 
 
-def _scheduler_config(source: str, build: str | None) -> dict | None:
+def model_scheduler_config(source: str) -> dict | None:
+    """A model's scheduler config, read without loading it: an in-process builder's ``scheduler`` metadata or a
+    folder's scheduler_config.json; None where it cannot be read yet (a hub id, a folder still to build)."""
     from pathlib import Path
 
     from .registry import MODEL_BUILDERS
 
     builder = MODEL_BUILDERS.get(source)
-    if builder is not None and builder.in_process:
+    if builder is not None and builder.meta.get("in_process"):
         return builder.meta.get("scheduler")
     path = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
     try:

@@ -234,7 +234,8 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 # -------------------------------------------------------------------------------------- in-process models
 
-@MODEL_BUILDERS.register("tiny", label="tiny random SD-like model", in_process=True)
+@MODEL_BUILDERS.register("tiny", label="tiny random SD-like model", in_process=True,
+                         scheduler=SD14_SCHEDULER)
 def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
     """A seconds-fast random model with SD v1-4's block and attention naming (cross-attention in down_blocks.0).
 
@@ -258,7 +259,8 @@ def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
     return TextToImage("tiny", unet.eval(), text_encoder.eval(), clip_tokenizer(), scheduler, vae.eval() if vae else None)
 
 
-@MODEL_BUILDERS.register("sd14-architecture", label="SD v1-4 architecture, random weights", in_process=True)
+@MODEL_BUILDERS.register("sd14-architecture", label="SD v1-4 architecture, random weights", in_process=True,
+                         scheduler=SD14_SCHEDULER)
 def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
     """SD v1-4's full architecture with random weights, for speed and memory measurements only."""
     torch.manual_seed(seed)

@@ -44,11 +44,14 @@ class PromptSet:
 
     def __post_init__(self):
         """Numbers a source's prompts by their order (``Prompt.position``); a subset's keep theirs. Raises
-        ValueError for an empty set, a duplicate id, or prompts of which only some have a position."""
+        ValueError for an empty set, an empty or blank prompt (it would be sampled as the unconditional one), a
+        duplicate id, or prompts of which only some have a position."""
         if not self.prompts:
             raise ValueError(f"prompt set {self.name!r} is empty")
         seen = set()
         for p in self.prompts:
+            if not isinstance(p.text, str) or not p.text.strip():
+                raise ValueError(f"prompt set {self.name!r}: prompt {p.id!r} has no text ({p.text!r})")
             if p.id in seen:
                 raise ValueError(f"prompt set {self.name!r}: duplicate prompt id {p.id!r}")
             seen.add(p.id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from benchmark import jobfolder
+from benchmark.config import ConfigError, check_job
 from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
 from benchmark.tracking import Tracker
@@ -56,6 +58,16 @@ def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
     return sampler_key if store_dtype == "float16" else f"{sampler_key}-store{store_dtype}"
 
 
+def check_config(config: dict) -> None:
+    """The job's config checked against its schema (:func:`benchmark.config.check_job`) before anything is loaded:
+    a bad one ends the run with one line on stderr naming the setting and its value (exit status 2)."""
+    try:
+        check_job(config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     """Run one job. A finished job is reused only when its identity (resolved config and the fingerprints of the
     files it read, ``benchmark.jobfolder``) is the one asked for now; a folder holding another job's results, or
@@ -63,6 +75,17 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
     hydra_cfg = HydraConfig.get()
     config = OmegaConf.to_container(cfg, resolve=True)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        check_config(config)
+    else:  # one bad job of a sweep: its error.txt says why, the others go on
+        try:
+            check_job(config)
+        except ConfigError as err:
+            folder = Path(hydra_cfg.runtime.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ERROR_FILE).write_text(f"ConfigError: {err}\n")
+            print(f"job failed: config error: {err}")
+            return math.nan
     folder, finished = jobfolder.open_job(Path(hydra_cfg.runtime.output_dir), config)
     if finished is not None:
         print(f"finished already with the same inputs, skipped: {folder}")

@@ -22,6 +22,7 @@ from benchmark.ddpm_train import (
     read_training_set,
     train_ddpm,
 )
+from benchmark.config import check_job
 from benchmark.sampling import sampler_key
 from benchmark.traces import TraceKey, TraceStore, to_png
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
@@ -36,11 +37,11 @@ def spec_of(m: DictConfig) -> DDPMSpec:
 def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
     m, s, ms = cfg.ddpm_model, cfg.sampler, cfg.measure
     config = OmegaConf.to_container(cfg, resolve=True)
+    check_job(config)  # every setting, before any training or sampling
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
         settings = DDPMSampler(s.steps, s.sampler, s.eta)
-        check_settings(cfg)
         if "data" in m:  # before any training too
             check_resolution(int(m.data.resolution), ms)
         if m.train and not (Path(m.source) / "model_index.json").exists():
@@ -88,19 +89,6 @@ def run(cfg: DictConfig, folder: Path, device: str = "cpu") -> float:
         return summary["headline"]
     finally:
         tracker.finish()
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """What the measures after sampling would refuse, checked before the first image is sampled."""
-    s, ms = cfg.sampler, cfg.measure
-    if s.sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler.sampler {s.sampler!r} is neither ddim nor ddpm")
-    if s.steps < 1 or s.n_images < 1 or s.batch_size < 1:
-        raise ValueError(f"sampler.steps, n_images and batch_size must be >= 1 (got {s.steps}, {s.n_images}, "
-                         f"{s.batch_size})")
-    if ms.grid < 1 or ms.patch < 1 or ms.carlini_n < 1:
-        raise ValueError(f"measure.grid, patch and carlini_n must be >= 1 (got {ms.grid}, {ms.patch}, "
-                         f"{ms.carlini_n})")
 
 
 def check_training_set(training, resolution: int, ms: DictConfig) -> None:

@@ -6,16 +6,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmark import detection, early, extras, jobfolder, localization
-from benchmark.capture import SamplerSettings, image_seeds
-from benchmark.metrics import binarize
+from benchmark.capture import image_seeds
+from benchmark.config import check_ddim_steps, check_job
 from benchmark.models import get_model
 from benchmark.prompts import PromptSet, load_prompt_set
-from benchmark.scores import DETECTORS
 from benchmark.traces import TraceStore, to_png
 from reports.job import write_job_report
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
@@ -26,19 +24,19 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     m, s = cfg.model, cfg.sampler
     device = device or m.device
     config = OmegaConf.to_container(cfg, resolve=True)
+    job = check_job(config)
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
         layer_sets = {k: list(v) for k, v in cfg.layers.sets.items()}
-        check_settings(cfg, layer_sets)
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        check_ddim_steps(model.scheduler.config, s.steps)
         if cfg.capture.get("compile", False):
             model.unet.compile()
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         check_labels(prompt_set, cfg.score.headline.subset)
-        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, tuple(s.get("end_map_steps", ())),
-                                   seeding=s.seeding, gen_seed=s.seed)
+        settings = job.sampler.settings()
         extra = extras.requests(cfg.capture.extra, OmegaConf.to_container(cfg.extra, resolve=True), settings)
         extras.check_detector(cfg.score.headline.detector, extra)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
@@ -93,31 +91,6 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         return value
     finally:
         tracker.finish()
-
-
-def check_settings(cfg: DictConfig, layer_sets: dict[str, list[str]]) -> None:
-    """Everything about the scoring and reporting settings that can fail, checked before the model is loaded."""
-    s, score = cfg.sampler, cfg.score
-    if s.n_images < 1 or s.batch_size < 1:
-        raise ValueError(f"sampler.n_images and sampler.batch_size must be >= 1 (got {s.n_images}, {s.batch_size})")
-    for T in score.T:
-        if not 1 <= T <= s.steps:
-            raise ValueError(f"step window T={T} outside 1..{s.steps} sampled steps")
-    head = score.headline
-    if head.detector not in DETECTORS:
-        raise ValueError(f"score.headline.detector {head.detector!r} is not a detector ({', '.join(DETECTORS)})")
-    if DETECTORS[head.detector].uses_layers and head.layers not in layer_sets:
-        raise ValueError(f"score.headline.layers {head.layers!r} is not a layer set: {', '.join(layer_sets)}")
-    if DETECTORS[head.detector].uses_T and head.T not in score.T:
-        raise ValueError(f"score.headline.T={head.T} is not one of score.T {list(score.T)}")
-    if head.level not in ("prompt", "generation"):
-        raise ValueError(f"score.headline.level {head.level!r} is neither prompt nor generation")
-    if s.get("end_map_steps"):  # the stopping signal is used only where earlier steps are recorded
-        early.check_signal(dict(cfg.early.signal), layer_sets, list(cfg.early.fpr))
-    try:
-        binarize(np.arange(4.0), cfg.localization.rule)
-    except ValueError as err:
-        raise ValueError(f"localization.rule {cfg.localization.rule!r}: {err}") from None
 
 
 def check_labels(prompt_set: PromptSet, headline_subset: str) -> None:

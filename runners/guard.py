@@ -11,11 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmark import early, early_stop, jobfolder
-from benchmark.capture import SamplerSettings, image_seeds
+from benchmark.capture import image_seeds
+from benchmark.config import check_ddim_steps, check_job
 from benchmark.models import get_model
 from benchmark.pad_mitigation import PadMitigation, pad_mitigated_embedding
 from benchmark.prompts import load_prompt_set
-from benchmark.registry import MITIGATIONS
 from benchmark.traces import to_png
 from runners.common import CONF, job_device, job_tracker, run_job
 
@@ -28,25 +28,19 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     m, s, g = cfg.model, cfg.sampler, cfg.guard
     device = device or m.device
     config = OmegaConf.to_container(cfg, resolve=True)
+    job = check_job(config)  # every setting, before any model is loaded
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
-        if not g.calibration:
-            raise ValueError("guard.calibration is required: a finished detection job folder (run with "
-                             "sampler.end_map_steps) whose early_stopping table gives the threshold")
         calibration = jobfolder.read_job(g.calibration)
         rule = early_stop.rule_from_job(calibration, int(g.step), float(g.fpr))
         check_calibration(calibration, config)
-        if not rule.step < s.steps - 1:
-            raise ValueError(f"guard.step={rule.step} must be before the last of sampler.steps={s.steps} steps "
-                             "(a stop at the last step saves nothing)")
-        restart = restart_settings(g.restart)
-        if s.n_images < 1 or s.batch_size < 1:
-            raise ValueError(f"sampler.n_images and sampler.batch_size must be >= 1 (got {s.n_images}, "
-                             f"{s.batch_size})")
-        settings = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, seeding=s.seeding, gen_seed=s.seed)
+        restart = job.guard.restart
+        restart = PadMitigation(restart.method, restart.fraction, restart.token) if restart.method else None
+        settings = job.sampler.settings(end_maps=False)
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        check_ddim_steps(model.scheduler.config, s.steps)
         conditioning = (lambda prompts: pad_mitigated_embedding(model, prompts, restart)) if restart else None
         seeds = image_seeds(settings, s.n_images)
         items = [(p.position, p, seed) for p in prompt_set for seed in seeds]  # official: whole-set positions
@@ -98,21 +92,6 @@ def check_calibration(calibration: jobfolder.Job, config: dict) -> None:
     if diff:
         raise ValueError(f"guard.calibration {calibration.folder} was calibrated with other settings: "
                          f"{', '.join(diff)}")
-
-
-def restart_settings(restart: DictConfig) -> PadMitigation | None:
-    """``guard.restart`` as a padding mitigation, or None (stop). Raises ValueError for a method that is not an
-    inference-time one."""
-    method = restart.method
-    if method is None:
-        return None
-    if method not in MITIGATIONS:
-        raise ValueError(f"guard.restart.method {method!r} is not a mitigation ({', '.join(MITIGATIONS)})")
-    if MITIGATIONS[method].optimised:
-        raise ValueError(f"guard.restart.method {method!r} is not an inference-time mitigation (pad_mask, "
-                         "pad_replace, pad_replace_mask_end, mask_end); for an optimised one (wen, be) run "
-                         "runners.mitigate prompts.select_ids=<this job's stopped_ids.txt>")
-    return PadMitigation(method, float(restart.fraction), restart.token)
 
 
 def summarise(table: pd.DataFrame, n_steps: int) -> dict:

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmark import detection, jobfolder, tradeoff
-from benchmark.capture import SamplerSettings, cross_attention_layers, image_seeds
+from benchmark.capture import cross_attention_layers, image_seeds
+from benchmark.config import check_ddim_steps, check_job
 from benchmark.mitigation import OFFICIAL_N_IMAGES, MitigationSettings
 from benchmark.models import get_model
 from benchmark.pad_mitigation import pad_settings
@@ -28,26 +29,19 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     m, s, mit = cfg.model, cfg.sampler, cfg.mitigation
     device = device or m.device
     config = OmegaConf.to_container(cfg, resolve=True)
+    job = check_job(config)  # every setting, before any model is loaded
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
-        # every setting is checked before any sampling
         # the registry says which methods optimise the embedding (a target loss each) and which change it directly
         direct = [m for m in mit.methods if m in MITIGATIONS and not MITIGATIONS[m].optimised]
         settings = [MitigationSettings(method, float(target), mit.lr, mit.max_iters, mit.mask_norm, mit.protocol)
                     for method in mit.methods if method not in direct for target in mit.target_losses]
         settings += pad_settings(direct, mit.pad_fractions, mit.pad_replacement)
-        if mit.mask_layers not in cfg.layers.sets:
-            raise ValueError(f"mitigation.mask_layers {mit.mask_layers!r} is not a layer set: {list(cfg.layers.sets)}")
-        if cfg.headline.method not in mit.methods:
-            raise ValueError(f"headline.method {cfg.headline.method!r} is not among mitigation.methods "
-                             f"{list(mit.methods)}")
         # n_images null: 1 per prompt for be-bench's protocol, the official scripts' 4 for theirs
         n_images = mit.n_images if mit.n_images is not None else OFFICIAL_N_IMAGES if mit.protocol == "official" else 1
-        if n_images < 1 or s.batch_size < 1:
-            raise ValueError(f"mitigation.n_images and sampler.batch_size must be >= 1 "
-                             f"(got {n_images}, {s.batch_size})")
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
+        check_ddim_steps(model.scheduler.config, s.steps)
         layers = select_layers(list(cross_attention_layers(model.unet)), list(cfg.layers.sets[mit.mask_layers]))
         sim = cfg.similarity
         measures = tradeoff.Measures(layers, SSCD(sim.sscd, device) if sim.sscd else None,
@@ -59,7 +53,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         if not chosen:
             raise ValueError(f"prompt set {full.name}: no memorized prompts of kind {sorted(kinds)} to mitigate")
         prompt_set = subset(full, chosen)
-        sampler = SamplerSettings(s.steps, s.guidance, s.height, s.width, s.eta, seeding=s.seeding, gen_seed=s.seed)
+        sampler = job.sampler.settings(end_maps=False)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(sampler, n_images)
         baseline = detection.plan(prompt_set, model_key(m),
