@@ -39,12 +39,12 @@ def test_a_one_class_prompt_set_fails_before_sampling(tmp_path, one_class_data):
 
 @pytest.mark.parametrize("override, message", [
     ("score.headline.subset=verbatim", "score.headline.subset 'verbatim' is not among prompt set 'tiny''s subsets"),
-    ("score.headline.layers=nowhere", "score.headline.layers 'nowhere' is not a layer set"),
-    ("score.headline.T=2", r"score.headline.T=2 is not one of score.T \[1, 5\]"),
-    ("score.headline.detector=E", "score.headline.detector 'E' is not a detector"),
-    ("score.headline.level=image", "score.headline.level 'image' is neither prompt nor generation"),
-    ("localization.rule=top:x", "localization.rule 'top:x'"),
-    ("sampler.n_images=0", "sampler.n_images and sampler.batch_size must be >= 1"),
+    ("score.headline.layers=nowhere", "score.headline.layers='nowhere' is not a layer set"),
+    ("score.headline.T=2", r"score.headline.T=2 is not one of score.T=\[1, 5\]"),
+    ("score.headline.detector=E", "score.headline.detector='E' is not a detector"),
+    ("score.headline.level=image", "score.headline.level='image': input should be 'prompt' or 'generation'"),
+    ("localization.rule=top:x", "localization.rule='top:x'"),
+    ("sampler.n_images=0", "sampler.n_images=0: input should be greater than or equal to 1"),
 ])
 def test_detection_settings_that_would_fail_after_sampling(tmp_path, override, message):
     from runners.detect import run
@@ -56,8 +56,8 @@ def test_detection_settings_that_would_fail_after_sampling(tmp_path, override, m
 
 
 @pytest.mark.parametrize("override, message", [
-    ("headline.method=magic", r"headline.method 'magic' is not among mitigation.methods \['wen', 'be'\]"),
-    ("mitigation.n_images=0", "mitigation.n_images and sampler.batch_size must be >= 1"),
+    ("headline.method=magic", r"headline.method='magic' is not among mitigation.methods \['wen', 'be'\]"),
+    ("mitigation.n_images=0", "mitigation.n_images=0: input should be greater than or equal to 1"),
 ])
 def test_mitigation_settings_that_would_fail_after_sampling(tmp_path, override, message):
     from runners.mitigate import run
@@ -71,7 +71,7 @@ def test_mitigation_settings_that_would_fail_after_sampling(tmp_path, override, 
 @pytest.mark.parametrize("override, message", [
     ("measure.grid=3", "measure.grid=3 does not split 8x8 images into tiles"),
     ("measure.patch=9", "measure.patch=9 is larger than the 8-pixel images"),
-    ("sampler.sampler=euler", "sampler.sampler 'euler' is neither ddim nor ddpm"),
+    ("sampler.sampler=euler", "sampler.sampler='euler': input should be 'ddim' or 'ddpm'"),
 ])
 def test_ddpm_settings_that_would_fail_after_sampling(tmp_path, override, message):
     """Carlini's tiles that do not split the image failed after every image was sampled."""

@@ -48,8 +48,8 @@ def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path, compo
 @pytest.mark.parametrize("overrides, error, message", [
     (["+layers.sets.bad=[down_blocks.7]"], ValueError, "unknown layer 'down_blocks.7'"),
     (["model.source=/nonexistent/sd", "model.name=x"], ModelLoadError, "model folder not found: /nonexistent/sd"),
-    (["prompts.entries=[]"], ValueError, "prompt set 'tiny' is empty"),
-    (["score.T=[9]"], ValueError, "T=9 outside 1..5"),
+    (["prompts.entries=[]"], ValueError, "prompts.entries=[]: needs at least one prompt"),
+    (["score.T=[9]"], ValueError, "score.T=[9]: windows [9] are longer than sampler.steps=5"),
 ])
 def test_bad_input_gets_one_clear_error(tmp_path, compose, overrides, error, message):
     cfg = compose("detect", "debug=default", *overrides)
