@@ -305,6 +305,8 @@ class DetectJob(TextToImageJob):
             binarize(np.arange(4.0), self.localization.rule)
         except ValueError as err:
             raise ConfigError(f"localization.rule={self.localization.rule!r}: {err}") from None
+        # every configured pass's knobs, asked for or not (a knob set now is meant for a later run)
+        self.library_check(extras.requests, list(self.extra), self.extra, self.sampler.settings())
         self.library_check(lambda: extras.check_detector(
             head.detector, extras.requests(self.capture.extra, self.extra, self.sampler.settings())))
 

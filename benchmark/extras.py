@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from . import jacobian_scores as J
 from . import scores as S
 from .capture import SamplerSettings
+from .config_types import Name, NonNegative, PositiveInt, Seed
 from .models import TextToImage, get_model, weights_fingerprint
 from .registry import DETECTORS, EXTRA_PASSES, LOCALIZERS
 from .traces import TraceKey, TraceStore, atomic_write
@@ -61,7 +62,7 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)
 def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-              prompt_index: list[int], k: int = J.SAIL_STEPS) -> dict[str, np.ndarray]:
+              prompt_index: list[int], k: PositiveInt = J.SAIL_STEPS) -> dict[str, np.ndarray]:
     """SAIL per image over the first ``k`` steps (official k = 1), :func:`jacobian_scores.sail`."""
     return {"sail": J.sail(model, prompts, seeds, settings, k, prompt_index=prompt_index)}
 
@@ -70,8 +71,8 @@ def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings
                        fields={"anisotropy": "scalar", "guidance_norm": "scalar", "alignment": "scalar"},
                        check=_check_anisotropy)
 def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-                    prompt_index: list[int], gamma_norm: float = J.ANISOTROPY_GAMMA_NORM,
-                    gamma_cos: float = J.ANISOTROPY_GAMMA_COS,
+                    prompt_index: list[int], gamma_norm: NonNegative = J.ANISOTROPY_GAMMA_NORM,
+                    gamma_cos: NonNegative = J.ANISOTROPY_GAMMA_COS,
                     low_noise_index: int = J.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
     """The anisotropy score and its two terms per image (official SD v1 weights 1, 2), :func:`jacobian_scores.anisotropy`."""
     return J.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
@@ -91,8 +92,8 @@ def _baseline(source: str, model: TextToImage) -> TextToImage:
 @EXTRA_PASSES.register("curvature", label="curvature difference map (Kim & Lee)", fields={"curvature_map": "map"},
                        check=_check_curvature)
 def curvature_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-                   prompt_index: list[int], step: int = J.CURVATURE_STEP, probes: int = J.CURVATURE_PROBES,
-                   probe_seed: int = 0, baseline: str | None = None) -> dict[str, np.ndarray]:
+                   prompt_index: list[int], step: int = J.CURVATURE_STEP, probes: PositiveInt = J.CURVATURE_PROBES,
+                   probe_seed: Seed = 0, baseline: Name | None = None) -> dict[str, np.ndarray]:
     """The curvature map per image (n, h, w) at ``step`` (official: the last) with ``probes`` Hutchinson probes
     (official 16); ``baseline`` None: against the unconditional branch, else a model source (a less-trained
     snapshot) whose conditional branch is the baseline. :func:`jacobian_scores.curvature_map`."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config_types import Name
 from ..prompts import Prompt, PromptSet, Truth
 from ..registry import CAPTION_RENDERERS, MODEL_BUILDERS, PROMPT_SOURCES
 from .data import Recipe, ground_truth, make_dataset, parse_caption, render
@@ -33,7 +34,7 @@ def testbed_endpad_folder(source: str | Path) -> Path:
 
 
 @PROMPT_SOURCES.register("testbed", label="the testbed's captions, with ground truth")
-def testbed_prompt_set(model_folder: str | Path, name: str = "testbed", **_) -> PromptSet:
+def testbed_prompt_set(model_folder: Name, name: str = "testbed", **_) -> PromptSet:
     """The testbed's memorized (global / local) and held-out captions, from the model folder's testbed.json, with
     each memorized caption's training image and planted region as ground truth."""
     path = Path(model_folder) / "testbed.json"
