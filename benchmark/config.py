@@ -82,7 +82,8 @@ class Sampler(Section):
     batch_size: PositiveInt
     end_map_steps: list[Count] = []
 
-    def check(self) -> None:
+    def check_end_map_steps(self) -> None:
+        """Only a job that records earlier steps' maps (detection) checks them: the others leave them unused."""
         late = [k for k in self.end_map_steps if k >= self.steps]
         if late:
             raise ConfigError(f"sampler.end_map_steps={self.end_map_steps}: steps {late} are past the last of "
@@ -258,7 +259,6 @@ class TextToImageJob(Job):
     dynamic: ClassVar[tuple[str, ...]] = ("prompts",)
 
     def check(self) -> None:
-        self.sampler.check()
         self.model.check()
         scheduler = model_scheduler_config(self.model.source)
         if scheduler is not None:
@@ -284,6 +284,7 @@ class DetectJob(TextToImageJob):
 
     def check(self) -> None:
         super().check()
+        self.sampler.check_end_map_steps()
         from . import early, extras
         from .metrics import binarize
         from .registry import DETECTORS
