@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -56,12 +57,32 @@ def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
     return sampler_key if store_dtype == "float16" else f"{sampler_key}-store{store_dtype}"
 
 
+def launch_path(path: str) -> str:
+    """``path`` as an absolute path, a relative one taken from the directory the command was started in (Hydra's
+    ``runtime.cwd``), which ``hydra.job.chdir=true`` makes differ from the working directory; outside a Hydra run
+    (a composed config), from the working directory."""
+    start = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+    return os.path.normpath(os.path.join(start, os.path.expanduser(path)))
+
+
+def launch_paths(cfg: DictConfig) -> DictConfig:
+    """With ``hydra.job.chdir=true`` every relative ``paths.*`` value (the store, outputs, artifacts, data) made
+    absolute against the launch directory: else each job, started in its own folder, would get a store of its own
+    and reuse nothing. Without chdir the values stay as written (they are part of the model source's spelling)."""
+    if HydraConfig.get().job.chdir:
+        for key in cfg.paths:
+            if isinstance(cfg.paths[key], str) and not os.path.isabs(cfg.paths[key]):
+                cfg.paths[key] = launch_path(cfg.paths[key])
+    return cfg
+
+
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     """Run one job. A finished job is reused only when its identity (resolved config and the fingerprints of the
     files it read, ``benchmark.jobfolder``) is the one asked for now; a folder holding another job's results, or
     claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
-    In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
+    In a sweep, a failing job leaves error.txt and returns NaN so the others go on. Paths: ``launch_paths``."""
     hydra_cfg = HydraConfig.get()
+    cfg = launch_paths(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     folder, finished = jobfolder.open_job(Path(hydra_cfg.runtime.output_dir), config)
     if finished is not None:

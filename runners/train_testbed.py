@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmark.testbed.build import WEIGHTS, spec_from_dict
 from benchmark.testbed.train import train
-from runners.common import CONF
+from runners.common import CONF, launch_paths
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train_testbed")
 def main(cfg: DictConfig) -> None:
+    cfg = launch_paths(cfg)
     if cfg.ship and cfg.weights not in WEIGHTS:  # before hours of training, not after
         raise ValueError(f"weights={cfg.weights!r} is not a shipped testbed ({', '.join(WEIGHTS)})")
     spec = spec_from_dict(OmegaConf.to_container(cfg.testbed, resolve=True))

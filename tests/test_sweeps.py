@@ -48,6 +48,31 @@ def test_in_process_multirun_2x2(tmp_path, monkeypatch):
     assert json.loads((sweep / "sweep_summary.json").read_text())["done"] == status["done"]
 
 
+def run_main(main, monkeypatch, *args):
+    """A runner's Hydra main in this process, as ``python -m`` runs it with ``args``."""
+    monkeypatch.setattr(sys, "argv", ["runner", *args])
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_chdir_jobs_share_the_launch_directory_store(tmp_path, monkeypatch, capsys):
+    from runners import detect
+
+    monkeypatch.delenv("BE_BENCH_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # paths.root is the default '.': the launch directory
+    for run in ("a", "b"):
+        run_main(detect.main, monkeypatch, "hydra.job.chdir=true", "debug=default", f"hydra.run.dir=outputs/{run}")
+    out = capsys.readouterr().out
+    assert "0 images sampled now" not in out.split("results in")[0]  # the first run sampled
+    assert f"0 images sampled now, results in {tmp_path}/outputs/b" in out  # the second reused its store
+    traces = list(tmp_path.rglob("*.safetensors"))
+    assert traces and all(p.is_relative_to(tmp_path / "artifacts/traces") for p in traces)
+    assert json.loads((tmp_path / "outputs/b/metrics.json").read_text())["sampled_now"] == 0
+
+
 def test_kill_and_resume_equals_a_clean_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     clean = subprocess.run(sweep_cmd(tmp_path / "clean"), cwd=ROOT, env=env, capture_output=True, text=True)
