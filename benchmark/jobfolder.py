@@ -111,6 +111,25 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- names
+
+MAX_NAME_BYTES = 200  # file systems refuse names over 255 bytes; room left for "-2" and Hydra's siblings
+
+
+def folder_name(text: str) -> str:
+    """``text`` (a sweep job's overrides, ``a=1,b=x``) as the name of one folder inside the sweep folder: unchanged
+    when it is one already; ``%`` and ``/`` quoted (``%25``, ``%2F``) so that a path value (``ids=../x.txt``) nests
+    or climbs nowhere; a name of dots only quoted too; a name over ``MAX_NAME_BYTES`` cut, with a hash of the
+    whole. Always the same name for the same text, distinct names for distinct texts."""
+    name = text.replace("%", "%25").replace("/", "%2F")
+    if name.strip(".") == "" and name:
+        name = name.replace(".", "%2E")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        name = name.encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
+    return name
+
+
 # ----------------------------------------------------------------------------------------------- the folder
 
 @dataclass

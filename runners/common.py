@@ -18,6 +18,9 @@ from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
 from benchmark.tracking import Tracker
 
+# A sweep job's folder name (conf/hydra/default.yaml): one folder inside the sweep folder whatever the values.
+OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=True)
+
 # A job's output is what its user needs: the libraries' weight-loading progress bars say nothing to act on.
 transformers_logging.disable_progress_bar()
 

@@ -73,6 +73,33 @@ def test_chdir_jobs_share_the_launch_directory_store(tmp_path, monkeypatch, caps
     assert json.loads((tmp_path / "outputs/b/metrics.json").read_text())["sampled_now"] == 0
 
 
+def test_a_path_valued_sweep_keeps_its_jobs_inside_the_sweep_folder(tmp_path, monkeypatch, capsys):
+    from runners import detect
+
+    (tmp_path / "ids.txt").write_text("m0\nm1\nn0\n")
+    (tmp_path / "a/b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a/b")
+    run_main(detect.main, monkeypatch, "-m", "debug=default", "prompts.select_ids=../../ids.txt", "sampler.steps=5,6",
+             f"paths.root={tmp_path}")
+    sweep = tmp_path / "outputs/multirun/detect/default"
+    jobs = sorted(p.parent for p in tmp_path.rglob("metrics.json"))
+    assert [p.parent for p in jobs] == [sweep, sweep]  # each job one folder right inside the sweep folder
+    assert jobs[0].name == "debug=default,prompts.select_ids=..%2F..%2Fids.txt,sampler.steps=5"
+    assert "2 jobs finished, 0 failed" in capsys.readouterr().out
+
+
+def test_job_folder_names():
+    from benchmark.jobfolder import MAX_NAME_BYTES, folder_name
+
+    simple = "debug=default,sampler.steps=5,score.T=[1,9],model=tiny"
+    assert folder_name(simple) == simple  # the names sweeps have always had
+    assert folder_name("ids=../x/y.txt") == "ids=..%2Fx%2Fy.txt" and folder_name("..") == "%2E%2E"
+    assert folder_name("a=%2F") != folder_name("a=/")  # distinct texts, distinct names
+    long = [folder_name("ids=" + "x" * 300 + tail) for tail in "ab"]
+    assert long[0] != long[1] and all(len(n.encode()) <= MAX_NAME_BYTES for n in long)
+    assert folder_name("") == ""
+
+
 def test_kill_and_resume_equals_a_clean_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     clean = subprocess.run(sweep_cmd(tmp_path / "clean"), cwd=ROOT, env=env, capture_output=True, text=True)
