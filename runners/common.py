@@ -88,6 +88,8 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     cfg = launch_paths(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     folder, finished = jobfolder.open_job(Path(hydra_cfg.runtime.output_dir), config)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep summary lists this multirun's jobs only
+        jobfolder.mark_sweep_run(folder, Path(hydra_cfg.sweep.dir))
     if finished is not None:
         print(f"finished already with the same inputs, skipped: {folder}")
         return finished.metrics.get("headline", math.nan)

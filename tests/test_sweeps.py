@@ -88,6 +88,27 @@ def test_a_path_valued_sweep_keeps_its_jobs_inside_the_sweep_folder(tmp_path, mo
     assert "2 jobs finished, 0 failed" in capsys.readouterr().out
 
 
+def test_the_summary_lists_this_multiruns_jobs_only(tmp_path, monkeypatch, capsys):
+    from runners import detect
+
+    sweep = tmp_path / "outputs/multirun/detect/default"
+    grids = {"failing": ["score.T=[1,9]"], "ok": ["sampler.n_images=1,2"]}
+    for name in ("failing", "ok", "ok"):  # the second "ok" reuses both finished jobs: they are its jobs too
+        capsys.readouterr()
+        run_main(detect.main, monkeypatch, "-m", "debug=default", *grids[name], f"paths.root={tmp_path}")
+        out = capsys.readouterr().out
+        summary = json.loads((sweep / "sweep_summary.json").read_text())
+        if name == "failing":
+            assert summary == {"done": [], "failed": [["debug=default,score.T=[1,9]",
+                                                       "ValueError: step window T=9 outside 1..5 sampled steps"]]}
+        else:
+            assert summary == {"done": ["debug=default,sampler.n_images=1", "debug=default,sampler.n_images=2"],
+                               "failed": []}
+            assert "2 jobs finished, 0 failed" in out and "FAILED" not in out
+    assert out.count("finished already with the same inputs, skipped") == 2
+    assert len(sweep_status(sweep)["done"]) == 2 and len(sweep_status(sweep)["failed"]) == 1  # all folders
+
+
 def test_job_folder_names():
     from benchmark.jobfolder import MAX_NAME_BYTES, folder_name
 
