@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from . import jacobian_scores as J
@@ -33,7 +33,7 @@ from .capture import SamplerSettings
 from .config_types import Name, NonNegative, PositiveInt, Seed
 from .models import TextToImage, get_model, weights_fingerprint
 from .registry import DETECTORS, EXTRA_PASSES, LOCALIZERS
-from .traces import TraceKey, TraceStore, atomic_write
+from .traces import TraceKey, TraceStore, atomic_write, readable, set_aside
 
 EXTRA_VERSION = "1"  # bump when the meaning of a stored extra value changes
 PASS_ARGS = ("model", "prompts", "seeds", "settings", "prompt_index")  # every pass's positional inputs; the rest: knobs
@@ -219,14 +219,12 @@ def check_detector(name: str, extra: list[ExtraRequest]) -> None:
 
 
 def missing_seeds(store: TraceStore, key: TraceKey, seeds: list[int], request: ExtraRequest) -> list[int]:
-    """The seeds among ``request.seeds(seeds)`` without the request's sidecar; raises ValueError on a sidecar of
-    another format version or another pass."""
+    """The seeds among ``request.seeds(seeds)`` without a whole sidecar of the request (a damaged one is moved aside
+    and counted missing, ``traces.readable``); raises ValueError on a sidecar of another format version or pass."""
     missing = []
     for seed in request.seeds(seeds):
         path = request.path(store, key, seed)
-        if path.exists():
-            _check(path, request)
-        else:
+        if not readable(path, lambda meta, p=path: _check_meta(p, meta, request), "recomputed"):
             missing.append(seed)
     return missing
 
@@ -245,16 +243,16 @@ def write(path: Path, values: dict[str, np.ndarray], request: ExtraRequest, seed
 
 
 def read(path: Path, request: ExtraRequest) -> dict[str, np.ndarray]:
-    """One image's stored values: field -> () for a scalar, (h, w) for a map."""
-    with safe_open(str(path), framework="np") as f:
-        _check_meta(path, f.metadata(), request)
-        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    """One image's stored values: field -> () for a scalar, (h, w) for a map. Raises ValueError on another format
+    version or pass, or when the file cannot be read (then it is moved aside, ``traces.set_aside``, and the next
+    run computes it again)."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            _check_meta(path, f.metadata(), request)
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except SafetensorError as err:
+        raise ValueError(set_aside(path, err, "recomputed")) from None
     return {k: v.reshape(()) if request.fields[k] == "scalar" else v for k, v in arrays.items()}
-
-
-def _check(path: Path, request: ExtraRequest) -> None:
-    with safe_open(str(path), framework="np") as f:
-        _check_meta(path, f.metadata(), request)
 
 
 def _check_meta(path: Path, meta: dict, request: ExtraRequest) -> None:

@@ -4,6 +4,7 @@
     <folder>/metrics.json     the results with the job's identity; written last, its presence means "finished"
     <folder>/<table>          the per-generation table of the task (``TABLES``)
     <folder>/.claim           held while a job runs in the folder (pid, host); never shared by two live jobs
+    <folder>/.sweep_run       in a sweep: the id of the multirun that last ran (or reused) the job (``mark_sweep_run``)
 
 ``metrics.json`` always holds ``schema``, ``task``, ``config`` (resolved), ``sampler_settings``, ``n_images`` and
 ``fingerprints`` (content hashes of every local file or folder the configuration names), next to the task's own
@@ -16,6 +17,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +34,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 ERROR = "error.txt"
 CLAIM = ".claim"
+SWEEP_RUN = ".sweep_run"  # a sweep folder's: the id of its multirun going on; a job folder's: its latest multirun's
 TABLES = {"detect": "generations.csv", "mitigate": "mitigation.csv", "ddpm": "copies.csv", "guard": "guarded.csv"}
 # Config parts that say where things go or how they are watched, never what a result is: not part of identity.
 NOT_IDENTITY = ("paths", "logger", "sweep_name", "hydra")
@@ -109,6 +112,25 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(f"{prefix}{key}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+MAX_NAME_BYTES = 200  # file systems refuse names over 255 bytes; room left for "-2" and Hydra's siblings
+
+
+def folder_name(text: str) -> str:
+    """``text`` (a sweep job's overrides, ``a=1,b=x``) as the name of one folder inside the sweep folder: unchanged
+    when it is one already; ``%`` and ``/`` quoted (``%25``, ``%2F``) so that a path value (``ids=../x.txt``) nests
+    or climbs nowhere; a name of dots only quoted too; a name over ``MAX_NAME_BYTES`` cut, with a hash of the
+    whole. Always the same name for the same text, distinct names for distinct texts."""
+    name = text.replace("%", "%25").replace("/", "%2F")
+    if name.strip(".") == "" and name:
+        name = name.replace(".", "%2E")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        name = name.encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
+    return name
 
 
 # ----------------------------------------------------------------------------------------------- the folder
@@ -246,6 +268,34 @@ def release(folder: Path) -> None:
             path.unlink()
     except (OSError, json.JSONDecodeError):
         pass
+
+
+def start_sweep_run(sweep_dir: Path) -> str:
+    """Give the multirun starting in ``sweep_dir`` a fresh id (written to ``<sweep_dir>/.sweep_run``) and return it:
+    its jobs mark their folders with it (``mark_sweep_run``), which tells them from an earlier grid's in the same
+    sweep folder. Two multiruns at once in one sweep folder share the later one's id."""
+    run = uuid.uuid4().hex
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(sweep_dir / SWEEP_RUN, lambda tmp: tmp.write_text(run))
+    return run
+
+
+def mark_sweep_run(folder: Path, sweep_dir: Path) -> None:
+    """Mark job ``folder`` (the one the job runs in or reuses) as a job of the multirun going on in ``sweep_dir``;
+    nothing when that sweep has no id (not started by ``start_sweep_run``)."""
+    try:
+        run = (sweep_dir / SWEEP_RUN).read_text()
+    except FileNotFoundError:
+        return
+    atomic_write(folder / SWEEP_RUN, lambda tmp: tmp.write_text(run))
+
+
+def in_sweep_run(folder: Path, run: str) -> bool:
+    """Whether job ``folder`` was last run (or reused) by the multirun ``run``."""
+    try:
+        return (folder / SWEEP_RUN).read_text() == run
+    except FileNotFoundError:
+        return False
 
 
 def candidates(folder: Path) -> Iterator[Path]:

@@ -8,6 +8,12 @@ Every file carries its format version (``TRACE_VERSION``, in the safetensors met
 is refused, by ``read`` and by ``missing_seeds`` (so before any sampling), with a message naming the file: it is
 neither mixed into the scores nor silently overwritten. Bump the version when the meaning of a stored array changes;
 an added optional array (``end_map@<step>/``) needs no bump, since a reader that does not know it never reads it.
+
+A damaged file (cut short by a copy or sync, its header unreadable, a PNG without its end chunk) is never served:
+``missing_seeds`` moves it aside to ``<name>.damaged``, prints one line naming it, and counts its seed as missing,
+so it is sampled again. The check reads a trace's header only (safetensors refuses a header that does not cover the
+whole file) and a PNG's first and last bytes, so a valid store costs no extra full read. ``read`` and
+``read_image`` move aside what they cannot read too, and raise naming it.
 """
 from __future__ import annotations
 
@@ -21,12 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .capture import CapturedBatch
 
 TRACE_VERSION = "1"
+DAMAGED = ".damaged"  # the suffix a damaged store file is moved aside to
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every whole PNG ends with
 
 
 def slug(text: str) -> str:
@@ -130,13 +139,13 @@ class TraceStore:
         return key.folder(self.root) / f"seed{int(seed)}.png"
 
     def missing_seeds(self, key: TraceKey, seeds: list[int]) -> list[int]:
-        """Seeds without a trace; raises ValueError on a stored trace of another format version."""
+        """Seeds without a whole trace and image; a damaged one is moved aside (``set_aside``) and counted missing.
+        Raises ValueError on a stored trace of another format version."""
         missing = []
         for seed in seeds:
             path = self.trace_path(key, seed)
-            if path.exists():
-                check_version(path)
-            else:
+            if not (readable(path, lambda meta, p=path: _check_version(p, meta))
+                    and png_whole(self.image_path(key, seed))):
                 missing.append(seed)
         return missing
 
@@ -161,12 +170,16 @@ class TraceStore:
         return path
 
     def read(self, key: TraceKey, seed: int) -> Trace:
-        """The stored trace; raises ValueError when it has another format version."""
+        """The stored trace; raises ValueError when it has another format version, or when it cannot be read (then
+        it is moved aside, ``set_aside``, and the next run samples it again)."""
         path = self.trace_path(key, seed)
-        with safe_open(str(path), framework="np") as f:
-            _check_version(path, f.metadata())
-            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-            meta = f.metadata()
+        try:
+            with safe_open(str(path), framework="np") as f:
+                _check_version(path, f.metadata())
+                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                meta = f.metadata()
+        except SafetensorError as err:
+            raise ValueError(set_aside(path, err)) from None
         pick = lambda prefix: {k.removeprefix(prefix): v.astype(np.float32)
                                for k, v in arrays.items() if k.startswith(prefix)}
         return Trace(
@@ -181,8 +194,16 @@ class TraceStore:
         )
 
     def read_image(self, key: TraceKey, seed: int) -> np.ndarray:
-        """(H, W, 3) float32 in [0, 1]."""
-        return np.asarray(Image.open(self.image_path(key, seed)).convert("RGB"), dtype=np.float32) / 255
+        """(H, W, 3) float32 in [0, 1]. Raises FileNotFoundError when missing, ValueError when it cannot be read
+        (then it is moved aside, ``set_aside``, and the next run samples it again)."""
+        path = self.image_path(key, seed)
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+        except FileNotFoundError:
+            raise
+        except (OSError, SyntaxError) as err:  # PIL: truncated data, unidentified file, broken chunk
+            raise ValueError(set_aside(path, err)) from None
 
 
 def _maps_by_step(arrays: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
@@ -194,10 +215,48 @@ def _maps_by_step(arrays: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarr
     return dict(sorted(out.items()))
 
 
-def check_version(path: Path) -> None:
-    """Raise ValueError when the trace file at ``path`` is not of this code's format version."""
-    with safe_open(str(path), framework="np") as f:
-        _check_version(path, f.metadata())
+def set_aside(path: Path, err: Exception, again: str = "resampled") -> str:
+    """Move a damaged store file to ``<name>.damaged`` (replacing an earlier one) so that it is never read again and
+    its value is made ``again`` (a trace or PNG resampled, an extra-pass sidecar recomputed); return the one line
+    that says so."""
+    aside = path.with_name(path.name + DAMAGED)
+    os.replace(path, aside)
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"damaged store file {path} ({reason}): moved aside to {aside.name}, it will be {again}"
+
+
+def readable(path: Path, check=None, again: str = "resampled") -> bool:
+    """Whether the safetensors file at ``path`` is there and whole: its header parses and covers the whole file
+    (only the header is read). A damaged file is moved aside (``set_aside``, one line printed) and counts as
+    missing. ``check(metadata)`` then runs on a whole file's metadata (its errors are raised: a file of another
+    format version is not damaged, and is not moved)."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata()
+    except SafetensorError as err:
+        print(set_aside(path, err, again))
+        return False
+    if check is not None:
+        check(metadata)
+    return True
+
+
+def png_whole(path: Path) -> bool:
+    """Whether the PNG at ``path`` is there and whole (its signature and end chunk, 20 bytes read). A damaged one
+    is moved aside (``set_aside``, one line printed) and counts as missing."""
+    if not path.exists():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(len(PNG_SIGNATURE))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - len(PNG_END)))
+        tail = f.read()
+    if head == PNG_SIGNATURE and tail == PNG_END and size > len(head) + len(tail):
+        return True
+    print(set_aside(path, ValueError("not a whole PNG: cut short or overwritten")))
+    return False
 
 
 def _check_version(path: Path, metadata: dict | None) -> None:

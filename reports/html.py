@@ -25,6 +25,7 @@ h1{margin:.2em 0 .1em}h2{margin-top:1.8em;border-bottom:2px solid #ddd;padding-b
 .group ul{padding-left:1.2em;margin:.4em 0}.group li{margin:.35em 0}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;vertical-align:top}th{background:#eef;text-align:left}
+tr.failed td,tr.unfinished td{color:#a40000}tr.superseded td{color:#777}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .paper{color:#666;font-size:11px;display:block}.pos{color:#17692c}.neg{color:#a3261b}
 .controls{display:flex;flex-wrap:wrap;gap:.6em;align-items:center;margin:.4em 0;font-size:13px}
@@ -105,9 +106,10 @@ def _table(frame: pd.DataFrame, numeric_digits: int = 3) -> str:
 
 
 def jobs_html(job_list: pd.DataFrame) -> str:
-    """The job list, each folder a link (relative to the page)."""
+    """The job list, each folder a link (relative to the page); a row not reported (failed, unfinished, superseded:
+    its ``status``) has that status as its class."""
     rows = "".join(
-        "<tr>" + "".join(f"<td><a href='{escape(str(v))}'>{escape(str(v))}</a></td>" if c == "folder"
+        f"<tr class='{escape(str(row.get('status', '')))}'>" + "".join(f"<td><a href='{escape(str(v))}'>{escape(str(v))}</a></td>" if c == "folder"
                          else f"<td>{escape(str(v))}</td>" for c, v in row.items()) + "</tr>"
         for _, row in job_list.iterrows())
     head = "".join(f"<th>{escape(c)}</th>" for c in job_list.columns)

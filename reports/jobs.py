@@ -1,17 +1,22 @@
-"""Finished job folders as reports see them: one per distinct configuration, each with a short label.
+"""Job folders as reports see them: the finished ones, one per distinct configuration, each with a short label;
+and the others, listed but not reported (``other_jobs``).
 
 A job folder is finished when it holds ``metrics.json`` (written last by every runner). Two folders with the same
-configuration (``make run`` twice) are one job: the latest finished one is reported, the others are listed as
-superseded, never summed nor shown twice.
+configuration (``make run`` twice), or a folder and its ``<folder>-2``, ``-3``... (a later run with other inputs,
+``benchmark.jobfolder.open_job``), are one job: the latest finished one is reported, the others are listed as
+superseded, never summed nor shown twice. A folder with ``config.yaml`` but no ``metrics.json`` is failed (it holds
+``error.txt``) or unfinished (killed, or still running). A folder inside another job folder (W&B's copies) or under
+a hidden folder (``.hydra``) is not a job.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.jobfolder import read_job
+from benchmark.jobfolder import CONFIG, ERROR, METRICS, SWEEP_RUN, read_job
 
 # configuration keys that never change a job's results: where files go, how it is logged, the sweep's name
 IGNORED_KEYS = ("paths", "logger", "sweep_name", "hydra")
@@ -57,7 +62,23 @@ class Job:
 
     def link(self, out: Path) -> str:
         """The folder relative to ``out`` (where the report is written), for links that survive moving both."""
-        return Path(os.path.relpath(self.folder.resolve(), out.resolve())).as_posix()
+        return link(self.folder, out)
+
+
+@dataclass
+class OtherJob:
+    """A job folder that is not reported: ``status`` superseded, failed or unfinished."""
+
+    folder: Path
+    task: str
+    status: str
+    error: str = ""     # failed: error.txt's first line
+    replaced_by: str = ""  # the label of the reported job of the same configuration (or folder chain), if any
+
+
+def link(folder: Path, out: Path) -> str:
+    """``folder`` relative to ``out`` (where the report is written), for links that survive moving both."""
+    return Path(os.path.relpath(folder.resolve(), out.resolve())).as_posix()
 
 
 def identity(task: str, config: dict, folder: Path) -> str:
@@ -69,40 +90,92 @@ def identity(task: str, config: dict, folder: Path) -> str:
     return task + "|" + json.dumps(kept, sort_keys=True, default=str)
 
 
-def job_folders(paths: list[str | Path]) -> list[Path]:
-    """Every finished job folder (one with metrics.json) under the given folders, in a stable order."""
+def _folders(paths: list[str | Path], name: str) -> list[Path]:
+    """Job folders holding file ``name`` under ``paths`` (none inside another job folder or a hidden folder)."""
     found = set()
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"no such folder: {path}")
-        found |= {p.parent for p in path.rglob("metrics.json")}
-    if not found:
-        raise ValueError(f"no finished job (metrics.json) under {', '.join(map(str, paths))}")
+        for file in path.rglob(name):
+            folder = file.parent
+            inner = folder.relative_to(path).parts
+            above = [folder.parents[i] for i in range(len(inner))]  # up to path itself
+            if not any(part.startswith(".") for part in inner) and not any(
+                    (p / METRICS).exists() or (p / CONFIG).exists() for p in above):
+                found.add(folder)
     return sorted(found)
 
 
+def job_folders(paths: list[str | Path]) -> list[Path]:
+    """Every finished job folder (one with metrics.json) under the given folders, in a stable order. Raises
+    ValueError when there is none (counting the failed and unfinished ones there are)."""
+    found = _folders(paths, METRICS)
+    if not found:
+        others = [f for f in _folders(paths, CONFIG) if not (f / METRICS).exists()]
+        failed = sum((f / ERROR).exists() for f in others)
+        raise ValueError(f"no finished job (metrics.json) under {', '.join(map(str, paths))}"
+                         + (f" ({failed} failed, {len(others) - failed} unfinished)" if others else ""))
+    return found
+
+
+def _chain(folder: Path) -> Path:
+    """The first folder of ``folder``'s chain ``X``, ``X-2``, ``X-3``... (``jobfolder.candidates``): ``X`` where it
+    is a job folder, else ``folder`` itself."""
+    match = re.fullmatch(r"(.+)-(\d+)", folder.name)
+    if match and int(match[2]) >= 2:
+        first = folder.with_name(match[1])
+        if (first / METRICS).exists() or (first / CONFIG).exists():
+            return first
+    return folder
+
+
+def _keep_latest(latest: dict, key, job: Job) -> None:
+    if key in latest:
+        old = latest[key]
+        new, gone = (job, old) if _finished_at(job) >= _finished_at(old) else (old, job)
+        new.superseded = sorted(old.superseded + job.superseded + [gone.folder])
+        latest[key] = new
+    else:
+        latest[key] = job
+
+
 def finished_jobs(paths: list[str | Path]) -> list[Job]:
-    """One Job per distinct configuration under ``paths``: the latest finished run (metrics.json's modification
-    time, then folder name), earlier runs kept in its ``superseded``. Labelled, in a stable order."""
-    latest: dict[str, Job] = {}
+    """One Job per distinct configuration, and per folder chain (``X``, ``X-2``...), under ``paths``: the latest
+    finished run (finished or last reused by a sweep, then folder name), earlier runs kept in its ``superseded``.
+    Labelled, in a stable order."""
+    chains: dict[Path, Job] = {}
     for folder in job_folders(paths):
         result = json.loads((folder / "metrics.json").read_text())
-        job = Job(folder, result, read_config(folder))
-        key = identity(job.task, job.config, folder)
-        if key in latest:
-            old = latest[key]
-            new, gone = (job, old) if _finished_at(job) >= _finished_at(old) else (old, job)
-            new.superseded = sorted(old.superseded + job.superseded + [gone.folder])
-            latest[key] = new
-        else:
-            latest[key] = job
+        _keep_latest(chains, _chain(folder), Job(folder, result, read_config(folder)))
+    latest: dict[str, Job] = {}
+    for job in chains.values():
+        _keep_latest(latest, identity(job.task, job.config, job.folder), job)
     jobs = sorted(latest.values(), key=lambda j: (j.task, j.group, j.steps, j.n_images, str(j.folder)))
     label_jobs(jobs)
     return jobs
 
 
 def _finished_at(job: Job) -> tuple[float, str]:
-    return (job.folder / "metrics.json").stat().st_mtime, job.folder.name
+    # a sweep that reused a finished job marks it (jobfolder.mark_sweep_run): that is its latest run too
+    times = [(job.folder / name).stat().st_mtime for name in (METRICS, SWEEP_RUN) if (job.folder / name).exists()]
+    return max(times), job.folder.name
+
+
+def other_jobs(paths: list[str | Path], jobs: list[Job]) -> list[OtherJob]:
+    """The job folders under ``paths`` that ``jobs`` (``finished_jobs(paths)``) do not report: their superseded
+    runs, then the failed (with error.txt's first line) and the unfinished folders, each with the label of the
+    reported job of the same configuration where there is one; in a stable order."""
+    by_identity = {identity(j.task, j.config, j.folder): j.label for j in jobs}
+    out = [OtherJob(folder, j.task, "superseded", replaced_by=j.label) for j in jobs for folder in j.superseded]
+    for folder in _folders(paths, CONFIG):
+        if (folder / METRICS).exists():
+            continue
+        job, failed = read_job(folder), (folder / ERROR).exists()
+        error = next(iter((folder / ERROR).read_text().splitlines()), "") if failed else ""
+        out.append(OtherJob(folder, job.task, "failed" if failed else "unfinished", error,
+                            by_identity.get(identity(job.task, job.config, folder), "")))
+    order = {"failed": 0, "unfinished": 1, "superseded": 2}
+    return sorted(out, key=lambda o: (order[o.status], str(o.folder)))
 
 
 def _flat(config: dict, prefix: str = "") -> dict[str, str]:

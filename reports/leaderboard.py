@@ -20,7 +20,7 @@ from benchmark.jobfolder import write_config
 
 from reports import html, plots
 from reports.headline import Group, headline_groups
-from reports.jobs import Job, finished_jobs, job_folders  # noqa: F401  (job_folders: public helper)
+from reports.jobs import Job, OtherJob, finished_jobs, job_folders, link, other_jobs  # noqa: F401  (job_folders: public)
 from reports.latex import escape, to_latex
 from reports.tables import (
     PAPER,
@@ -49,18 +49,23 @@ def collect(paths: list[str | Path]) -> pd.DataFrame:
     return _collect(finished_jobs(paths))
 
 
-def jobs_table(jobs: list[Job], out: Path) -> pd.DataFrame:
-    return pd.DataFrame([{"job": j.label, "task": j.task, "folder": j.link(out),
-                          "superseded runs (same configuration, not reported)": ", ".join(
-                              Path(p).name for p in j.superseded)} for j in jobs])
+def jobs_table(jobs: list[Job], others: list[OtherJob], out: Path) -> pd.DataFrame:
+    """One row per job folder: the reported jobs, then the failed, unfinished and superseded folders (``status``),
+    with error.txt's first line and the reported job that replaces them, where there is one."""
+    rows = [{"job": j.label, "task": j.task, "status": "reported", "folder": j.link(out), "error": "",
+             "replaced by": ""} for j in jobs]
+    rows += [{"job": "", "task": o.task, "status": o.status, "folder": link(o.folder, out), "error": o.error,
+              "replaced by": o.replaced_by} for o in others]
+    return pd.DataFrame(rows)
 
 
-def _lede(jobs: list[Job]) -> str:
+def _lede(jobs: list[Job], others: list[OtherJob]) -> str:
     counts = pd.Series([j.task for j in jobs]).value_counts()
-    superseded = sum(len(j.superseded) for j in jobs)
+    statuses = pd.Series([o.status for o in others], dtype=object).value_counts()
+    left_out = ", ".join(f"{statuses[s]} {s}" for s in ("failed", "unfinished", "superseded") if s in statuses)
     text = (f"{len(jobs)} job(s): " + ", ".join(f"{n} {task}" for task, n in counts.items())
-            + (f" ({superseded} earlier run(s) of the same configurations superseded, see Jobs)" if superseded
-               else "") + f". Values marked <i>paper</i> or <i>published</i> are quoted from {PAPER} and others "
+            + (f"; not reported: {left_out} job folder(s), listed in Jobs" if left_out else "")
+            + f". Values marked <i>paper</i> or <i>published</i> are quoted from {PAPER} and others "
             "(reports/reference); all else is measured here. Intervals: bootstrap 95%.")
     return text
 
@@ -86,7 +91,8 @@ def _md(frame: pd.DataFrame) -> str:
 
 
 def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") -> dict[str, Path]:
-    """Write the report of every finished job under ``paths`` into ``out``; returns {file name: path}."""
+    """Write the report of every finished job under ``paths`` into ``out``, the failed, unfinished and superseded
+    job folders counted in the lede and listed in the jobs table; returns {file name: path}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = finished_jobs(paths)
@@ -102,10 +108,11 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     guarded = guard_summary(jobs)
     groups = headline_groups(jobs)
     detect_jobs = [j for j in jobs if j.task == "detect"]
-    job_list = jobs_table(jobs, out)
+    others = other_jobs(paths, jobs)
+    job_list = jobs_table(jobs, others, out)
 
     files: dict[str, str] = {"jobs.md": _md(job_list), "jobs.csv": job_list.to_csv(index=False)}
-    md = ["# be-bench report", "", _lede(jobs).replace("<i>", "*").replace("</i>", "*"), "",
+    md = ["# be-bench report", "", _lede(jobs, others).replace("<i>", "*").replace("</i>", "*"), "",
           "## The answer", "", _markdown_findings(groups), "## Jobs", "", _md(job_list)]
     sections = [("answer", "The answer", html.headline_section(groups, links))]
     if not board.empty:
@@ -196,7 +203,7 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
     sections.append(("reference", "Published third-party re-run of detection (not ours)",
                      f"<details><summary>{len(rerun)} published rows</summary>{html._table(rerun)}</details>"))
     files["report.md"] = "\n".join(md)
-    files["leaderboard.html"] = html.page(sections, _lede(jobs))
+    files["leaderboard.html"] = html.page(sections, _lede(jobs, others))
     for name in OUTPUT_FILES:
         if name not in files:
             (out / name).unlink(missing_ok=True)  # a section this report leaves out: no stale file from before

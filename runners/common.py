@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from benchmark.config import ConfigError, check_job
 from benchmark.devices import pick_device
 from benchmark.models import weights_fingerprint
 from benchmark.tracking import Tracker
+
+# A sweep job's folder name (conf/hydra/default.yaml): one folder inside the sweep folder whatever the values.
+OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=True)
 
 # A job's output is what its user needs: the libraries' weight-loading progress bars say nothing to act on.
 transformers_logging.disable_progress_bar()
@@ -68,12 +72,32 @@ def check_config(config: dict) -> None:
         sys.exit(2)
 
 
+def launch_path(path: str) -> str:
+    """``path`` as an absolute path, a relative one taken from the directory the command was started in (Hydra's
+    ``runtime.cwd``), which ``hydra.job.chdir=true`` makes differ from the working directory; outside a Hydra run
+    (a composed config), from the working directory."""
+    start = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+    return os.path.normpath(os.path.join(start, os.path.expanduser(path)))
+
+
+def launch_paths(cfg: DictConfig) -> DictConfig:
+    """With ``hydra.job.chdir=true`` every relative ``paths.*`` value (the store, outputs, artifacts, data) made
+    absolute against the launch directory: else each job, started in its own folder, would get a store of its own
+    and reuse nothing. Without chdir the values stay as written (they are part of the model source's spelling)."""
+    if HydraConfig.get().job.chdir:
+        for key in cfg.paths:
+            if isinstance(cfg.paths[key], str) and not os.path.isabs(cfg.paths[key]):
+                cfg.paths[key] = launch_path(cfg.paths[key])
+    return cfg
+
+
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     """Run one job. A finished job is reused only when its identity (resolved config and the fingerprints of the
     files it read, ``benchmark.jobfolder``) is the one asked for now; a folder holding another job's results, or
     claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
-    In a sweep, a failing job leaves error.txt and returns NaN so the others go on."""
+    In a sweep, a failing job leaves error.txt and returns NaN so the others go on. Paths: ``launch_paths``."""
     hydra_cfg = HydraConfig.get()
+    cfg = launch_paths(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     if hydra_cfg.mode != RunMode.MULTIRUN:
         check_config(config)
@@ -84,9 +108,12 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
             folder = Path(hydra_cfg.runtime.output_dir)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ERROR_FILE).write_text(f"ConfigError: {err}\n")
+            jobfolder.mark_sweep_run(folder, Path(hydra_cfg.sweep.dir))
             print(f"job failed: config error: {err}")
             return math.nan
     folder, finished = jobfolder.open_job(Path(hydra_cfg.runtime.output_dir), config)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep summary lists this multirun's jobs only
+        jobfolder.mark_sweep_run(folder, Path(hydra_cfg.sweep.dir))
     if finished is not None:
         print(f"finished already with the same inputs, skipped: {folder}")
         return finished.metrics.get("headline", math.nan)

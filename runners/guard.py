@@ -17,7 +17,7 @@ from benchmark.models import get_model
 from benchmark.pad_mitigation import PadMitigation, pad_mitigated_embedding
 from benchmark.prompts import load_prompt_set
 from benchmark.traces import to_png
-from runners.common import CONF, job_device, job_tracker, run_job
+from runners.common import CONF, job_device, job_tracker, launch_path, run_job
 
 # what a calibrated threshold depends on: the model and the sampler (not the number of images, nor the first seed)
 CALIBRATED_MODEL = ("name", "source", "build", "dtype")
@@ -114,9 +114,10 @@ def summarise(table: pd.DataFrame, n_steps: int) -> dict:
 
 def same_calibration_spelling(cfg: DictConfig) -> DictConfig:
     """``guard.calibration`` as an absolute path, so that one calibration folder written relative, absolute or with a
-    trailing slash makes one job (its identity holds the path)."""
+    trailing slash makes one job (its identity holds the path); relative to the launch directory, also under
+    ``hydra.job.chdir=true``."""
     if cfg.guard.calibration:
-        cfg.guard.calibration = str(Path(cfg.guard.calibration).expanduser().resolve())
+        cfg.guard.calibration = str(Path(launch_path(cfg.guard.calibration)).resolve())
     return cfg
 
 

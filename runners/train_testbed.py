@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmark.testbed.build import WEIGHTS, spec_from_dict
 from benchmark.testbed.train import train
-from runners.common import CONF, check_config
+from runners.common import CONF, check_config, launch_paths
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train_testbed")
 def main(cfg: DictConfig) -> None:
+    cfg = launch_paths(cfg)
     check_config(OmegaConf.to_container(cfg, resolve=True))  # before hours of training, not after
     spec = spec_from_dict(OmegaConf.to_container(cfg.testbed, resolve=True))
     folder = train(spec, Path(cfg.out), progress=cfg.progress)

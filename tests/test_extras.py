@@ -73,6 +73,24 @@ def test_extras_are_added_to_earlier_traces_once_and_keyed_by_their_settings(tin
     assert extras.missing_seeds(store, plan[0].key, plan[0].seeds, one[0]) == []
 
 
+def test_a_damaged_sidecar_is_moved_aside_and_computed_again(tiny_model, sampled, capsys):
+    store, plan = sampled
+    wanted = extras.requests(["sail"], {}, SETTINGS)
+    extras.compute_missing(tiny_model, plan, SETTINGS, store, wanted)
+    path = wanted[0].path(store, plan[0].key, 1)
+    good = extras.read(path, wanted[0])
+    path.write_bytes(path.read_bytes()[:-3])
+    capsys.readouterr()
+    assert extras.compute_missing(tiny_model, plan, SETTINGS, store, wanted) == 1
+    line, = capsys.readouterr().out.splitlines()
+    assert str(path) in line and f"moved aside to {path.name}.damaged" in line and "recomputed" in line
+    np.testing.assert_allclose(extras.read(path, wanted[0])["sail"], good["sail"], rtol=1e-5)
+    path.write_bytes(b"x" * 9)  # damaged after planning: read refuses it with the same line
+    with pytest.raises(ValueError, match=rf"damaged store file .*{path.name}.*recomputed"):
+        extras.load_fields(store, [(plan[0].key, plan[0].seeds, 1)], wanted)
+    assert not path.exists()
+
+
 def test_extras_use_the_traces_noise_and_depend_on_their_seed_alone(tiny_model, sampled, same_up_to_float_order):
     store, plan = sampled
     wanted = extras.requests(["sail", "anisotropy"], {}, SETTINGS)

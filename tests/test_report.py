@@ -125,7 +125,9 @@ def test_one_row_per_configuration_latest_run_wins(jobs, tmp_path):
     t1 = pd.read_csv(files["table1.csv"])
     assert t1.job.nunique() == 1 and not t1.duplicated(["detector", "memorization_type", "T", "metric"]).any()
     listed = pd.read_csv(files["jobs.csv"], keep_default_na=False)
-    assert len(listed) == 1 and listed.folder[0].endswith("second") and "first" in listed.iloc[0, -1]
+    assert list(listed.status) == ["reported", "superseded"]  # the earlier run: listed, not reported
+    assert listed.folder[0].endswith("second") and listed.folder[1].endswith("first")
+    assert listed["replaced by"][1] == listed.job[0]
     # the same for mitigation: two runs of one configuration give one set of curves
     for name in ("mitigation-a", "mitigation-b"):
         shutil.copytree(jobs / "mitigation", root / name)
@@ -133,6 +135,39 @@ def test_one_row_per_configuration_latest_run_wins(jobs, tmp_path):
         (root / name / ".hydra" / "config.yaml").write_text("task: mitigate\nmitigation:\n  n_images: 1\n")
     points = pd.read_csv(write_report([root], tmp_path / "report2")["mitigation.csv"])
     assert points.job.nunique() == 1 and not points.duplicated(["kind", "method", "target_loss"]).any()
+
+
+def test_failed_unfinished_and_superseded_jobs_are_counted_and_listed(jobs, tmp_path):
+    sweep = tmp_path / "outputs/sweep"
+    shutil.copytree(jobs / "steps=5", sweep / "a")
+    shutil.copytree(jobs / "steps=6", sweep / "a-2")  # run into a-2 later, with other inputs: a is out of date
+    later = time.time() + 10
+    os.utime(sweep / "a-2" / "metrics.json", (later, later))
+    (sweep / "a-2/wandb/run/files").mkdir(parents=True)  # a copy inside a job folder is not a job
+    shutil.copy(jobs / "steps=5/metrics.json", sweep / "a-2/wandb/run/files/metrics.json")
+    for name, source in (("failed", "steps=5"), ("killed", "steps=6")):
+        (sweep / name).mkdir()
+        shutil.copy(jobs / source / "config.yaml", sweep / name / "config.yaml")
+    (sweep / "failed/error.txt").write_text("ValueError: step window T=9 outside 1..5\n\nTraceback ...\n")
+    files = write_report([tmp_path / "outputs"], tmp_path / "report")
+    listed = pd.read_csv(files["jobs.csv"], keep_default_na=False)
+    label = listed.job[0]
+    assert listed[["status", "error", "replaced by"]].values.tolist() == [
+        ["reported", "", ""], ["failed", "ValueError: step window T=9 outside 1..5", ""],
+        ["unfinished", "", label], ["superseded", "", label]]  # killed: a run of a-2's configuration
+    assert [Path(f).name for f in listed.folder] == ["a-2", "failed", "killed", "a"]
+    assert "6 steps" in label and pd.read_csv(files["leaderboard.csv"]).job.nunique() == 1
+    lede = "not reported: 1 failed, 1 unfinished, 1 superseded job folder(s), listed in Jobs"
+    for name in ("report.md", "leaderboard.html"):
+        text = files[name].read_text()
+        assert lede in text and "ValueError: step window T=9 outside 1..5" in text
+    assert "| failed " in files["jobs.md"].read_text()
+    page = files["leaderboard.html"].read_text()
+    assert page.count("<tr class='failed'>") == 1 and page.count("<tr class='unfinished'>") == 1
+    # no finished job at all: the error counts what there is
+    shutil.rmtree(sweep / "a"), shutil.rmtree(sweep / "a-2")
+    with pytest.raises(ValueError, match=r"no finished job \(metrics.json\) under .* \(1 failed, 1 unfinished\)"):
+        write_report([tmp_path / "outputs"], tmp_path / "report")
 
 
 def test_empty_sections_are_left_out(jobs, tmp_path):

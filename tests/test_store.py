@@ -112,3 +112,36 @@ def test_one_sampler_key_keeps_the_existing_keys():
     assert sampler_key(DDPMSampler(100, "ddim", 0.0)) == DDPMSampler().key == "ddim100-eta0"
     with pytest.raises(ValueError, match="dtype"):
         sampler_key(sd)
+
+
+def test_a_damaged_file_is_moved_aside_and_sampled_again(tiny_model, prompt_set, tmp_path, capsys):
+    store = TraceStore(tmp_path, dtype="float32")
+    gens = plan(prompt_set, "tiny", "s", [0, 1])
+    generate(tiny_model, gens, SETTINGS, store)
+    good = store.read(gens[0].key, 0)
+    cut, empty, png = store.trace_path(gens[0].key, 0), store.trace_path(gens[1].key, 0), store.image_path(gens[0].key, 1)
+    with open(cut, "r+b") as f:  # a copy cut short
+        f.truncate(2000)
+    empty.write_bytes(b"")
+    png.write_bytes(png.read_bytes()[:-30])
+    capsys.readouterr()
+    assert store.missing_seeds(gens[0].key, [0, 1]) == [0, 1] and store.missing_seeds(gens[1].key, [0, 1]) == [0]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # one line per damaged file, naming it
+    for path, line in zip((cut, png, empty), lines):
+        assert str(path) in line and f"moved aside to {path.name}.damaged" in line and "resampled" in line
+        assert path.with_name(path.name + ".damaged").exists() and not path.exists()
+    # "is it in the store" and read agree: those three are sampled again, and read back as before
+    assert generate(tiny_model, gens, SETTINGS, store) == 3
+    np.testing.assert_array_equal(store.read(gens[0].key, 0).delta_sq, good.delta_sq)
+    assert store.read_image(gens[0].key, 1).shape == (32, 32, 3)
+    assert generate(tiny_model, gens, SETTINGS, store) == 0 and capsys.readouterr().out == ""
+    # a file damaged after planning is refused by read with the same line, never served
+    with open(cut, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=rf"damaged store file .*{cut.name}.*moved aside to {cut.name}.damaged"):
+        store.read(gens[0].key, 0)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match=rf"damaged store file .*{png.name}"):
+        store.read_image(gens[0].key, 1)
+    assert store.missing_seeds(gens[0].key, [0, 1]) == [0, 1]

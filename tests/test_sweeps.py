@@ -48,6 +48,79 @@ def test_in_process_multirun_2x2(tmp_path, monkeypatch):
     assert json.loads((sweep / "sweep_summary.json").read_text())["done"] == status["done"]
 
 
+def run_main(main, monkeypatch, *args):
+    """A runner's Hydra main in this process, as ``python -m`` runs it with ``args``."""
+    monkeypatch.setattr(sys, "argv", ["runner", *args])
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_chdir_jobs_share_the_launch_directory_store(tmp_path, monkeypatch, capsys):
+    from runners import detect
+
+    monkeypatch.delenv("BE_BENCH_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # paths.root is the default '.': the launch directory
+    for run in ("a", "b"):
+        run_main(detect.main, monkeypatch, "hydra.job.chdir=true", "debug=default", f"hydra.run.dir=outputs/{run}")
+    out = capsys.readouterr().out
+    assert "0 images sampled now" not in out.split("results in")[0]  # the first run sampled
+    assert f"0 images sampled now, results in {tmp_path}/outputs/b" in out  # the second reused its store
+    traces = list(tmp_path.rglob("*.safetensors"))
+    assert traces and all(p.is_relative_to(tmp_path / "artifacts/traces") for p in traces)
+    assert json.loads((tmp_path / "outputs/b/metrics.json").read_text())["sampled_now"] == 0
+
+
+def test_a_path_valued_sweep_keeps_its_jobs_inside_the_sweep_folder(tmp_path, monkeypatch, capsys):
+    from runners import detect
+
+    (tmp_path / "ids.txt").write_text("m0\nm1\nn0\n")
+    (tmp_path / "a/b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a/b")
+    run_main(detect.main, monkeypatch, "-m", "debug=default", "prompts.select_ids=../../ids.txt", "sampler.steps=5,6",
+             f"paths.root={tmp_path}")
+    sweep = tmp_path / "outputs/multirun/detect/default"
+    jobs = sorted(p.parent for p in tmp_path.rglob("metrics.json"))
+    assert [p.parent for p in jobs] == [sweep, sweep]  # each job one folder right inside the sweep folder
+    assert jobs[0].name == "debug=default,prompts.select_ids=..%2F..%2Fids.txt,sampler.steps=5"
+    assert "2 jobs finished, 0 failed" in capsys.readouterr().out
+
+
+def test_the_summary_lists_this_multiruns_jobs_only(tmp_path, monkeypatch, capsys):
+    from runners import detect
+
+    sweep = tmp_path / "outputs/multirun/detect/default"
+    grids = {"failing": ["score.T=[1,9]"], "ok": ["sampler.n_images=1,2"]}
+    for name in ("failing", "ok", "ok"):  # the second "ok" reuses both finished jobs: they are its jobs too
+        capsys.readouterr()
+        run_main(detect.main, monkeypatch, "-m", "debug=default", *grids[name], f"paths.root={tmp_path}")
+        out = capsys.readouterr().out
+        summary = json.loads((sweep / "sweep_summary.json").read_text())
+        if name == "failing":
+            assert summary == {"done": [], "failed": [["debug=default,score.T=[1,9]",
+                                                       "ValueError: step window T=9 outside 1..5 sampled steps"]]}
+        else:
+            assert summary == {"done": ["debug=default,sampler.n_images=1", "debug=default,sampler.n_images=2"],
+                               "failed": []}
+            assert "2 jobs finished, 0 failed" in out and "FAILED" not in out
+    assert out.count("finished already with the same inputs, skipped") == 2
+    assert len(sweep_status(sweep)["done"]) == 2 and len(sweep_status(sweep)["failed"]) == 1  # all folders
+
+
+def test_job_folder_names():
+    from benchmark.jobfolder import MAX_NAME_BYTES, folder_name
+
+    simple = "debug=default,sampler.steps=5,score.T=[1,9],model=tiny"
+    assert folder_name(simple) == simple  # the names sweeps have always had
+    assert folder_name("ids=../x/y.txt") == "ids=..%2Fx%2Fy.txt" and folder_name("..") == "%2E%2E"
+    assert folder_name("a=%2F") != folder_name("a=/")  # distinct texts, distinct names
+    long = [folder_name("ids=" + "x" * 300 + tail) for tail in "ab"]
+    assert long[0] != long[1] and all(len(n.encode()) <= MAX_NAME_BYTES for n in long)
+    assert folder_name("") == ""
+
+
 def test_kill_and_resume_equals_a_clean_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     clean = subprocess.run(sweep_cmd(tmp_path / "clean"), cwd=ROOT, env=env, capture_output=True, text=True)
