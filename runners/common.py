@@ -106,7 +106,7 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
             check_job(config)
         except ConfigError as err:
             folder = Path(hydra_cfg.runtime.output_dir)
-            folder.mkdir(parents=True, exist_ok=True)
+            jobfolder.write_config(folder, config)  # so the summary and the report list it as failed
             (folder / ERROR_FILE).write_text(f"ConfigError: {err}\n")
             jobfolder.mark_sweep_run(folder, Path(hydra_cfg.sweep.dir))
             print(f"job failed: config error: {err}")

@@ -206,6 +206,7 @@ def test_a_sweep_job_with_a_bad_setting_fails_alone(tmp_path):
     errors = list((tmp_path / "outputs").rglob("error.txt"))
     assert len(errors) == 1 and "prompts.limit=0" in errors[0].read_text()
     assert len(list((tmp_path / "outputs").rglob("metrics.json"))) == 1
+    assert "1 jobs finished, 1 failed" in out.stdout
 
 
 def test_blank_prompts_are_refused_by_every_loader(tmp_path):
