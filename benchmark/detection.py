@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from .registry import DETECTORS, EXTRA_PASSES, Entry
 from .sampling import Generation, sample_missing, sampler_key
 from .traces import Trace, TraceKey, TraceStore, traces_from_batch
 
-__all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
+__all__ = ["Generation", "detection_table", "generate", "load", "plan", "prone_ids", "sampler_key", "score_grid"]
 
 
 def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int],
@@ -223,3 +224,18 @@ def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: 
     if row.empty:
         raise ValueError(f"no metric row for {detector}[{layers}] T={T} {subset} {level}")
     return float(row[metric].iloc[0])
+
+
+def prone_ids(generations_csv: str | Path, k: int, detector: str = "D", T: int = 1, layers: str = "") -> list[str]:
+    """The memorization-prone rule (the seed paper gives none): the ids of the k memorized prompts with the highest
+    prompt-level score (mean over generations) of ``detector[layers]`` at window ``T`` in a finished detection
+    job's ``generations.csv``, best first; tied scores (e.g. duplicate captions) keep the set's order, which is the
+    order the job wrote its prompts in. Raises ValueError when the table has no memorized row for that detector."""
+    table = pd.read_csv(generations_csv, keep_default_na=False, dtype={"prompt_id": str})
+    rows = table[(table.detector == detector) & (table["T"] == T) & (table.layers == layers) & table.memorized]
+    if rows.empty:
+        raise ValueError(f"{generations_csv}: no memorized rows for {detector}[{layers}] T={T}")
+    # sort=False keeps the ids in the file's (the set's) order, and a stable sort keeps it among equal scores;
+    # groupby's default would order them as strings ("10" before "9")
+    ranked = rows.groupby("prompt_id", sort=False)["score"].mean().sort_values(ascending=False, kind="stable")
+    return list(ranked.index[:k])
