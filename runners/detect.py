@@ -72,8 +72,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
             tokens = localization.token_table(arrays.token_maps, arrays.end_index, list(rows.prompt_id),
                                               prompt_set.truth, next(iter(layer_sets.values())))
             summary["token_localization"] = tokens.to_dict(orient="records")
-            gallery = localization.gallery(arrays.end_maps, list(rows.prompt_id), images, prompt_set.truth,
-                                           next(iter(layer_sets.values())))
+            # the headline layer set's masks (the first set where the headline detector reads none)
+            shown = layer_sets.get(cfg.score.headline.layers, next(iter(layer_sets.values())))
+            gallery = localization.gallery(arrays.end_maps, list(rows.prompt_id), images, prompt_set.truth, shown)
             if gallery is not None:
                 to_png(gallery.transpose(2, 0, 1)).save(folder / "masks.png")
         summary |= early.job_results(store, plan, arrays, list(settings.end_map_steps), s.steps, layer_sets,
