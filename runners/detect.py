@@ -53,7 +53,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         extra_now = extras.compute_missing(model, plan, settings, store, extra, s.batch_size,
                                            progress=lambda it: tqdm(it, desc="extra passes", disable=None))
         sampling_s, extra_s = time.perf_counter() - start, time.perf_counter() - extra_start
-        arrays = detection.load(store, plan, extra)
+        arrays = detection.load(store, plan, extra).score_units(cfg.score.score_difference_units, model.scheduler,
+                                                                s.steps)
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
         metrics = detection.detection_table(scores, cfg.score.n_boot)
         summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
@@ -111,6 +112,9 @@ def check_settings(cfg: DictConfig, layer_sets: dict[str, list[str]]) -> None:
         raise ValueError(f"score.headline.layers {head.layers!r} is not a layer set: {', '.join(layer_sets)}")
     if DETECTORS[head.detector].uses_T and head.T not in score.T:
         raise ValueError(f"score.headline.T={head.T} is not one of score.T {list(score.T)}")
+    if score.score_difference_units not in detection.SCORE_DIFFERENCE_UNITS:
+        raise ValueError(f"score.score_difference_units {score.score_difference_units!r} is not one of "
+                         f"{', '.join(detection.SCORE_DIFFERENCE_UNITS)}")
     if head.level not in ("prompt", "generation"):
         raise ValueError(f"score.headline.level {head.level!r} is neither prompt nor generation")
     if s.get("end_map_steps"):  # the stopping signal is used only where earlier steps are recorded
