@@ -125,6 +125,7 @@ class Model(Section):
 
 class Layers(Section):
     sets: Annotated[dict[Name, Annotated[list[Name], Field(min_length=1)]], Field(min_length=1)]
+    headline: Name | None = None  # the preset's pre-declared headline set (score.headline.layers follows it)
 
 
 class PromptOptions(Section):
@@ -161,6 +162,7 @@ class Score(Section):
     T: Annotated[list[PositiveInt], Field(min_length=1)]
     n_boot: Count
     headline: Headline
+    score_difference_units: Literal["eps", "score"] = "eps"  # benchmark.detection.SCORE_DIFFERENCE_UNITS
 
 
 class Capture(Section):
@@ -260,6 +262,8 @@ class TextToImageJob(Job):
 
     def check(self) -> None:
         self.model.check()
+        if self.layers.headline is not None:
+            self.layer_set("layers.headline", self.layers.headline)
         scheduler = model_scheduler_config(self.model.source)
         if scheduler is not None:
             check_ddim_steps(scheduler, self.sampler.steps)

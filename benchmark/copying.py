@@ -42,10 +42,11 @@ def tiled_distances(a: np.ndarray, b: np.ndarray, grid: int = 4) -> np.ndarray:
 
 
 def nn_ratio(dist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per generation: nearest index, nearest distance, and nearest / second-nearest distance."""
+    """Per generation: nearest index, nearest distance, and nearest / second-nearest distance; among equally
+    near training images the first in the training set's order is the nearest."""
     if dist.shape[1] < 2:
         raise ValueError("a distance ratio needs at least 2 training images")
-    order = np.argsort(dist, axis=1)[:, :2]
+    order = np.argsort(dist, axis=1, kind="stable")[:, :2]
     d1 = np.take_along_axis(dist, order[:, :1], 1)[:, 0]
     d2 = np.take_along_axis(dist, order[:, 1:2], 1)[:, 0]
     return order[:, 0], d1, d1 / np.maximum(d2, 1e-12)
@@ -104,9 +105,10 @@ def memorization_table(images: np.ndarray, training: np.ndarray, masks: list[np.
 
 def copy_gallery(images: np.ndarray, training: np.ndarray, table: pd.DataFrame, masks: list[np.ndarray],
                  n: int = 8, scale: int = 4) -> np.ndarray:
-    """Rows of (generation | its nearest training image | copied patches in red), most copied first; (H, W, 3)."""
+    """Rows of (generation | its nearest training image | copied patches in red), most copied first
+    (lowest Carlini score; equal scores in the generations' order); (H, W, 3)."""
     rows = []
-    for i in table.sort_values("carlini").index[:n]:
+    for i in table.sort_values("carlini", kind="stable").index[:n]:
         gen, ref = images[i].transpose(1, 2, 0), training[table.nearest[i]].transpose(1, 2, 0)
         red = 0.5 * gen + 0.5 * np.stack([masks[i], 0 * masks[i], 0 * masks[i]], -1)
         rows.append(np.concatenate([gen, ref, red], 1))

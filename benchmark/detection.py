@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import extras as X
+from . import jacobian_scores as J
 from . import scores as S
 from .capture import SamplerSettings, cross_attention_layers, sample_with_capture
 from .metrics import detection_metrics
@@ -17,7 +19,9 @@ from .registry import DETECTORS, EXTRA_PASSES, Entry
 from .sampling import Generation, sample_missing, sampler_key
 from .traces import Trace, TraceKey, TraceStore, traces_from_batch
 
-__all__ = ["Generation", "detection_table", "generate", "load", "plan", "sampler_key", "score_grid"]
+SCORE_DIFFERENCE_UNITS = ("eps", "score")  # score.score_difference_units
+
+__all__ = ["Generation", "detection_table", "generate", "load", "plan", "prone_ids", "sampler_key", "score_grid"]
 
 
 def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
@@ -88,6 +92,18 @@ class TraceArrays:
     # fields of the extra passes asked for (``benchmark.extras``): name -> (n,) or (n, h, w); NaN rows for the
     # generations a pass was not run on (its ``n``: a prompt's first images only)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # 1 - alpha_bar_t at the last step, the divisor that puts the score-difference map in score units; 1 = eps
+    # units (``score_units``)
+    one_minus_alpha_bar: float = 1.0
+
+    def score_units(self, units: str, scheduler, steps: int) -> TraceArrays:
+        """These arrays with the score-difference detector and localizer in ``units``: ``eps`` (sum_c (eps_c -
+        eps_u)^2, the default) or ``score`` (sum_c (s_c - s_u)^2, the curvature paper's official ``score_diff``,
+        divided by 1 - alpha_bar_t of the last of ``steps`` steps of ``scheduler``). Raises ValueError otherwise."""
+        if units not in SCORE_DIFFERENCE_UNITS:
+            raise ValueError(f"score.score_difference_units {units!r} is not one of {', '.join(SCORE_DIFFERENCE_UNITS)}")
+        scale = 1.0 if units == "eps" else J.one_minus_alpha_bar(scheduler, steps, J.CURVATURE_STEP)
+        return replace(self, one_minus_alpha_bar=scale)
 
     @classmethod
     def stack(cls, traces: list[Trace], labels: list[Prompt],
@@ -223,3 +239,18 @@ def headline(metrics: pd.DataFrame, detector: str, layers: str, T: int, subset: 
     if row.empty:
         raise ValueError(f"no metric row for {detector}[{layers}] T={T} {subset} {level}")
     return float(row[metric].iloc[0])
+
+
+def prone_ids(generations_csv: str | Path, k: int, detector: str = "D", T: int = 1, layers: str = "") -> list[str]:
+    """The memorization-prone rule (the seed paper gives none): the ids of the k memorized prompts with the highest
+    prompt-level score (mean over generations) of ``detector[layers]`` at window ``T`` in a finished detection
+    job's ``generations.csv``, best first; tied scores (e.g. duplicate captions) keep the set's order, which is the
+    order the job wrote its prompts in. Raises ValueError when the table has no memorized row for that detector."""
+    table = pd.read_csv(generations_csv, keep_default_na=False, dtype={"prompt_id": str})
+    rows = table[(table.detector == detector) & (table["T"] == T) & (table.layers == layers) & table.memorized]
+    if rows.empty:
+        raise ValueError(f"{generations_csv}: no memorized rows for {detector}[{layers}] T={T}")
+    # sort=False keeps the ids in the file's (the set's) order, and a stable sort keeps it among equal scores;
+    # groupby's default would order them as strings ("10" before "9")
+    ranked = rows.groupby("prompt_id", sort=False)["score"].mean().sort_values(ascending=False, kind="stable")
+    return list(ranked.index[:k])

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -38,6 +39,9 @@ from .traces import TraceKey, TraceStore, atomic_write, readable, set_aside
 EXTRA_VERSION = "1"  # bump when the meaning of a stored extra value changes
 PASS_ARGS = ("model", "prompts", "seeds", "settings", "prompt_index")  # every pass's positional inputs; the rest: knobs
 SELECTION_KNOBS = ("n",)  # knobs that pick which images get a pass, not what it computes (not in the hash)
+# knobs added after a pass's values were first stored, with the value that computes what was stored before them: at
+# that value a knob stays out of the hash, so adding it renames (invalidates) no existing sidecar
+LATER_KNOBS = {"curvature": {"probe_seeding": "per_image"}}
 
 
 # ------------------------------------------------------------------------------------------- the passes
@@ -53,11 +57,16 @@ def _check_anisotropy(settings: SamplerSettings, gamma_norm: float, gamma_cos: f
 
 
 def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_seed: int,
-                     baseline: str | None) -> None:
+                     baseline: str | None, probe_seeding: str) -> None:
     if not -settings.steps <= step < settings.steps:
         raise ValueError(f"extra.curvature.step={step} is outside the {settings.steps} steps")
     if probes < 1:
         raise ValueError(f"extra.curvature.probes must be >= 1, got {probes}")
+    if probe_seeding not in J.PROBE_SEEDINGS:
+        raise ValueError(f"extra.curvature.probe_seeding={probe_seeding!r} is not one of {', '.join(J.PROBE_SEEDINGS)}")
+    if probe_seeding == "official" and probe_seed != 0:
+        raise ValueError(f"extra.curvature.probe_seed={probe_seed} has no effect with probe_seeding=official (the "
+                         "official probes follow the image seed alone); leave it at 0")
 
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)
@@ -93,13 +102,16 @@ def _baseline(source: str, model: TextToImage) -> TextToImage:
                        check=_check_curvature)
 def curvature_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
                    prompt_index: list[int], step: int = J.CURVATURE_STEP, probes: PositiveInt = J.CURVATURE_PROBES,
-                   probe_seed: Seed = 0, baseline: Name | None = None) -> dict[str, np.ndarray]:
+                   probe_seed: Seed = 0, baseline: Name | None = None,
+                   probe_seeding: Literal["per_image", "official"] = "per_image") -> dict[str, np.ndarray]:
     """The curvature map per image (n, h, w) at ``step`` (official: the last) with ``probes`` Hutchinson probes
     (official 16); ``baseline`` None: against the unconditional branch, else a model source (a less-trained
-    snapshot) whose conditional branch is the baseline. :func:`jacobian_scores.curvature_map`."""
+    snapshot) whose conditional branch is the baseline; ``probe_seeding`` per_image (``probe_seed`` and the image
+    seed) or official (the official code's draws, :func:`jacobian_scores.rademacher_probes`).
+    :func:`jacobian_scores.curvature_map`."""
     base = _baseline(baseline, model) if baseline is not None else None
     return {"curvature_map": J.curvature_map(model, prompts, seeds, settings, step, probes, probe_seed, base,
-                                             prompt_index=prompt_index)}
+                                             prompt_index=prompt_index, probe_seeding=probe_seeding)}
 
 
 # ------------------------------------------------------------------------------------------- detectors, localizers
@@ -123,13 +135,16 @@ def curvature_mean(curvature_map: np.ndarray) -> np.ndarray:
 
 
 @DETECTORS.register("score_difference", label="score difference (last step)", higher_is_memorized=True)
-def score_difference(delta_sq: np.ndarray) -> np.ndarray:
+def score_difference(delta_sq: np.ndarray, one_minus_alpha_bar: float = 1.0) -> np.ndarray:
     """The curvature paper's cheap surrogate as a detector, from the trace alone: the mean over pixels of
-    ``sum_c (eps_c - eps_u)^2`` at the last step (its official step; eps units, a constant factor per step).
+    ``sum_c (eps_c - eps_u)^2 / one_minus_alpha_bar`` at the last step (its official step). With the trace's
+    ``one_minus_alpha_bar`` = 1 (``score.score_difference_units: eps``, the default) in eps units; the official
+    ``score_diff`` is in score units, ``sum_c (s_c - s_u)^2`` with ``s = -eps / sqrt(1 - alpha_bar_t)``, i.e.
+    ``1 - alpha_bar_t`` of the last step (``score``): a constant factor per step, the same ranking.
 
     Not a duplicate of Wen's D: D_T averages the first T steps; at the first step this map's mean would be
     ``D_1^2 / (h w)``, the same ranking as D_1, but the official step is the last one."""
-    return J.score_difference_map(delta_sq, J.CURVATURE_STEP).mean(axis=(-2, -1))
+    return J.score_difference_map(delta_sq, J.CURVATURE_STEP, one_minus_alpha_bar).mean(axis=(-2, -1))
 
 
 @LOCALIZERS.register("curvature", label="curvature map (Kim & Lee)")
@@ -139,9 +154,11 @@ def curvature_localizer(curvature_map: np.ndarray, size: tuple[int, int]) -> np.
 
 
 @LOCALIZERS.register("score_difference", label="score-difference map (last step)")
-def score_difference_localizer(delta_sq: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``sum_c (eps_c - eps_u)^2`` at the last step, from the trace, at ``size``: (n, steps, h, w) -> (n, *size)."""
-    return S.resize_maps(np.asarray(J.score_difference_map(delta_sq, J.CURVATURE_STEP), dtype=np.float32), size)
+def score_difference_localizer(delta_sq: np.ndarray, size: tuple[int, int], one_minus_alpha_bar: float) -> np.ndarray:
+    """``sum_c (eps_c - eps_u)^2 / one_minus_alpha_bar`` at the last step, from the trace, at ``size``:
+    (n, steps, h, w) -> (n, *size); units as :func:`score_difference`."""
+    return S.resize_maps(np.asarray(J.score_difference_map(delta_sq, J.CURVATURE_STEP, one_minus_alpha_bar),
+                                    dtype=np.float32), size)
 
 
 # ------------------------------------------------------------------------------------------- requests and the store
@@ -158,8 +175,10 @@ class ExtraRequest:
     @cached_property
     def digest(self) -> str:
         """Hash of everything that changes the stored values: name, knobs, format version (and the baseline
-        model's weights, where a knob names a local folder)."""
-        knobs = dict(self.knobs)
+        model's weights, where a knob names a local folder); a knob of :data:`LATER_KNOBS` at its old value is left
+        out."""
+        later = LATER_KNOBS.get(self.name, {})
+        knobs = {k: v for k, v in self.knobs.items() if not (k in later and v == later[k])}
         if knobs.get("baseline"):
             knobs["baseline_weights"] = weights_fingerprint(knobs["baseline"])
         text = json.dumps({"pass": self.name, "knobs": knobs, "version": EXTRA_VERSION}, sort_keys=True)

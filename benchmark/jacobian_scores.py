@@ -57,6 +57,10 @@ ANISOTROPY_GAMMA_COS = 2.0  # idem (SD v2: 0.1)
 ANISOTROPY_LOW_NOISE_INDEX = -3  # memorization-anisotropy/local_model/pipe.py: t_cosine = timesteps[-3]
 CURVATURE_PROBES = 16  # mem-curv-diff/generate_metric_maps.py --hutchinson_k
 CURVATURE_STEP = -1  # idem --target_timestep 49 of --num_inference_steps 50: the last step
+# idem utils/optim_utils.py set_random_seed(seed): torch.manual_seed(seed), then cuda.manual_seed(seed + 1),
+# cuda.manual_seed_all(seed + 2) and (seed + 4): the generator a device's global draws come from is left at this
+PROBE_SEED_OFFSET = {"cpu": 0, "cuda": 4}
+PROBE_SEEDINGS = ("per_image", "official")
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -122,15 +126,37 @@ def anisotropy_score(guidance_norm, alignment, gamma_norm: float = ANISOTROPY_GA
     return gamma_norm * guidance_norm + gamma_cos * alignment
 
 
-def rademacher_probes(seeds: list[int], k: int, shape: tuple[int, ...], probe_seed: int = 0) -> torch.Tensor:
-    """(k, n, *shape) float32 of +-1, image i's k probes drawn from ``(probe_seed, seeds[i])`` alone."""
+def rademacher_probes(seeds: list[int], k: int, shape: tuple[int, ...], probe_seed: int = 0,
+                      seeding: str = "per_image", device: str | torch.device = "cpu") -> torch.Tensor:
+    """(k, n, *shape) float32 of +-1 on ``device``: image i's k probes, drawn from its seed ``seeds[i]`` alone.
+
+    ``seeding="per_image"`` (default): from a CPU generator seeded by ``(probe_seed, seeds[i])`` (SeedSequence).
+    ``"official"``: the draws of the official ``compute_diag_h_diff_only`` (mem-curv-diff @ 42a30d4), which calls
+    ``set_random_seed(seed)`` and then draws each probe from the global generator of the latents' device as
+    ``torch.empty_like(latents).bernoulli_(0.5) * 2 - 1``, latents (1, c, h, w) float16, k draws in turn, nothing
+    else drawn from that generator in between (its noise has its own generator, DDIM with eta 0 draws nothing):
+    here a generator of ``device`` seeded ``seeds[i] + PROBE_SEED_OFFSET[device type]`` (CUDA: + 4, CPU: + 0),
+    the same k float16 draws. ``probe_seed`` has no part in it (the official has no probe seed by default).
+    Raises ValueError for k < 1, an unknown seeding, or official seeding on a device other than CPU or CUDA."""
     if k < 1:
         raise ValueError(f"number of probes must be >= 1, got {k}")
+    if seeding not in PROBE_SEEDINGS:
+        raise ValueError(f"probe seeding {seeding!r} is not one of {', '.join(PROBE_SEEDINGS)}")
+    device = torch.device(device)
     probes = []
     for s in seeds:
+        if seeding == "official":
+            if device.type not in PROBE_SEED_OFFSET:
+                raise ValueError(f"official probe seeding is defined on {' and '.join(PROBE_SEED_OFFSET)}, "
+                                 f"not on {device.type}")
+            gen = torch.Generator(device).manual_seed(int(s) + PROBE_SEED_OFFSET[device.type])
+            draws = [torch.empty((1, *shape), dtype=torch.float16, device=device).bernoulli_(0.5, generator=gen)[0]
+                     for _ in range(k)]
+            probes.append(torch.stack(draws).float() * 2 - 1)
+            continue
         state = int(np.random.SeedSequence([int(probe_seed), int(s)]).generate_state(1)[0])
         bits = torch.randint(0, 2, (k, *shape), generator=torch.Generator().manual_seed(state))
-        probes.append(bits.float() * 2 - 1)
+        probes.append((bits.float() * 2 - 1).to(device))
     return torch.stack(probes, 1)
 
 
@@ -255,23 +281,26 @@ def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int]
 
 def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
                   step: int = CURVATURE_STEP, probes: int = CURVATURE_PROBES, probe_seed: int = 0,
-                  baseline: TextToImage | None = None, prompt_index: int | Sequence[int] | None = None) -> np.ndarray:
+                  baseline: TextToImage | None = None, prompt_index: int | Sequence[int] | None = None,
+                  probe_seeding: str = "per_image") -> np.ndarray:
     """Coordinate-wise curvature difference map per image, (n, h, w) float32 at the latent resolution, >= 0.
 
     The guided trajectory of ``model`` runs to step index ``step`` (negative counts from the end; official: the
     last of 50); there, Hutchinson's estimate over ``probes`` Rademacher probes (seeded by ``probe_seed`` and the
-    image's seed alone) of diag ``d(eps_c - eps_b)/dx_t`` gives ``relu(sum_c diag)`` (see
+    image's seed alone, or as the official draws them, ``probe_seeding``: :func:`rademacher_probes`) of diag
+    ``d(eps_c - eps_b)/dx_t`` gives ``relu(sum_c diag)`` (see
     :func:`curvature_from_diagonal`). ``baseline`` None: ``eps_b`` is the model's unconditional branch (the paper's
     Delta h_emptyset); a model (e.g. a less-trained snapshot with the same latent space): ``eps_b`` is its
     conditional branch on its own encoding of the prompt (Delta h_theta~). Costs the trajectory (``step`` guided
     passes), one forward pass with its graph and one backward pass per probe. ``prompt_index``: as in :func:`sail`.
-    Raises ValueError for an empty seed list, a step outside the schedule, probes < 1 or a non-epsilon model."""
+    Raises ValueError for an empty seed list, a step outside the schedule, probes < 1, an unknown probe seeding or
+    a non-epsilon model."""
     _check_model(model, seeds, settings)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
     index = _step_index(step, len(scheduler.timesteps), "curvature step")
     shape = model.latent_shape(settings.height, settings.width)
-    v = rademacher_probes(seeds, probes, shape, probe_seed)
+    v = rademacher_probes(seeds, probes, shape, probe_seed, probe_seeding, model.device)
     n = len(seeds)
     context = _context(model, prompt, n)
     eps_fn = eps_predictor(model.unet)
@@ -293,7 +322,7 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
         def difference(y):
             y = scheduler.scale_model_input(y, t)
             return eps_fn(y, t, cond) - base_fn(y.to(baseline.device, baseline.dtype), t, base_cond).to(y)
-    diag = hutchinson_diagonal(difference, latents, v.to(model.device))
+    diag = hutchinson_diagonal(difference, latents, v)
     return curvature_from_diagonal(diag).cpu().numpy()
 
 

@@ -178,15 +178,3 @@ def union(name: str, parts: list[PromptSet]) -> PromptSet:
         truth |= {f"{part.name}/{k}": v for k, v in part.truth.items()}
     return PromptSet(name, prompts, truth)
 
-
-def prone_ids(generations_csv: str | Path, k: int, detector: str = "D", T: int = 1, layers: str = "") -> list[str]:
-    """The memorization-prone rule (the seed paper gives none): the k memorized prompts with the highest
-    prompt-level score (mean over generations) of one detector in a previous detection job."""
-    import pandas as pd
-
-    table = pd.read_csv(generations_csv, keep_default_na=False, dtype={"prompt_id": str})
-    rows = table[(table.detector == detector) & (table["T"] == T) & (table.layers == layers) & table.memorized]
-    if rows.empty:
-        raise ValueError(f"{generations_csv}: no memorized rows for {detector}[{layers}] T={T}")
-    ranked = rows.groupby("prompt_id")["score"].mean().sort_values(ascending=False, kind="mergesort")
-    return list(ranked.index[:k])

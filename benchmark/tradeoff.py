@@ -161,7 +161,7 @@ def at_equal_utility(points: pd.DataFrame, utility: str, similarity: str, method
             curve = pd.concat([base, group[group.method == m]]).dropna(subset=[utility, similarity])
             if len(curve) < 2:
                 break
-            curve = curve.sort_values(utility)
+            curve = curve.sort_values(utility, kind="stable")  # equal utilities: in the points' order
             lines[m] = (curve[utility].to_numpy(), curve[similarity].to_numpy())
         if len(lines) < 2:
             continue

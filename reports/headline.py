@@ -1,10 +1,12 @@
 """The report's first screen: per job group (model x prompt set), the answers a reader comes for, each with its
 interval, the published value and the difference, in words as well as numbers.
 
-- detection: best D vs best LD (over layer sets) at the smallest step window (T=1 where the job has it), per
-  memorization kind, prompt-level AUC; and the local-global gap of each (Chen et al. ICLR 2025, Table 1);
-- localization: the best BE mask's IoU and pixel AUROC against the all-ones floor and the never-trained control
-  (published: the third-party BE IoU on SD v1-4);
+- detection: D vs LD on the job's headline layer set (``score.headline.layers``, fixed in advance by the layer
+  preset, e.g. BE's own ``be_paper`` on SD) at the smallest step window (T=1 where the job has it), per memorization
+  kind, prompt-level AUC; and the local-global gap of each (Chen et al. ICLR 2025, Table 1). The best of several
+  layer sets is picked on the data it is scored on, so it is only ever shown beside, labelled as such;
+- localization: the headline layer set's BE mask IoU and pixel AUROC against the all-ones floor and the
+  never-trained control (published: the third-party BE IoU on SD v1-4); the best mask likewise only beside;
 - BE intensity: the order of the medians per memorization type (Chen et al., Fig. 5);
 - mitigation: BE-masked minus Wen's similarity to the training image at equal utility (Chen et al., Fig. 6/7).
 """
@@ -88,6 +90,15 @@ def paired_difference_ci(job: Job, metrics: pd.DataFrame, kind: str, T: int, ld_
     return float(lo), float(hi)
 
 
+SELECTED = "selected on the evaluation data"  # the label of any best-over-layer-sets figure
+
+
+def headline_layers(job: Job) -> str:
+    """The layer set a job's headline is read on: its ``score.headline.layers`` (fixed before the job ran), ``all``
+    for a folder whose config has none."""
+    return str(job.config.get("score", {}).get("headline", {}).get("layers") or "all")
+
+
 def detection_findings(job: Job) -> list[Finding]:
     metrics = pd.DataFrame(job.result["metrics"])
     metrics["layers"] = metrics.layers.fillna("")
@@ -98,13 +109,17 @@ def detection_findings(job: Job) -> list[Finding]:
     ref = published("be2025_table1_detection.csv")
     ref = ref[ref["T"] == 1].set_index(["detector", "memorization_type"]).auc
     d_name, ld_name = detector_label("D"), detector_label("LD")
+    layers = headline_layers(job)
     out, gap = [], {}
     for kind in ("local", "global"):
-        d, ld = _row(metrics, "D", kind, T), _row(metrics, "LD", kind, T)
+        d, sets = _row(metrics, "D", kind, T), _row(metrics, "LD", kind, T)
+        ld = sets[sets.layers == layers]
         if d.empty or ld.empty:
             continue
-        d, ld = d.iloc[0], ld.sort_values("auc", ascending=False, kind="mergesort").iloc[0]
-        n_sets = _row(metrics, "LD", kind, T).layers.nunique()
+        d, ld = d.iloc[0], ld.iloc[0]
+        # ties: the first in the job's layer-set order
+        best = sets.sort_values("auc", ascending=False, kind="stable").iloc[0]
+        shown_best = sets.layers.nunique() > 1 and best.layers != layers
         p_d, p_ld = ref.get(("D", kind)), ref.get(("LD", kind))
         lead, p_lead = ld.auc - d.auc, (p_ld - p_d) if p_d is not None and p_ld is not None else None
         gap[kind] = (d.auc, ld.auc, p_d, p_ld)
@@ -116,17 +131,23 @@ def detection_findings(job: Job) -> list[Finding]:
                                       if interval else "")
         ld_ci = fmt_ci(ld.auc, ld.get("auc_lo"), ld.get("auc_hi"))
         d_ci = fmt_ci(d.auc, d.get("auc_lo"), d.get("auc_hi"))
+        best_text = (f"; the best of {sets.layers.nunique()} layer sets, {SELECTED}: {ld_name} [{best.layers}] "
+                     f"{fmt(best.auc)}") if shown_best else ""
+        rows = [_figure(f"{kind}: {d_name} AUC, T={T}", d_ci, p_d, None if p_d is None else d.auc - p_d),
+                _figure(f"{kind}: {ld_name} [{ld.layers}] AUC, T={T}", ld_ci, p_ld,
+                        None if p_ld is None else ld.auc - p_ld),
+                _figure(f"{kind}: {ld_name} - {d_name}", lead_text.replace(" (paired bootstrap)", ""),
+                        fmt_diff(p_lead),
+                        None if p_lead is None else lead - p_lead)]
+        if shown_best:
+            rows.append(_figure(f"{kind}: {ld_name} best layer set [{best.layers}] AUC, T={T} ({SELECTED})",
+                                fmt(best.auc)))
         out.append(Finding("detection", (
-            f"On {kind} memorization at T={T}, {ld_name} {verdict} {d_name}: AUC {ld_ci} (best of {n_sets} layer "
-            f"sets: {ld.layers}) vs {d_ci}, {lead_text}{paper}."),
+            f"On {kind} memorization at T={T}, {ld_name} [{ld.layers}, the headline layer set] {verdict} {d_name}: "
+            f"AUC {ld_ci} vs {d_ci}, {lead_text}{paper}{best_text}."),
             {f"{kind}_D_auc": d.auc, f"{kind}_LD_auc": ld.auc, f"{kind}_LD_minus_D": lead,
-             **({f"{kind}_LD_minus_D_published": p_lead} if p_lead is not None else {})},
-            rows=[_figure(f"{kind}: {d_name} AUC, T={T}", d_ci, p_d, None if p_d is None else d.auc - p_d),
-                  _figure(f"{kind}: {ld_name} [{ld.layers}] AUC, T={T}", ld_ci, p_ld,
-                          None if p_ld is None else ld.auc - p_ld),
-                  _figure(f"{kind}: {ld_name} - {d_name}", lead_text.replace(" (paired bootstrap)", ""),
-                          fmt_diff(p_lead),
-                          None if p_lead is None else lead - p_lead)]))
+             **({f"{kind}_LD_best_auc": best.auc} if shown_best else {}),
+             **({f"{kind}_LD_minus_D_published": p_lead} if p_lead is not None else {})}, rows=rows))
     if {"local", "global"} <= set(gap):
         (dl, ldl, pdl, pldl), (dg, ldg, pdg, pldg) = gap["local"], gap["global"]
         ours_d, ours_ld = dg - dl, ldg - ldl
@@ -150,13 +171,16 @@ def localization_findings(job: Job) -> list[Finding]:
     if rows.empty:
         return []
     floor = rows[rows.layers.str.startswith("all-ones")]
-    masks = rows[~rows.layers.str.startswith("all-ones")].sort_values("iou", ascending=False, kind="mergesort")
-    if masks.empty:
+    layers = headline_layers(job)
+    sets = job.config.get("layers", {}).get("sets") or {layers: None}  # BE masks: the job's layer sets
+    masks = rows[rows.layers.isin(list(sets))]
+    head = masks[masks.layers == layers]
+    if head.empty:
         return []
-    best = masks.iloc[0]
+    best, masks = head.iloc[0], masks.sort_values("iou", ascending=False, kind="stable")  # ties: layer-set order
     ref = published("localization_iou_thirdparty.csv")
     ref = ref[ref.subset == "all"].set_index("method").iou
-    sentence = f"The BE mask [{best.layers}] localizes the planted copy with IoU {best.iou:.3f}"
+    sentence = f"The BE mask [{best.layers}, the headline layer set] localizes the planted copy with IoU {best.iou:.3f}"
     values = {"iou": best.iou, "pixel_auroc": best.pixel_auroc}
     if not floor.empty:
         sentence += f" against {floor.iou.iloc[0]:.3f} for the all-ones mask"
@@ -169,6 +193,11 @@ def localization_findings(job: Job) -> list[Finding]:
         sentence += (f"; published on SD v1-4 (third party): IoU {ref['BE']:.3f} vs {ref['all-ones mask']:.3f}, "
                      f"ours - published: {best.iou - ref['BE']:+.3f}")
         values["iou_published"] = ref["BE"]
+    top = masks.iloc[0]
+    if masks.layers.nunique() > 1 and top.layers != best.layers:
+        sentence += (f"; the best of {masks.layers.nunique()} layer sets, {SELECTED}: [{top.layers}] "
+                     f"IoU {top.iou:.3f}")
+        values["iou_best"] = top.iou
     rows = [_figure(f"BE mask [{best.layers}] IoU", f"{best.iou:.3f}", ref.get("BE"),
                     None if "BE" not in ref else best.iou - ref["BE"])]
     if not floor.empty:

@@ -51,7 +51,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         extra_now = extras.compute_missing(model, plan, settings, store, extra, s.batch_size,
                                            progress=lambda it: tqdm(it, desc="extra passes", disable=None))
         sampling_s, extra_s = time.perf_counter() - start, time.perf_counter() - extra_start
-        arrays = detection.load(store, plan, extra)
+        arrays = detection.load(store, plan, extra).score_units(cfg.score.score_difference_units, model.scheduler,
+                                                                s.steps)
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
         metrics = detection.detection_table(scores, cfg.score.n_boot)
         summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
@@ -70,8 +71,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
             tokens = localization.token_table(arrays.token_maps, arrays.end_index, list(rows.prompt_id),
                                               prompt_set.truth, next(iter(layer_sets.values())))
             summary["token_localization"] = tokens.to_dict(orient="records")
-            gallery = localization.gallery(arrays.end_maps, list(rows.prompt_id), images, prompt_set.truth,
-                                           next(iter(layer_sets.values())))
+            # the headline layer set's masks (the first set where the headline detector reads none)
+            shown = layer_sets.get(cfg.score.headline.layers, next(iter(layer_sets.values())))
+            gallery = localization.gallery(arrays.end_maps, list(rows.prompt_id), images, prompt_set.truth, shown)
             if gallery is not None:
                 to_png(gallery.transpose(2, 0, 1)).save(folder / "masks.png")
         summary |= early.job_results(store, plan, arrays, list(settings.end_map_steps), s.steps, layer_sets,

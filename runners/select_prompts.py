@@ -5,7 +5,7 @@
 import argparse
 from pathlib import Path
 
-from benchmark.prompts import prone_ids
+from benchmark.detection import prone_ids
 
 
 def main() -> None:

@@ -145,6 +145,29 @@ def test_bad_extra_settings_get_one_clear_error():
     extras.check_detector("D", [])
 
 
+def test_a_later_knob_at_its_old_value_keeps_existing_sidecar_names():
+    # the digests of curvature sidecars stored before probe_seeding existed (EXTRA_VERSION 1)
+    assert extras.requests(["curvature"], {}, SETTINGS)[0].digest == "695ccd16"
+    assert extras.requests(["curvature"], {"curvature": {"probes": 2}}, SETTINGS)[0].digest == "d3bb7af7"
+    assert extras.requests(["curvature"], {"curvature": {"probe_seeding": "per_image"}}, SETTINGS)[0].digest \
+        == "695ccd16"
+    official = extras.requests(["curvature"], {"curvature": {"probe_seeding": "official"}}, SETTINGS)[0]
+    assert official.digest != "695ccd16" and official.knobs["probe_seeding"] == "official"
+    with pytest.raises(ValueError, match="extra.curvature.probe_seeding='cuda' is not one of per_image, official"):
+        extras.requests(["curvature"], {"curvature": {"probe_seeding": "cuda"}}, SETTINGS)
+    with pytest.raises(ValueError, match="extra.curvature.probe_seed=3 has no effect with probe_seeding=official"):
+        extras.requests(["curvature"], {"curvature": {"probe_seeding": "official", "probe_seed": 3}}, SETTINGS)
+
+
+def test_official_probe_seeding_reaches_the_curvature_map(tiny_model):
+    settings = SamplerSettings(steps=3, guidance=7.5, height=32, width=32)
+    maps = {s: J.curvature_map(tiny_model, "a cat", [0, 1], settings, probes=2, probe_seeding=s)
+            for s in ("per_image", "official")}
+    again = J.curvature_map(tiny_model, "a cat", [1], settings, probes=2, probe_seeding="official")
+    np.testing.assert_allclose(again[0], maps["official"][1], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(maps["official"], maps["per_image"])
+
+
 def test_score_difference_ranks_as_D_only_at_the_first_step():
     rng = np.random.default_rng(0)
     delta_sq = rng.random((20, 5, 4, 4)) * rng.random((20, 5, 1, 1))
@@ -208,3 +231,33 @@ def test_extras_follow_official_seeding(tiny_model, tmp_path, same_up_to_float_o
     same_up_to_float_order(arrays.extras["guidance_norm"][first], S.magnitude_D(arrays.delta_sq, 1)[first],
                            rel=2e-3)
     assert np.isnan(arrays.extras["guidance_norm"][~first]).all()
+
+
+def test_score_difference_in_score_units_is_the_official_score_diff_by_hand():
+    from diffusers import DDIMScheduler
+
+    from benchmark.models import SD14_SCHEDULER
+
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+    steps = 50
+    rng = np.random.default_rng(1)
+    eps_u, eps_c = rng.standard_normal((2, 3, 4, 2, 2))  # (n=3, c=4, h=2, w=2) each
+    scheduler.set_timesteps(steps)
+    t = int(scheduler.timesteps[-1])  # the last step (official index 49 of 50)
+    one_minus = 1 - float(scheduler.alphas_cumprod[t])
+    # official compute_score_diffs_only: s = -eps / sqrt(1 - alpha_bar_t), map = sum_c (s_c - s_u)^2
+    official = (((-eps_c / one_minus ** 0.5) - (-eps_u / one_minus ** 0.5)) ** 2).sum(1)
+    delta_sq = np.zeros((3, steps, 2, 2))
+    delta_sq[:, -1] = ((eps_c - eps_u) ** 2).sum(1)  # what a trace stores
+    rows = pd.DataFrame({"prompt_id": ["a", "b", "c"], "kind": "none", "memorized": False, "seed": 0})
+    arrays = detection.TraceArrays(rows, delta_sq, {}, {}, np.zeros(3, int), {})
+    eps_units = arrays.score_units("eps", scheduler, steps)
+    score_units = arrays.score_units("score", scheduler, steps)
+    assert eps_units.one_minus_alpha_bar == 1.0 and score_units.one_minus_alpha_bar == pytest.approx(one_minus)
+    entry = extras.DETECTORS["score_difference"]
+    np.testing.assert_allclose(entry.fn(**score_units.inputs(entry, None, 0, None)), official.mean(axis=(1, 2)))
+    np.testing.assert_allclose(entry.fn(**eps_units.inputs(entry, None, 0, None)), delta_sq[:, -1].mean(axis=(1, 2)))
+    local = extras.LOCALIZERS["score_difference"]
+    np.testing.assert_allclose(local.fn(**score_units.inputs(local, None, 0, None)), official, rtol=1e-6)
+    with pytest.raises(ValueError, match="score.score_difference_units 'Score' is not one of eps, score"):
+        arrays.score_units("Score", scheduler, steps)

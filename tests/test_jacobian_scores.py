@@ -90,6 +90,37 @@ def test_rademacher_probes_depend_on_their_seed_alone():
         J.rademacher_probes([0], 0, (2,))
 
 
+def _official_probes(seed: int, k: int, shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """The official draw, line for line (mem-curv-diff @ 42a30d4): utils/optim_utils.py ``set_random_seed(seed)``,
+    then ``compute_diag_h_diff_only``'s latents (own generator, fp16) and k times ``rademacher_like(latents)``."""
+    torch.manual_seed(seed + 0)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed + 1)
+        torch.cuda.manual_seed_all(seed + 2)
+        torch.cuda.manual_seed_all(seed + 4)
+    latents = torch.randn((1, *shape), device=device, dtype=torch.float16,
+                          generator=torch.Generator(device=device).manual_seed(seed))
+    return torch.stack([torch.empty_like(latents).bernoulli_(0.5).mul_(2).sub_(1)[0] for _ in range(k)]).float()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the official CUDA draw needs a GPU"))])
+def test_official_probe_seeding_reproduces_the_official_draws(device):
+    state = torch.random.get_rng_state()
+    try:
+        expected = [_official_probes(seed, 3, (4, 8, 8), device) for seed in (0, 42)]
+    finally:
+        torch.random.set_rng_state(state)
+    got = J.rademacher_probes([0, 42], 3, (4, 8, 8), seeding="official", device=device)
+    assert got.shape == (3, 2, 4, 8, 8) and got.device.type == device
+    for i, probes in enumerate(expected):
+        assert torch.equal(got[:, i], probes)
+    assert torch.equal(got[:, 1], J.rademacher_probes([42], 3, (4, 8, 8), seeding="official", device=device)[:, 0])
+    assert not torch.equal(got, J.rademacher_probes([0, 42], 3, (4, 8, 8), device=device))  # not the default's
+    with pytest.raises(ValueError, match="probe seeding 'global' is not one of per_image, official"):
+        J.rademacher_probes([0], 1, (2,), seeding="global")
+
+
 def test_curvature_from_diagonal_negates_the_score_curvature_and_clips():
     diag = torch.tensor([[[[1.0, -3.0]], [[2.0, 1.0]]]])  # (1, 2 channels, 1, 2): channel sums 3, -2
     assert J.curvature_from_diagonal(diag).tolist() == [[[3.0, 0.0]]]

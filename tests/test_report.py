@@ -1,6 +1,7 @@
 """The report from real (tiny) job folders: values match the jobs, the first screen names the headline numbers,
 one row per configuration, no empty section, LaTeX compiles, Markdown/CSV are reproducible, the page works in
 Chromium (sort, filter, no console error)."""
+import copy
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 
 from benchmark.testbed.train import train
+from reports.headline import detection_findings
 from reports.jobs import finished_jobs
 from reports.labels import detector_label
 from reports.latex import escape
@@ -91,8 +93,9 @@ def test_first_screen_names_the_headline_numbers(jobs, tmp_path):
     prompt = metrics[(metrics.level == "prompt") & (metrics["T"] == 1)]
     for kind in ("local", "global"):
         d = prompt[(prompt.detector == "D") & (prompt.subset == kind)].iloc[0]
-        ld = prompt[(prompt.detector == "LD") & (prompt.subset == kind)].sort_values("auc", ascending=False).iloc[0]
-        assert f"On {kind} memorization at T=1" in answer
+        # LD on the configured headline layer set (the tiny preset's: all), not the best of the job's sets
+        ld = prompt[(prompt.detector == "LD") & (prompt.subset == kind) & (prompt.layers == "all")].iloc[0]
+        assert f"On {kind} memorization at T=1, {detector_label('LD')} [all, the headline layer set]" in answer
         assert fmt_ci(d.auc, d.get("auc_lo"), d.get("auc_hi")) in answer
         assert fmt_ci(ld.auc, ld.get("auc_lo"), ld.get("auc_hi")) in answer
         assert f"{ld.auc - d.auc:+.3f}" in answer
@@ -107,6 +110,34 @@ def test_first_screen_names_the_headline_numbers(jobs, tmp_path):
     assert "tiny · tiny (4 prompts) · 6 steps · n=2/prompt" in answer.replace("&#x27;", "'")
     assert "sampler.steps=" not in answer
     assert "mitigate: " in answer  # the mitigation job's finding has its own label
+
+
+def test_headline_reads_the_configured_layer_set_and_labels_the_best_as_selected(jobs):
+    job = copy.deepcopy(next(j for j in finished_jobs([jobs]) if j.folder.name == "steps=6"))
+    job.config["score"]["headline"]["layers"] = "down"
+    for row in job.result["metrics"]:  # make another set the best on the evaluation data
+        if row["detector"] == "LD" and row["layers"] == "up" and row["T"] == 1 and row["level"] == "prompt":
+            row |= {"auc": 0.999, "auc_lo": 0.99, "auc_hi": 1.0}
+    metrics = _metrics(job.folder)
+    for finding in detection_findings(job)[:2]:
+        kind = "local" if "local memorization" in finding.sentence else "global"
+        down = metrics[(metrics.detector == "LD") & (metrics.layers == "down") & (metrics["T"] == 1)
+                       & (metrics.level == "prompt") & (metrics.subset == kind)].iloc[0]
+        assert f"{detector_label('LD')} [down, the headline layer set]" in finding.sentence
+        assert fmt_ci(down.auc, down.get("auc_lo"), down.get("auc_hi")) in finding.sentence
+        assert finding.values[f"{kind}_LD_auc"] == down.auc and finding.values[f"{kind}_LD_best_auc"] == 0.999
+        assert "the best of 4 layer sets, selected on the evaluation data: " \
+               f"{detector_label('LD')} [up] 0.999" in finding.sentence
+        assert any("selected on the evaluation data" in r["figure"] for r in finding.rows)
+    job.result["metrics"] = [r for r in job.result["metrics"] if r["layers"] != "down"]
+    assert detection_findings(job) == []  # no row on the configured set: no detection headline, never another set
+
+
+@pytest.mark.parametrize("overrides, layers", [([], "all"), (["debug=default"], "all"), (["layers=sd"], "be_paper"),
+                                               (["model=sd-v1-4"], "be_paper"), (["layers=sd_each"], "be_paper"),
+                                               (["layers=sd", "score.headline.layers=res64"], "res64")])
+def test_headline_layer_set_follows_the_layer_preset(compose, overrides, layers):
+    assert compose("detect", *overrides).score.headline.layers == layers
 
 
 def test_one_row_per_configuration_latest_run_wins(jobs, tmp_path):

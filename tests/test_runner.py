@@ -45,11 +45,28 @@ def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path, compo
     assert {"mid"} <= set(pd.DataFrame(result2["metrics"]).layers)
 
 
+def test_score_difference_units_divide_by_one_minus_alpha_bar_of_the_last_step(tmp_path, compose):
+    from benchmark.jacobian_scores import one_minus_alpha_bar
+    from benchmark.models import tiny_text_to_image
+
+    tables = {}
+    for units in ("eps", "score"):
+        run(compose("detect", "debug=default", f"score.score_difference_units={units}"), tmp_path / units)
+        gens = pd.read_csv(tmp_path / units / "generations.csv")
+        tables[units] = gens[gens.detector == "score_difference"].score.to_numpy()
+    assert json.loads((tmp_path / "score" / "metrics.json").read_text())["sampled_now"] == 0
+    factor = one_minus_alpha_bar(tiny_text_to_image(seed=0).scheduler, 5)  # debug: 5 steps
+    assert 0 < factor < 1
+    assert tables["score"] == pytest.approx(tables["eps"] / factor, rel=1e-6)
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     (["+layers.sets.bad=[down_blocks.7]"], ValueError, "unknown layer 'down_blocks.7'"),
     (["model.source=/nonexistent/sd", "model.name=x"], ModelLoadError, "model folder not found: /nonexistent/sd"),
     (["prompts.entries=[]"], ValueError, "prompts.entries=[]: needs at least one prompt"),
     (["score.T=[9]"], ValueError, "score.T=[9]: windows [9] are longer than sampler.steps=5"),
+    (["score.score_difference_units=Score"], ValueError,
+     "score.score_difference_units='Score': input should be 'eps' or 'score'"),
 ])
 def test_bad_input_gets_one_clear_error(tmp_path, compose, overrides, error, message):
     cfg = compose("detect", "debug=default", *overrides)
