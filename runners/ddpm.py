@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark import copying, jobfolder
+from benchmark.config import check_job
 from benchmark.ddpm import DDPMSampler, generate_ddpm, load_ddpm, to_rgb
 from benchmark.ddpm_train import (
     DDPMArchitecture,
@@ -22,7 +23,6 @@ from benchmark.ddpm_train import (
     read_training_set,
     train_ddpm,
 )
-from benchmark.config import check_job
 from benchmark.sampling import sampler_key
 from benchmark.traces import TraceKey, TraceStore, to_png
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
