@@ -24,11 +24,14 @@ SCORE_DIFFERENCE_UNITS = ("eps", "score")  # score.score_difference_units
 __all__ = ["Generation", "detection_table", "generate", "load", "plan", "prone_ids", "sampler_key", "score_grid"]
 
 
-def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int]) -> list[Generation]:
+def plan(prompt_set: PromptSet, model_key: str, sampler: str, seeds: list[int],
+         by_position: bool = False) -> list[Generation]:
     """One generation per prompt, keyed by ``sampler`` (``sampler_key``) and ``seeds``; its ``index`` is the
     prompt's position in its whole set (``Prompt.position``, kept by shard / limit / select_ids / subsets), so
-    official seeding gives a prompt the same noise in a narrowed run as in the full one."""
-    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text), list(seeds), p.position)
+    official seeding gives a prompt the same noise in a narrowed run as in the full one. ``by_position``
+    (official seeding, whose noise depends on that position): the position is in the key too."""
+    return [Generation(p, TraceKey(model_key, sampler, prompt_set.name, p.id, p.text,
+                                   p.position if by_position else None), list(seeds), p.position)
             for p in prompt_set]
 
 

@@ -119,10 +119,14 @@ class TraceKey:
     prompt_set: str
     prompt_id: str
     prompt: str
+    # the prompt's position in its whole set, where its noise depends on it (official seeding): a reordered set
+    # under the same name then never reuses another position's traces
+    position: int | None = None
 
     def folder(self, root: Path) -> Path:
+        at = "" if self.position is None else f"-at{self.position}"
         return (root / slug(self.model) / slug(self.sampler) / slug(self.prompt_set)
-                / f"{slug(self.prompt_id)}-{prompt_hash(self.prompt)}")
+                / f"{slug(self.prompt_id)}-{prompt_hash(self.prompt)}{at}")
 
 
 class TraceStore:

@@ -42,7 +42,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(settings, s.n_images)
         plan = detection.plan(prompt_set, model_key(m),
-                              trace_sampler_key(detection.sampler_key(settings, m.dtype), cfg.store.dtype), seeds)
+                              trace_sampler_key(detection.sampler_key(settings, m.dtype), cfg.store.dtype),
+                              seeds, by_position=settings.seeding == "official")
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
                                      progress=lambda it: tqdm(it, desc="prompts", disable=None),

@@ -57,7 +57,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(sampler, n_images)
         baseline = detection.plan(prompt_set, model_key(m),
-                                  trace_sampler_key(detection.sampler_key(sampler, m.dtype), cfg.store.dtype), seeds)
+                                  trace_sampler_key(detection.sampler_key(sampler, m.dtype), cfg.store.dtype),
+                                  seeds, by_position=sampler.seeding == "official")
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
                                           progress=lambda it: tqdm(it, desc="prompts", disable=None))

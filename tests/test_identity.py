@@ -206,3 +206,18 @@ def test_official_seeding_gives_a_prompt_the_full_sets_trace_in_any_narrowed_set
     gen = plan(part, "tiny", key, [0])[0]
     own = sample_with_capture(tiny_model, gen.prompt.text, [0], OFFICIAL, prompt_index=0 if gen.index else 1)
     assert np.abs(own.latents[0].numpy() - stores["part"].read(gen.key, 0).latent).max() > 1e-2
+
+
+def test_official_seeding_keys_a_trace_by_its_position_so_a_reordered_set_reuses_nothing_wrong(tmp_path):
+    """Official noise depends on the prompt's position in its whole set: the same prompt at another position of a
+    set of the same name (a reordered file) is another trace; per-image seeding does not depend on it."""
+    from benchmark.detection import plan
+    from benchmark.prompts import Prompt, PromptSet
+
+    a, b = Prompt("a", "a cat", False), Prompt("b", "a dog", True)
+    first, reordered = PromptSet("s", [a, b]), PromptSet("s", [b, a])
+    key = {p: [g.key.folder(tmp_path) for g in plan(s, "tiny", "k", [0], by_position=True)]
+           for p, s in (("first", first), ("reordered", reordered))}
+    assert key["first"][0] != key["reordered"][1]  # prompt a at position 0, then 1
+    plain = {p: [g.key.folder(tmp_path) for g in plan(s, "tiny", "k", [0])] for p, s in (("1", first), ("2", reordered))}
+    assert plain["1"][0] == plain["2"][1]
