@@ -413,33 +413,6 @@ class DDPMJob(Job):
     ddpm_model: _ddpm_model_section()
 
 
-def _testbed_section():
-    from .testbed.data import Recipe
-    from .testbed.train import Architecture, Training
-
-    class Testbed(Section):
-        recipe: Recipe
-        architecture: Architecture
-        training: Training
-
-    return Testbed
-
-
-@JOBS.register("train_testbed", label="testbed training")
-class TrainTestbedJob(Job):
-    testbed: _testbed_section()
-    out: Name
-    ship: bool
-    weights: Name
-    progress: bool
-
-    def check(self) -> None:
-        from .testbed.build import WEIGHTS
-
-        if self.ship and self.weights not in WEIGHTS:  # before hours of training, not after
-            raise ConfigError(f"weights={self.weights!r} is not a shipped testbed ({', '.join(WEIGHTS)})")
-
-
 # ---------------------------------------------------------------------------------------------- checking
 
 def check_job(config: dict) -> Job:

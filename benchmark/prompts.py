@@ -44,14 +44,11 @@ class PromptSet:
 
     def __post_init__(self):
         """Numbers a source's prompts by their order (``Prompt.position``); a subset's keep theirs. Raises
-        ValueError for an empty set, an empty or blank prompt (it would be sampled as the unconditional one), a
-        duplicate id, or prompts of which only some have a position."""
+        ValueError for an empty set, a duplicate id, or prompts of which only some have a position."""
         if not self.prompts:
             raise ValueError(f"prompt set {self.name!r} is empty")
         seen = set()
         for p in self.prompts:
-            if not isinstance(p.text, str) or not p.text.strip():
-                raise ValueError(f"prompt set {self.name!r}: prompt {p.id!r} has no text ({p.text!r})")
             if p.id in seen:
                 raise ValueError(f"prompt set {self.name!r}: duplicate prompt id {p.id!r}")
             seen.add(p.id)
@@ -71,11 +68,16 @@ class PromptSet:
 
 @PROMPT_SOURCES.register("inline", label="written out in the config")
 def inline_prompt_set(name: str, entries: list[dict], **_) -> PromptSet:
-    """A set written out in a config: entries with ``text`` and optional ``id``, ``memorized``, ``kind``."""
+    """A set written out in a config: entries with ``text`` and optional ``id``, ``memorized``, ``kind``. Raises
+    ValueError for an entry without text, or with an empty or blank one (it would be sampled as the unconditional
+    prompt), as the file loader does for a blank line. (Wen's random captions may be empty: k = randrange(77)
+    tokens can be 0, so only the sets a user writes refuse it.)"""
     prompts = []
     for i, entry in enumerate(entries):
         if "text" not in entry:
             raise ValueError(f"prompt set {name!r}: entry {i} has no 'text'")
+        if not isinstance(entry["text"], str) or not entry["text"].strip():
+            raise ValueError(f"prompt set {name!r}: entry {i} has no text ({entry['text']!r})")
         kind = entry.get("kind", "memorized" if entry.get("memorized") else "none")
         memorized = bool(entry.get("memorized", kind != "none"))
         prompts.append(Prompt(str(entry.get("id", i)), entry["text"], memorized, kind, name))

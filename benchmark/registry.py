@@ -26,6 +26,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "similarity measure": ("benchmark.similarity",),
     "prompt source": ("benchmark.prompts", "benchmark.prompt_files"),
     "model builder": ("benchmark.models",),
+    "job": ("benchmark.config",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
 # is iterated.
@@ -33,6 +34,7 @@ PLUGINS: dict[str, dict[str, str]] = {
     "caption renderer": {"testbed": "benchmark.testbed.plugin"},
     "prompt source": {"testbed": "benchmark.testbed.plugin"},
     "model builder": {"testbed": "benchmark.testbed.plugin"},
+    "job": {"train_testbed": "benchmark.testbed.job"},
 }
 
 

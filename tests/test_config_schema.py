@@ -209,11 +209,14 @@ def test_a_sweep_job_with_a_bad_setting_fails_alone(tmp_path):
     assert "1 jobs finished, 1 failed" in out.stdout
 
 
-def test_blank_prompts_are_refused_by_every_loader(tmp_path):
-    """inline_empty, the kind: an empty or blank prompt (sampled as the unconditional one) is refused by the set."""
-    from benchmark.prompts import Prompt, PromptSet, inline_prompt_set
+def test_blank_prompts_are_refused_by_the_loaders_of_written_prompts(tmp_path):
+    """inline_empty, the kind: an empty or blank prompt a user wrote (sampled as the unconditional one) is refused
+    by the inline loader, as by the file loader, also when called without the config schema."""
+    from benchmark.prompt_files import PromptFileError, file_prompt_set
+    from benchmark.prompts import inline_prompt_set
 
-    with pytest.raises(ValueError, match=r"prompt '1' has no text \('  '\)"):
+    with pytest.raises(ValueError, match=r"entry 1 has no text \('  '\)"):
         inline_prompt_set("x", [{"text": "a cat"}, {"text": "  "}])
-    with pytest.raises(ValueError, match="prompt 'b' has no text"):
-        PromptSet("y", [Prompt("a", "a cat", False), Prompt("b", "", False)])
+    (tmp_path / "p.txt").write_text("a cat\n\nan astronaut\n")
+    with pytest.raises(PromptFileError, match="empty prompt"):
+        file_prompt_set("y", str(tmp_path / "p.txt"))

@@ -120,9 +120,10 @@ def test_mitigation_job_on_the_testbed_lowers_similarity_and_reruns_from_the_sto
 
 
 @pytest.mark.parametrize("override, message", [
-    ("mitigation.methods=[wen,magic]", "unknown mitigation method 'magic'"),
-    ("mitigation.mask_layers=nowhere", "mitigation.mask_layers 'nowhere' is not a layer set"),
-    ("mitigation.kinds=[verbatim]", "no memorized prompts of kind ['verbatim']"),
+    ("mitigation.methods=[wen,magic]", "mitigation.methods: 'magic' is not a mitigation"),
+    ("mitigation.mask_layers=nowhere", "mitigation.mask_layers='nowhere' is not a layer set"),
+    ("mitigation.kinds=[verbatim]",
+     "mitigation.kinds.0='verbatim': input should be 'global', 'local' or 'memorized'"),
 ])
 def test_mitigation_bad_input_is_one_clear_error(tmp_path, compose, override, message):
     from runners.mitigate import run

@@ -124,7 +124,8 @@ def _data_dir(root, first_prompt):
 
 def test_a_sweep_rerun_on_other_data_does_not_reuse_the_first_results(tmp_path, monkeypatch):
     """The issue's case: BE_BENCH_DATA pointed at another file of the same set name; the rerun sweep skipped."""
-    grid = ["-m", "model=tiny", "prompts=ren_mem345", "sampler.n_images=1,2", f"paths.root={tmp_path}"]
+    grid = ["-m", "model=tiny", "prompts=ren_mem345", "score.T=[1,5]", "sampler.n_images=1,2",
+            f"paths.root={tmp_path}"]
     monkeypatch.setenv("BE_BENCH_DATA", str(_data_dir(tmp_path / "data1", "first")))
     assert len(_main(monkeypatch, grid)) == 2
     assert _main(monkeypatch, grid) == []  # same inputs: both jobs reused

@@ -99,8 +99,8 @@ def test_the_summary_lists_this_multiruns_jobs_only(tmp_path, monkeypatch, capsy
         out = capsys.readouterr().out
         summary = json.loads((sweep / "sweep_summary.json").read_text())
         if name == "failing":
-            assert summary == {"done": [], "failed": [["debug=default,score.T=[1,9]",
-                                                       "ValueError: step window T=9 outside 1..5 sampled steps"]]}
+            line = "ConfigError: score.T=[1, 9]: windows [9] are longer than sampler.steps=5"
+            assert summary == {"done": [], "failed": [["debug=default,score.T=[1,9]", line]]}
         else:
             assert summary == {"done": ["debug=default,sampler.n_images=1", "debug=default,sampler.n_images=2"],
                                "failed": []}

@@ -1,0 +1,28 @@
+"""The schema of the testbed's training job (``runners.train_testbed``), registered in ``benchmark.config.JOBS``
+as the plug-in's own: the library's generic modules never import the testbed (``registry.PLUGINS`` names it)."""
+from __future__ import annotations
+
+from ..config import JOBS, ConfigError, Job, Section
+from ..config_types import Name
+from .build import WEIGHTS
+from .data import Recipe
+from .train import Architecture, Training
+
+
+class Testbed(Section):
+    recipe: Recipe
+    architecture: Architecture
+    training: Training
+
+
+@JOBS.register("train_testbed", label="testbed training")
+class TrainTestbedJob(Job):
+    testbed: Testbed
+    out: Name
+    ship: bool
+    weights: Name
+    progress: bool
+
+    def check(self) -> None:
+        if self.ship and self.weights not in WEIGHTS:  # before hours of training, not after
+            raise ConfigError(f"weights={self.weights!r} is not a shipped testbed ({', '.join(WEIGHTS)})")
