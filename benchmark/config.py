@@ -432,12 +432,12 @@ def check_job(config: dict) -> Job:
     return job
 
 
-def validate(schema: type[BaseModel], data: dict, where: str = ""):
-    """``schema`` applied to ``data`` as strict JSON; raises ConfigError listing every error."""
-    errors = _errors(schema, data, where)
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return schema.model_validate_json(_json(data))
+def validate(schema: type[BaseModel], data: dict):
+    """``schema`` applied to ``data`` as strict JSON (validated once); raises ConfigError listing every error."""
+    try:
+        return schema.model_validate_json(_json(data))
+    except ValidationError as err:
+        raise ConfigError("; ".join(_line(e, "", schema) for e in err.errors())) from None
 
 
 def _json(data) -> str:
@@ -536,7 +536,8 @@ def check_prompts(spec: dict, where: str = "prompts") -> list[str]:
         if not isinstance(entries, list) or not entries:
             errors.append(f"{where}.entries={entries!r}: needs at least one prompt")
         else:
-            errors += [e for i, entry in enumerate(entries) for e in _errors(InlineEntry, entry, f"{where}.entries.{i}")]
+            for i, entry in enumerate(entries):
+                errors += _errors(InlineEntry, entry, f"{where}.entries.{i}")
         model = argument_model(source.fn, ("name", "entries"))
     return errors + _errors(model, arguments, where)
 

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # model families' presets and the experiments, so every config file's settings are visited at least once.
 CONFIGS = [
     ("detect", []), ("detect", ["debug=default"]), ("detect", ["model=sd-v1-4"]),
-    ("detect", ["model=testbed_endpad", "prompts=coco2014"]), ("detect", ["debug=default", "sampler.end_map_steps=[1]"]),
+    ("detect", ["model=testbed_endpad", "prompts=coco2014"]),
+    ("detect", ["debug=default", "sampler.end_map_steps=[1]"]),
     ("mitigate", []), ("mitigate", ["debug=default"]),
     ("guard", ["guard.calibration=some/folder"]), ("guard", ["debug=default", "guard.calibration=x", "guard.step=2"]),
     ("ddpm", []), ("ddpm", ["ddpm_model=tiny"]), ("train_testbed", []),

@@ -219,5 +219,6 @@ def test_official_seeding_keys_a_trace_by_its_position_so_a_reordered_set_reuses
     key = {p: [g.key.folder(tmp_path) for g in plan(s, "tiny", "k", [0], by_position=True)]
            for p, s in (("first", first), ("reordered", reordered))}
     assert key["first"][0] != key["reordered"][1]  # prompt a at position 0, then 1
-    plain = {p: [g.key.folder(tmp_path) for g in plan(s, "tiny", "k", [0])] for p, s in (("1", first), ("2", reordered))}
+    plain = {p: [g.key.folder(tmp_path) for g in plan(s, "tiny", "k", [0])]
+             for p, s in (("1", first), ("2", reordered))}
     assert plain["1"][0] == plain["2"][1]
