@@ -62,6 +62,21 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def config_check_seconds(repeats: int = 20) -> float:
+    """One job's config check (``benchmark.config.check_job`` on the composed default detection config), in
+    seconds: what every runner adds before loading a model."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from benchmark.config import check_job
+    from runners.common import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        config = OmegaConf.to_container(compose("detect"), resolve=True)
+    check_job(config)  # imports and caches outside the timing
+    return timed(lambda: [check_job(config) for _ in range(repeats)]) / repeats
+
+
 def bootstrap_ratio(n: int, n_pos: int, replicates: int = 1000, repeats: int = 2) -> float:
     rng = np.random.default_rng(0)
     labels = np.arange(n) < n_pos
@@ -244,6 +259,7 @@ def cpu_bench(args) -> None:
     print(f"plain_seconds: {plain_s:.3f}")
     print(f"capture_seconds: {capture_s:.3f}")
     print(f"capture_overhead_ratio: {capture_s / plain_s:.3f}")
+    print(f"config_check_ratio: {config_check_seconds() / plain_s:.5f} (one job's config check / one plain call)")
     print(f"rescore_grid_points: {len(layer_sets) * len(windows)}")
     print(f"rescore_ratio: {rescore_s / sample_s:.4f}")  # the same images: re-scored vs sampled
     print(f"trace_kib_per_image: {kib:.1f}")
