@@ -19,14 +19,14 @@ from typing import Any
 # The library's modules that register entries of each axis: imported before any look-up, so a registry is complete
 # whatever the caller imported. A new module of detectors (say) is added here once.
 MODULES: dict[str, tuple[str, ...]] = {
-    "detector": ("benchmark.scores", "benchmark.extras"),
-    "localizer": ("benchmark.scores", "benchmark.extras"),
-    "extra pass": ("benchmark.extras",),
-    "mitigation": ("benchmark.mitigation", "benchmark.pad_mitigation"),
-    "similarity measure": ("benchmark.similarity",),
-    "prompt source": ("benchmark.prompts", "benchmark.prompt_files"),
-    "model builder": ("benchmark.models",),
-    "job": ("benchmark.config",),
+    "detector": ("benchmark.detectors.scores", "benchmark.detectors.extra_passes"),
+    "localizer": ("benchmark.detectors.scores", "benchmark.detectors.extra_passes"),
+    "extra pass": ("benchmark.detectors.extra_passes",),
+    "mitigation": ("benchmark.mitigation.embedding", "benchmark.mitigation.padding"),
+    "similarity measure": ("benchmark.measures.similarity",),
+    "prompt source": ("benchmark.data.prompts", "benchmark.data.prompt_files"),
+    "model builder": ("benchmark.models.text_to_image",),
+    "job": ("benchmark.jobs.config",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
 # is iterated.
@@ -180,12 +180,12 @@ EXTRA_PASSES = Registry("extra pass")
 """Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,
 prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}`` (image i: ``prompts[i]``,
 ``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
-ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.extras``."""
+ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
 
 MITIGATIONS = Registry("mitigation")
 """Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
-(True: a loss minimised over the prompt embedding, ``benchmark.mitigation``; False: a function that changes the
-embedding directly, ``benchmark.pad_mitigation``)."""
+(True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes the
+embedding directly, ``benchmark.mitigation.padding``)."""
 
 SIMILARITIES = Registry("similarity measure")
 """Image-to-training-image similarity: ``fn(image, reference[, mask]) -> float``. Metadata: ``needs_mask``."""

@@ -1,1 +1,1 @@
-"""Reports built from job folders (read through benchmark.jobfolder: metrics.json, config.yaml, tables)."""
+"""Reports built from job folders (read through benchmark.store.job_folder: metrics.json, config.yaml, tables)."""

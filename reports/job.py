@@ -60,7 +60,7 @@ def early_signals(det: pd.DataFrame) -> pd.DataFrame:
 
 
 def early_markdown(result: dict) -> list[str]:
-    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early.py), where present."""
+    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early/step_detection.py), where present."""
     parts = []
     if result.get("localization_leaderboard"):
         board = pd.DataFrame(result["localization_leaderboard"])

@@ -3,7 +3,7 @@ and the others, listed but not reported (``other_jobs``).
 
 A job folder is finished when it holds ``metrics.json`` (written last by every runner). Two folders with the same
 configuration (``make run`` twice), or a folder and its ``<folder>-2``, ``-3``... (a later run with other inputs,
-``benchmark.jobfolder.open_job``), are one job: the latest finished one is reported, the others are listed as
+``benchmark.store.job_folder.open_job``), are one job: the latest finished one is reported, the others are listed as
 superseded, never summed nor shown twice. A folder with ``config.yaml`` but no ``metrics.json`` is failed (it holds
 ``error.txt``) or unfinished (killed, or still running). A folder inside another job folder (W&B's copies) or under
 a hidden folder (``.hydra``) is not a job.
@@ -16,14 +16,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.jobfolder import CONFIG, ERROR, METRICS, SWEEP_RUN, read_job
+from benchmark.store.job_folder import CONFIG, ERROR, METRICS, SWEEP_RUN, read_job
 
 # configuration keys that never change a job's results: where files go, how it is logged, the sweep's name
 IGNORED_KEYS = ("paths", "logger", "sweep_name", "hydra")
 
 
 def read_config(folder: Path) -> dict:
-    """The job's resolved configuration, through the job-folder schema (``benchmark.jobfolder.read_job``), {} where
+    """The job's resolved configuration, through the job-folder schema (``benchmark.store.job_folder.read_job``), {} where
     the folder has none. The only place reports read a job's configuration."""
     return read_job(folder).config or {}
 
@@ -51,7 +51,7 @@ class Job:
 
     @property
     def n_images(self) -> int:
-        """Generations per prompt, as the job recorded it (``benchmark.jobfolder``'s ``n_images``: a mitigation job's
+        """Generations per prompt, as the job recorded it (``benchmark.store.job_folder``'s ``n_images``: a mitigation job's
         resolved ``mitigation.n_images``); folders older than that field fall back to the config."""
         if self.result.get("n_images") is not None:
             return int(self.result["n_images"])

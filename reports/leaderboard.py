@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.jobfolder import write_config
+from benchmark.store.job_folder import write_config
 from reports import html, plots
 from reports.headline import Group, headline_groups
 from reports.jobs import Job, OtherJob, finished_jobs, job_folders, link, other_jobs  # noqa: F401  (job_folders: public)

@@ -12,16 +12,16 @@
   ``metrics.detection_metrics`` does) / one replicate per Python call, same draws (make run's 140 and 560 scores);
 - sail_cost_ratio, anisotropy_cost_ratio, curvature_cost_ratio: the extra pass of SAIL (k=1), the anisotropy score
   and a curvature map (16 probes, last step) / one plain generation of ``--steps`` steps, same seeds
-  (``benchmark.jacobian_scores``; per image, as both handle the same batch);
+  (``benchmark.detectors.jacobian``; per image, as both handle the same batch);
 - early_stop_none_ratio, early_stop_all_ratio: sampling with in-loop early stopping at step ``steps // 3`` (LD
   over the steps so far) / sampling with capture, when no image crosses the threshold (the cost of the check) and
-  when every image does (the saving; ideally (k + 1) / steps), ``benchmark.early_stop``.
+  when every image does (the saving; ideally (k + 1) / steps), ``benchmark.early.stopping``.
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
 
 `make bench-gpu` (``--gpu-suite``): 512 px, 50 steps, float16 and bfloat16, 16 images per call as one prompt x 16
 seeds (``batch16``) and as 16 prompts x 1 seed (``n1x16``); per case images/s of the plain pipeline and of
 capture, their ratio, the achieved TFLOP/s of the UNet (FLOPs counted by torch's FlopCounterMode on one CFG call,
-times the steps) and its fraction of the device's dense peak (``benchmark.profiling.PEAK_TFLOPS``), and the trace
+times the steps) and its fraction of the device's dense peak (``benchmark.core.profiling.PEAK_TFLOPS``), and the trace
 size. It stops starting new cases after ``--budget-s`` seconds. ``--device cpu --model tiny --resolution 64
 --steps 2`` runs it in seconds (tests/test_bench.py does).
 """
@@ -36,16 +36,15 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from benchmark import detection
-from benchmark import jacobian_scores as jacobian
-from benchmark.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
-from benchmark.early_stop import StopRule, sample_with_early_stop
-from benchmark.metrics import _metric_rows
-from benchmark.models import DTYPES, TextToImage
-from benchmark.profiling import count_flops, count_host_transfers, peak_tflops
-from benchmark.prompts import inline_prompt_set
+from benchmark.core.profiling import count_flops, count_host_transfers, peak_tflops
+from benchmark.data.prompts import inline_prompt_set
+from benchmark.detectors import detection, jacobian
+from benchmark.early.stopping import StopRule, sample_with_early_stop
+from benchmark.measures.metrics import _metric_rows
+from benchmark.models.text_to_image import DTYPES, TextToImage
 from benchmark.registry import MODEL_BUILDERS
-from benchmark.traces import TraceStore
+from benchmark.sampling.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
+from benchmark.store.traces import TraceStore
 
 PROMPT = "Mothers influence on her young hippo"
 SUBJECTS = ["hippo", "cat", "lighthouse", "bicycle", "teapot", "mountain", "violin", "owl", "tram", "cactus",
@@ -63,12 +62,12 @@ def timed(fn) -> float:
 
 
 def config_check_seconds(repeats: int = 20) -> float:
-    """One job's config check (``benchmark.config.check_job`` on the composed default detection config), in
+    """One job's config check (``benchmark.jobs.config.check_job`` on the composed default detection config), in
     seconds: what every runner adds before loading a model."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from benchmark.config import check_job
+    from benchmark.jobs.config import check_job
     from runners.common import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

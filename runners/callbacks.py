@@ -7,7 +7,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from benchmark import jobfolder
+from benchmark.store import job_folder as jobfolder
 from runners.common import ERROR_FILE
 
 

@@ -14,11 +14,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
-from benchmark import jobfolder
-from benchmark.config import ConfigError, check_job
-from benchmark.devices import pick_device
-from benchmark.models import weights_fingerprint
-from benchmark.tracking import Tracker
+from benchmark.core.devices import pick_device
+from benchmark.jobs.config import ConfigError, check_job
+from benchmark.models.text_to_image import weights_fingerprint
+from benchmark.store import job_folder as jobfolder
+from benchmark.store.tracking import Tracker
 
 # A sweep job's folder name (conf/hydra/default.yaml): one folder inside the sweep folder whatever the values.
 OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=True)
@@ -63,7 +63,7 @@ def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
 
 
 def check_config(config: dict) -> None:
-    """The job's config checked against its schema (:func:`benchmark.config.check_job`) before anything is loaded:
+    """The job's config checked against its schema (:func:`benchmark.jobs.config.check_job`) before anything is loaded:
     a bad one ends the run with one line on stderr naming the setting and its value (exit status 2)."""
     try:
         check_job(config)
@@ -93,7 +93,7 @@ def launch_paths(cfg: DictConfig) -> DictConfig:
 
 def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     """Run one job. A finished job is reused only when its identity (resolved config and the fingerprints of the
-    files it read, ``benchmark.jobfolder``) is the one asked for now; a folder holding another job's results, or
+    files it read, ``benchmark.store.job_folder``) is the one asked for now; a folder holding another job's results, or
     claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
     In a sweep, a failing job leaves error.txt and returns NaN so the others go on. Paths: ``launch_paths``."""
     hydra_cfg = HydraConfig.get()

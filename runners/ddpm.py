@@ -11,10 +11,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark import copying, jobfolder
-from benchmark.config import check_job
-from benchmark.ddpm import DDPMSampler, generate_ddpm, load_ddpm, to_rgb
-from benchmark.ddpm_train import (
+from benchmark.ddpm.models import DDPMSampler, generate_ddpm, load_ddpm, to_rgb
+from benchmark.ddpm.train import (
     DDPMArchitecture,
     DDPMData,
     DDPMSpec,
@@ -23,8 +21,11 @@ from benchmark.ddpm_train import (
     read_training_set,
     train_ddpm,
 )
-from benchmark.sampling import sampler_key
-from benchmark.traces import TraceKey, TraceStore, to_png
+from benchmark.jobs.config import check_job
+from benchmark.localization import copying
+from benchmark.sampling.missing import sampler_key
+from benchmark.store import job_folder as jobfolder
+from benchmark.store.traces import TraceKey, TraceStore, to_png
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 
 

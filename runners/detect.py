@@ -9,12 +9,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection, early, extras, jobfolder, localization
-from benchmark.capture import image_seeds
-from benchmark.config import check_ddim_steps, check_job
-from benchmark.models import get_model
-from benchmark.prompts import PromptSet, load_prompt_set
-from benchmark.traces import TraceStore, to_png
+from benchmark.data.prompts import PromptSet, load_prompt_set
+from benchmark.detectors import detection
+from benchmark.detectors import extra_passes as extras
+from benchmark.early import step_detection as early
+from benchmark.jobs.config import check_ddim_steps, check_job
+from benchmark.localization import evaluation as localization
+from benchmark.models.text_to_image import get_model
+from benchmark.sampling.capture import image_seeds
+from benchmark.store import job_folder as jobfolder
+from benchmark.store.traces import TraceStore, to_png
 from reports.job import write_job_report
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 

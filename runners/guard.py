@@ -10,13 +10,15 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import early, early_stop, jobfolder
-from benchmark.capture import image_seeds
-from benchmark.config import check_ddim_steps, check_job
-from benchmark.models import get_model
-from benchmark.pad_mitigation import PadMitigation, pad_mitigated_embedding
-from benchmark.prompts import load_prompt_set
-from benchmark.traces import to_png
+from benchmark.data.prompts import load_prompt_set
+from benchmark.early import step_detection as early
+from benchmark.early import stopping as early_stop
+from benchmark.jobs.config import check_ddim_steps, check_job
+from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding
+from benchmark.models.text_to_image import get_model
+from benchmark.sampling.capture import image_seeds
+from benchmark.store import job_folder as jobfolder
+from benchmark.store.traces import to_png
 from runners.common import CONF, job_device, job_tracker, launch_path, run_job
 
 # what a calibrated threshold depends on: the model and the sampler (not the number of images, nor the first seed)

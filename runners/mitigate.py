@@ -10,17 +10,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from benchmark import detection, jobfolder, tradeoff
-from benchmark.capture import cross_attention_layers, image_seeds
-from benchmark.config import check_ddim_steps, check_job
-from benchmark.mitigation import OFFICIAL_N_IMAGES, MitigationSettings
-from benchmark.models import get_model
-from benchmark.pad_mitigation import pad_settings
-from benchmark.prompts import load_prompt_set, subset
+from benchmark.data.prompts import load_prompt_set, subset
+from benchmark.detectors import detection
+from benchmark.detectors.scores import select_layers
+from benchmark.jobs.config import check_ddim_steps, check_job
+from benchmark.measures.similarity import SSCD, CLIPScore
+from benchmark.mitigation import tradeoff
+from benchmark.mitigation.embedding import OFFICIAL_N_IMAGES, MitigationSettings
+from benchmark.mitigation.padding import pad_settings
+from benchmark.models.text_to_image import get_model
 from benchmark.registry import MITIGATIONS
-from benchmark.scores import select_layers
-from benchmark.similarity import SSCD, CLIPScore
-from benchmark.traces import TraceStore
+from benchmark.sampling.capture import cross_attention_layers, image_seeds
+from benchmark.store import job_folder as jobfolder
+from benchmark.store.traces import TraceStore
 from reports.job import write_job_report
 from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
 

@@ -5,7 +5,7 @@
 import argparse
 from pathlib import Path
 
-from benchmark.detection import prone_ids
+from benchmark.detectors.detection import prone_ids
 
 
 def main() -> None:

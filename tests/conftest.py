@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark.models import tiny_text_to_image
+from benchmark.models.text_to_image import tiny_text_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

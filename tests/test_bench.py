@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from benchmark.profiling import peak_tflops
+from benchmark.core.profiling import peak_tflops
 
 
 def test_gpu_suite_runs_on_cpu_at_a_reduced_size(capsys):
@@ -23,7 +23,7 @@ def test_gpu_suite_runs_on_cpu_at_a_reduced_size(capsys):
 
 
 def test_flops_are_counted_not_typed_in(tiny_model):
-    from benchmark.capture import SamplerSettings
+    from benchmark.sampling.capture import SamplerSettings
     from runners.bench import unet_flops_per_call
 
     settings = SamplerSettings(steps=2, height=32, width=32)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import scores as S
-from benchmark.capture import SamplerSettings, cross_attention_layers, initial_noise, sample_with_capture
+from benchmark.detectors import scores as S
+from benchmark.sampling.capture import SamplerSettings, cross_attention_layers, initial_noise, sample_with_capture
 
 SETTINGS = SamplerSettings(steps=6, guidance=7.5, height=32, width=32)
 PROMPT = "Mothers influence on her young hippo"
@@ -79,7 +79,7 @@ def test_one_pass_LD_equals_the_two_pass_protocol(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_capture_on_cuda_in_float16_matches_cpu():
-    from benchmark.models import tiny_text_to_image
+    from benchmark.models.text_to_image import tiny_text_to_image
 
     cpu = sample_with_capture(tiny_text_to_image(seed=1), PROMPT, [0], SETTINGS)
     gpu = sample_with_capture(tiny_text_to_image(seed=1).to("cuda", torch.float16), PROMPT, [0], SETTINGS)
@@ -89,7 +89,7 @@ def test_capture_on_cuda_in_float16_matches_cpu():
 
 
 def test_every_token_map_on_request_and_the_end_map_is_one_of_them(tiny_model, tmp_path):
-    from benchmark.traces import TraceKey, TraceStore, traces_from_batch
+    from benchmark.store.traces import TraceKey, TraceStore, traces_from_batch
 
     batch = sample_with_capture(tiny_model, PROMPT, [0, 1], SETTINGS, token_maps=True)
     maps = batch.token_maps["down_blocks.0.attentions.0"]
@@ -105,7 +105,7 @@ def test_every_token_map_on_request_and_the_end_map_is_one_of_them(tiny_model, t
 
 
 def test_token_table_names_the_token_that_localizes():
-    from benchmark.localization import Truth, token_table
+    from benchmark.localization.evaluation import Truth, token_table
 
     mask = np.zeros((8, 8), bool)
     mask[:4] = True
@@ -121,7 +121,7 @@ def test_token_table_names_the_token_that_localizes():
 def test_no_host_transfer_per_step_or_per_layer(tiny_model):
     """Everything recorded stays on the device during the loop: recording adds one host copy per call, whatever
     the number of steps and of cross-attention layers (4 here)."""
-    from benchmark.profiling import count_host_transfers
+    from benchmark.core.profiling import count_host_transfers
 
     counts = {}
     for steps in (2, 5):
@@ -139,7 +139,7 @@ def test_no_host_transfer_per_step_or_per_layer(tiny_model):
 
 
 def test_the_spy_sees_host_transfers():
-    from benchmark.profiling import count_host_transfers
+    from benchmark.core.profiling import count_host_transfers
 
     x = torch.ones(3)
     with count_host_transfers() as seen:
@@ -170,7 +170,7 @@ def test_several_prompts_in_one_call_equal_one_prompt_calls(tiny_model):
 def test_capture_wraps_the_processor_it_replaces_and_restores_it(tiny_model, same_up_to_float_order):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from benchmark.capture import capture
+    from benchmark.sampling.capture import capture
 
     class Counting(AttnProcessor2_0):  # not one the recorder reproduces itself: it must be called
         calls = 0
@@ -202,7 +202,7 @@ def test_capture_wraps_the_processor_it_replaces_and_restores_it(tiny_model, sam
 
 
 def test_end_maps_at_chosen_steps(tiny_model, tmp_path):
-    from benchmark.traces import TraceKey, TraceStore, traces_from_batch
+    from benchmark.store.traces import TraceKey, TraceStore, traces_from_batch
 
     plain = sample_with_capture(tiny_model, PROMPT, [1], SETTINGS)
     early = sample_with_capture(tiny_model, PROMPT, [1], SamplerSettings(6, 7.5, 32, 32, end_map_steps=[3, 0, 5]))
@@ -229,7 +229,7 @@ def test_compiled_unet_records_the_same_trace_without_recompiling():
     """torch.compile with the recorders as graph breaks (dynamo's eager backend: tracing and guards, no codegen)."""
     from torch._dynamo.utils import counters
 
-    from benchmark.models import tiny_text_to_image
+    from benchmark.models.text_to_image import tiny_text_to_image
 
     model = tiny_text_to_image(seed=0)
     settings = SamplerSettings(steps=3, height=32, width=32)

@@ -1,4 +1,4 @@
-"""The typed config schema (benchmark/config.py), walked over every runner's composed config: for every setting a
+"""The typed config schema (benchmark/jobs/config.py), walked over every runner's composed config: for every setting a
 wrong type, an out-of-range value and, in every section, an unknown key are refused with one line naming the
 setting, before anything is loaded (issue 25's cases config_types, plus_typo, limit_zero, store_int8, inline_empty,
 mit_empty_targets, ddim1000 are instances)."""
@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmark.config import ConfigError, check_job
+from benchmark.jobs.config import ConfigError, check_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,8 +213,8 @@ def test_a_sweep_job_with_a_bad_setting_fails_alone(tmp_path):
 def test_blank_prompts_are_refused_by_the_loaders_of_written_prompts(tmp_path):
     """inline_empty, the kind: an empty or blank prompt a user wrote (sampled as the unconditional one) is refused
     by the inline loader, as by the file loader, also when called without the config schema."""
-    from benchmark.prompt_files import PromptFileError, file_prompt_set
-    from benchmark.prompts import inline_prompt_set
+    from benchmark.data.prompt_files import PromptFileError, file_prompt_set
+    from benchmark.data.prompts import inline_prompt_set
 
     with pytest.raises(ValueError, match=r"entry 1 has no text \('  '\)"):
         inline_prompt_set("x", [{"text": "a cat"}, {"text": "  "}])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import copying
-from benchmark.ddpm import DDPMSampler, load_ddpm, sample_ddpm, save_ddpm, tiny_ddpm
-from benchmark.ddpm_train import DDPMData, training_set
-from benchmark.models import ModelLoadError
+from benchmark.ddpm.models import DDPMSampler, load_ddpm, sample_ddpm, save_ddpm, tiny_ddpm
+from benchmark.ddpm.train import DDPMData, training_set
+from benchmark.localization import copying
+from benchmark.models.text_to_image import ModelLoadError
 
 
 def test_distances_by_hand():

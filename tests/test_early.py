@@ -1,14 +1,14 @@
-"""Early-step BE (benchmark/early.py) and the localization leaderboard, on constructed numbers and the tiny model."""
+"""Early-step BE (benchmark/early/step_detection.py) and the localization leaderboard, on constructed numbers and the tiny model."""
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark import early
-from benchmark import localization as L
-from benchmark.detection import TraceArrays
-from benchmark.prompts import Truth
+from benchmark.data.prompts import Truth
+from benchmark.detectors.detection import TraceArrays
+from benchmark.early import step_detection as early
+from benchmark.localization import evaluation as L
 from runners.detect import run
 
 
@@ -138,7 +138,7 @@ def test_detect_job_writes_early_tables(tmp_path, compose):
 
 
 def test_pixel_aurocs_equal_the_roc_auc_of_each_pair():
-    from benchmark.metrics import pixel_auroc
+    from benchmark.measures.metrics import pixel_auroc
 
     rng = np.random.default_rng(0)
     truths = rng.random((6, 8, 8)) > 0.6

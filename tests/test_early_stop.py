@@ -5,10 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark import early, jobfolder
-from benchmark.capture import SamplerSettings, sample_with_capture
-from benchmark.early_stop import StopRule, rule_from_job, sample_with_early_stop
-from benchmark.pad_mitigation import PadMitigation, pad_mitigated_embedding
+from benchmark.early import step_detection as early
+from benchmark.early.stopping import StopRule, rule_from_job, sample_with_early_stop
+from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding
+from benchmark.sampling.capture import SamplerSettings, sample_with_capture
+from benchmark.store import job_folder as jobfolder
 from reports.leaderboard import write_report
 from runners import detect, guard
 

@@ -5,13 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark import detection, extras
-from benchmark import jacobian_scores as J
-from benchmark import scores as S
-from benchmark.capture import SamplerSettings
-from benchmark.localization import localization_table, localizer_maps
-from benchmark.prompts import Prompt, PromptSet, Truth
-from benchmark.traces import TraceStore
+from benchmark.data.prompts import Prompt, PromptSet, Truth
+from benchmark.detectors import detection
+from benchmark.detectors import extra_passes as extras
+from benchmark.detectors import jacobian as J
+from benchmark.detectors import scores as S
+from benchmark.localization.evaluation import localization_table, localizer_maps
+from benchmark.sampling.capture import SamplerSettings
+from benchmark.store.traces import TraceStore
 
 SETTINGS = SamplerSettings(steps=4, guidance=7.5, height=32, width=32)
 PROMPTS = PromptSet("t", [Prompt("m0", "Mothers influence on her young hippo", True, "global"),
@@ -236,7 +237,7 @@ def test_extras_follow_official_seeding(tiny_model, tmp_path, same_up_to_float_o
 def test_score_difference_in_score_units_is_the_official_score_diff_by_hand():
     from diffusers import DDIMScheduler
 
-    from benchmark.models import SD14_SCHEDULER
+    from benchmark.models.text_to_image import SD14_SCHEDULER
 
     scheduler = DDIMScheduler(**SD14_SCHEDULER)
     steps = 50

@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from benchmark import early_stop, jacobian_scores
-from benchmark.capture import SamplerSettings, guided_eps, initial_noise, sample_with_capture, step_generators
-from benchmark.ddpm import DDPMSampler
-from benchmark.detection import generate, plan, sampler_key
-from benchmark.prompts import Prompt, PromptSet, load_prompt_set, select_ids, shard, subset, union
-from benchmark.traces import TraceStore
+from benchmark.data.prompts import Prompt, PromptSet, load_prompt_set, select_ids, shard, subset, union
+from benchmark.ddpm.models import DDPMSampler
+from benchmark.detectors import jacobian as jacobian_scores
+from benchmark.detectors.detection import generate, plan, sampler_key
+from benchmark.early import stopping as early_stop
+from benchmark.sampling.capture import SamplerSettings, guided_eps, initial_noise, sample_with_capture, step_generators
+from benchmark.store.traces import TraceStore
 from runners import detect
 
 PROMPTS = ["Mothers influence on her young hippo", "a photo of a cat on a red sofa",
@@ -124,7 +125,7 @@ def test_passes_that_rewalk_the_trajectory_walk_the_samplers_with_eta_1(tiny_mod
             return walked[where][-1]
         return record
 
-    from benchmark import capture
+    from benchmark.sampling import capture
     monkeypatch.setattr(capture, "ddim_step", spy("sampler", capture.ddim_step))
     monkeypatch.setattr(jacobian_scores, "ddim_step", spy("sail", jacobian_scores.ddim_step))
     sample_with_capture(tiny_model, PROMPTS[:2], [3, 4], ETA, record=False)
@@ -211,8 +212,8 @@ def test_official_seeding_gives_a_prompt_the_full_sets_trace_in_any_narrowed_set
 def test_official_seeding_keys_a_trace_by_its_position_so_a_reordered_set_reuses_nothing_wrong(tmp_path):
     """Official noise depends on the prompt's position in its whole set: the same prompt at another position of a
     set of the same name (a reordered file) is another trace; per-image seeding does not depend on it."""
-    from benchmark.detection import plan
-    from benchmark.prompts import Prompt, PromptSet
+    from benchmark.data.prompts import Prompt, PromptSet
+    from benchmark.detectors.detection import plan
 
     a, b = Prompt("a", "a cat", False), Prompt("b", "a dog", True)
     first, reordered = PromptSet("s", [a, b]), PromptSet("s", [b, a])

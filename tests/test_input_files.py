@@ -8,9 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmark.detection import prone_ids
-from benchmark.prompt_files import file_prompt_set
-from benchmark.prompts import inline_prompt_set, load_prompt_set, select_ids
+from benchmark.data.prompt_files import file_prompt_set
+from benchmark.data.prompts import inline_prompt_set, load_prompt_set, select_ids
+from benchmark.detectors.detection import prone_ids
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 BOM = "\ufeff"

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sd_tokenizer_works_without_open_clip(monkeypatch):
     """`pip install -e .` alone: the tiny model, SD's tokenizer and random captions failed (open_clip_torch is
     not installed); CLIP's vocabulary now ships with the package."""
-    from benchmark import models
+    from benchmark.models import text_to_image as models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
@@ -35,8 +35,9 @@ def test_run_time_needs_are_declared():
     for package in ("pyarrow", "accelerate", "hydra-core", "diffusers", "transformers"):
         assert package in needs, package
     assert "open_clip" not in needs  # optional: the CLIP score only (`.[clip]`)
-    data = project["tool"]["setuptools"]["package-data"]["benchmark"]
-    assert any(Path("benchmark").joinpath(pattern).parent == Path("benchmark/clip_vocab") for pattern in data)
+    data = project["tool"]["setuptools"]["package-data"]["benchmark.models"]
+    assert any(Path("benchmark/models").joinpath(pattern).parent == Path("benchmark/models/clip_vocab")
+               for pattern in data)
     assert importlib.util.find_spec("pyarrow") and importlib.util.find_spec("accelerate")
 
 
@@ -44,7 +45,7 @@ def test_loading_a_model_prints_no_library_warnings(tmp_path):
     """Loading through the runners printed `accelerate` and 'modules that should be kept in float32' warnings
     and weight-loading bars; what a job prints now is what its user needs."""
     code = ("import runners.common\n"
-            "from benchmark.models import get_model, save_text_to_image, tiny_text_to_image\n"
+            "from benchmark.models.text_to_image import get_model, save_text_to_image, tiny_text_to_image\n"
             f"folder = save_text_to_image(tiny_text_to_image(), {str(tmp_path / 'm')!r})\n"
             "get_model(str(folder), 'cpu', 'float32')\n"
             "get_model('tiny', 'cpu', 'float32')\n"

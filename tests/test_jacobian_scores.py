@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import jacobian_scores as J
-from benchmark.capture import SamplerSettings, initial_noise
-from benchmark.models import tiny_text_to_image
+from benchmark.detectors import jacobian as J
+from benchmark.models.text_to_image import tiny_text_to_image
+from benchmark.sampling.capture import SamplerSettings, initial_noise
 
 PROMPT = "Mothers influence on her young hippo"
 
@@ -211,7 +211,7 @@ def test_sail_and_anisotropy_on_sd14_architecture_at_512px():
     """SD v1-4's UNet (random weights) at 512 px, one image: the JVP runs through all 32 attention layers."""
     import time
 
-    from benchmark.models import sd14_architecture
+    from benchmark.models.text_to_image import sd14_architecture
 
     model = sd14_architecture()  # with its VAE: without one the model counts as pixel space (a 512x512 latent)
     assert model.latent_shape(512, 512) == (4, 64, 64)
@@ -229,7 +229,7 @@ def test_sail_and_anisotropy_on_sd14_architecture_at_512px():
 def test_cost_ratio_harness_and_the_bench_functions(tiny_model):
     import time
 
-    from benchmark.capture import sample_with_capture
+    from benchmark.sampling.capture import sample_with_capture
     from runners.bench import alternate, anisotropy_cost_ratio
 
     fast, slow = alternate([lambda: time.sleep(0.02), lambda: time.sleep(0.04)], 3, lambda: None)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from benchmark import metrics as M
+from benchmark.measures import metrics as M
 
 
 def test_tpr_at_fpr_follows_wens_rule_by_hand():
@@ -90,7 +90,7 @@ def test_localization_metrics():
 
 
 def test_localization_control_exposes_a_spatially_biased_map():
-    from benchmark.localization import Truth, localization_table
+    from benchmark.localization.evaluation import Truth, localization_table
     rng = np.random.default_rng(0)
     corner, centre = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
     corner[:4, :4], centre[2:6, 2:6] = True, True

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from benchmark.capture import SamplerSettings, initial_noise, sample_with_capture
-from benchmark.mitigation import MitigationSettings, magnitude_loss, mitigate, optimise_embedding
+from benchmark.mitigation.embedding import MitigationSettings, magnitude_loss, mitigate, optimise_embedding
+from benchmark.sampling.capture import SamplerSettings, initial_noise, sample_with_capture
 
 SAMPLER = SamplerSettings(steps=4, guidance=7.5, height=32, width=32)
 PROMPT = "Mothers influence on her young hippo"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.pad_mitigation import PadMitigation, pad_mitigated_embedding, pad_settings
+from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding, pad_settings
 
 PROMPTS = ["Mothers influence on her young hippo", "an astronaut riding a horse, oil painting"]
 L = 77
@@ -74,7 +74,7 @@ def test_pad_mitigation_runs_through_the_mitigation_job(tmp_path):
     import pandas as pd
     from hydra import compose, initialize_config_dir
 
-    from benchmark.traces import TraceStore
+    from benchmark.store.traces import TraceStore
     from runners.common import CONF
     from runners.mitigate import run
 

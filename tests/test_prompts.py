@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from benchmark.prompt_files import PromptFileError, file_prompt_set, random_prompt_set
-from benchmark.prompts import inline_prompt_set, load_prompt_set, shard
+from benchmark.data.prompt_files import PromptFileError, file_prompt_set, random_prompt_set
+from benchmark.data.prompts import inline_prompt_set, load_prompt_set, shard
 
 
 def write(path, text):
@@ -114,7 +114,7 @@ def test_ren345_are_wens_first_345(shared_data):
 def test_prone_rule_takes_the_top_k_memorized_by_prompt_mean(tmp_path):
     import pandas as pd
 
-    from benchmark.detection import prone_ids
+    from benchmark.detectors.detection import prone_ids
 
     rows = [("a", True, 0, 1.0), ("a", True, 1, 3.0), ("b", True, 0, 5.0), ("c", True, 0, 0.5), ("n", False, 0, 9.0)]
     table = pd.DataFrame([{"prompt_id": p, "kind": "memorized" if m else "none", "memorized": m, "seed": s,

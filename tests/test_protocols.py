@@ -3,11 +3,17 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from benchmark.capture import SamplerSettings, image_seeds, initial_noise, sample_with_capture
-from benchmark.detection import generate, plan, sampler_key
-from benchmark.mitigation import MitigationSettings, batch_loss, magnitude_loss, mitigate, optimise_shared_embedding
-from benchmark.prompts import Prompt, PromptSet
-from benchmark.traces import TraceStore
+from benchmark.data.prompts import Prompt, PromptSet
+from benchmark.detectors.detection import generate, plan, sampler_key
+from benchmark.mitigation.embedding import (
+    MitigationSettings,
+    batch_loss,
+    magnitude_loss,
+    mitigate,
+    optimise_shared_embedding,
+)
+from benchmark.sampling.capture import SamplerSettings, image_seeds, initial_noise, sample_with_capture
+from benchmark.store.traces import TraceStore
 
 PROMPT = "Mothers influence on her young hippo"
 OFFICIAL = SamplerSettings(steps=3, guidance=7.5, height=32, width=32, seeding="official", gen_seed=3)
@@ -118,7 +124,7 @@ def test_official_mitigation_samples_from_the_official_noise(tiny_model):
 
 
 def test_official_mitigation_runs_a_prompts_batch_at_once_and_reruns_from_the_store(tiny_model, tmp_path):
-    from benchmark.tradeoff import mitigated_key, run_mitigation
+    from benchmark.mitigation.tradeoff import mitigated_key, run_mitigation
 
     prompts = PromptSet("p", [Prompt("a", PROMPT, True, "global")])
     store = TraceStore(tmp_path)

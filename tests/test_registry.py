@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark import detection, jobfolder
+from benchmark.detectors import detection
 from benchmark.registry import (
     CAPTION_RENDERERS,
     DETECTORS,
@@ -20,6 +20,7 @@ from benchmark.registry import (
     SIMILARITIES,
     Registry,
 )
+from benchmark.store import job_folder as jobfolder
 
 LAYERS = ["a.0.attn2", "a.1.attn2", "b.0.attn2"]
 LAYER_SETS = {"all": ["*"], "a": ["a"]}
@@ -222,7 +223,7 @@ def source_examples(tmp_path, testbed_folder) -> dict:
 
 @pytest.mark.parametrize("name", PROMPT_SOURCES.names())
 def test_prompt_source_yields_unique_ids_and_truth_only_for_its_prompts(name, tmp_path, testbed_folder):
-    from benchmark.prompts import load_prompt_set
+    from benchmark.data.prompts import load_prompt_set
 
     examples = source_examples(tmp_path, testbed_folder)
     assert name in examples, f"prompt source {name!r}: add an example spec to source_examples"
@@ -239,16 +240,16 @@ def test_prompt_source_yields_unique_ids_and_truth_only_for_its_prompts(name, tm
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sd14-architecture" else n
                                   for n in MODEL_BUILDERS.names() if MODEL_BUILDERS[n].in_process])
 def test_in_process_model_has_cross_attention_layers(name):
-    from benchmark.capture import cross_attention_layers
-    from benchmark.models import get_model
+    from benchmark.models.text_to_image import get_model
+    from benchmark.sampling.capture import cross_attention_layers
 
     model = get_model(name)
     assert list(cross_attention_layers(model.unet)) and model.end_token_index(["a cat"]).shape == (1,)
 
 
 def test_unknown_entries_get_one_clear_error():
-    from benchmark.models import get_model
-    from benchmark.prompts import load_prompt_set
+    from benchmark.data.prompts import load_prompt_set
+    from benchmark.models.text_to_image import get_model
 
     with pytest.raises(ValueError, match="unknown model build 'magic' \\(one of testbed, testbed_endpad\\)"):
         get_model("/nowhere", build="magic")

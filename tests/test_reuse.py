@@ -11,7 +11,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from benchmark import jobfolder
+from benchmark.store import job_folder as jobfolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,9 +172,9 @@ def test_mitigated_generations_are_keyed_by_their_mask_layers(tmp_path):
     assert job("down", "down") == 1  # another mask: mitigated again, the baseline reused
     assert job("all-again", "all") == 0
     # wen ignores the mask: its key does not depend on it
-    from benchmark.mitigation import MitigationSettings
-    from benchmark.traces import TraceKey
-    from benchmark.tradeoff import mitigated_key
+    from benchmark.mitigation.embedding import MitigationSettings
+    from benchmark.mitigation.tradeoff import mitigated_key
+    from benchmark.store.traces import TraceKey
 
     key = TraceKey("m", "s", "p", "0", "text")
     wen = MitigationSettings("wen", 0.1)
@@ -187,8 +187,8 @@ def test_mitigated_generations_are_keyed_by_their_mask_layers(tmp_path):
 def test_every_sampler_setting_is_in_the_trace_key(setting):
     from dataclasses import replace
 
-    from benchmark.capture import SamplerSettings
-    from benchmark.detection import sampler_key
+    from benchmark.detectors.detection import sampler_key
+    from benchmark.sampling.capture import SamplerSettings
 
     base = SamplerSettings(steps=5, guidance=7.5, height=32, width=32, eta=0.0)
     changed = replace(base, **{setting: getattr(base, setting) * 2 + 1})

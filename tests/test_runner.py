@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from benchmark.models import ModelLoadError
+from benchmark.models.text_to_image import ModelLoadError
 from runners.detect import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -46,8 +46,8 @@ def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path, compo
 
 
 def test_score_difference_units_divide_by_one_minus_alpha_bar_of_the_last_step(tmp_path, compose):
-    from benchmark.jacobian_scores import one_minus_alpha_bar
-    from benchmark.models import tiny_text_to_image
+    from benchmark.detectors.jacobian import one_minus_alpha_bar
+    from benchmark.models.text_to_image import tiny_text_to_image
 
     tables = {}
     for units in ("eps", "score"):

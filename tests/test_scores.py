@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from benchmark import scores as S
+from benchmark.detectors import scores as S
 
 
 def test_magnitude_D_by_hand():
@@ -96,7 +96,7 @@ def test_ren_D_at_50_steps_is_the_official_window_over_averaged_layers():
 def test_ren_ranks_high_entropy_as_memorized():
     import pandas as pd
 
-    from benchmark.detection import detection_table
+    from benchmark.detectors.detection import detection_table
 
     memorized = np.full((1, 5, 4), 0.25)  # attention spread over the tokens: high entropy
     plain = np.tile(PEAK, (1, 5, 1))  # attention on the start token: low entropy

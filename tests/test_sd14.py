@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from benchmark.capture import SamplerSettings, cross_attention_layers, sample_with_capture
-from benchmark.models import sd14_architecture
+from benchmark.models.text_to_image import sd14_architecture
+from benchmark.sampling.capture import SamplerSettings, cross_attention_layers, sample_with_capture
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_sd_layer_configs_name_real_layers(sd14, option):
 
     import yaml
 
-    from benchmark.scores import select_layers
+    from benchmark.detectors.scores import select_layers
 
     sets = yaml.safe_load((Path(__file__).resolve().parents[1] / f"conf/layers/{option}.yaml").read_text())["sets"]
     available = list(cross_attention_layers(sd14.unet))
@@ -58,7 +58,7 @@ def test_paper_layer_sets_on_sd14(sd14):
 
     import yaml
 
-    from benchmark.scores import select_layers
+    from benchmark.detectors.scores import select_layers
 
     root = Path(__file__).resolve().parents[1]
     sets = yaml.safe_load((root / "conf/layers/sd.yaml").read_text())["sets"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.similarity import SSCD, CLIPScore, pixel_LS, pixel_S
+from benchmark.measures.similarity import SSCD, CLIPScore, pixel_LS, pixel_S
 
 
 def test_S_is_minus_rms_distance_on_the_0_255_scale():
@@ -60,7 +60,7 @@ def test_clip_score_without_weights_says_what_to_provide():
 
 
 def test_table2_on_constructed_copies():
-    from benchmark.localization import Truth, similarity_f1, similarity_table
+    from benchmark.localization.evaluation import Truth, similarity_f1, similarity_table
 
     rng = np.random.default_rng(0)
     train_g, train_l = rng.uniform(size=(3, 8, 8)), rng.uniform(size=(3, 8, 8))

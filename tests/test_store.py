@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from benchmark.capture import SamplerSettings
-from benchmark.detection import generate, plan
-from benchmark.prompts import inline_prompt_set
-from benchmark.traces import TraceStore
+from benchmark.data.prompts import inline_prompt_set
+from benchmark.detectors.detection import generate, plan
+from benchmark.sampling.capture import SamplerSettings
+from benchmark.store.traces import TraceStore
 
 SETTINGS = SamplerSettings(steps=3, guidance=7.5, height=32, width=32)
 
@@ -48,7 +48,7 @@ def test_float16_store_is_close(tiny_model, prompt_set, tmp_path):
 def test_overflow_is_refused_not_stored(tiny_model, prompt_set, tmp_path):
     store = TraceStore(tmp_path)
     gens = plan(prompt_set, "tiny", "s", [0])
-    from benchmark.traces import Trace
+    from benchmark.store.traces import Trace
     bad = Trace(np.full((1, 2, 2), 1e6, np.float32), {}, {}, 1, np.zeros((1,), np.float32), {"seed": 0})
     with pytest.raises(ValueError, match="non-finite values in delta_sq"):
         store.write(gens[0].key, bad, np.zeros((3, 4, 4)))
@@ -56,7 +56,7 @@ def test_overflow_is_refused_not_stored(tiny_model, prompt_set, tmp_path):
 
 
 def test_generate_packs_prompts_into_batches_of_images(tiny_model, prompt_set, tmp_path, monkeypatch):
-    from benchmark import detection
+    from benchmark.detectors import detection
 
     calls = []
     real = detection.sample_with_capture
@@ -78,7 +78,7 @@ def test_generate_packs_prompts_into_batches_of_images(tiny_model, prompt_set, t
 
 
 def test_another_trace_version_is_refused_before_sampling(tiny_model, prompt_set, tmp_path, monkeypatch):
-    from benchmark import traces
+    from benchmark.store import traces
 
     store = TraceStore(tmp_path, dtype="float32")
     gens = plan(prompt_set, "tiny", "s", [0])
@@ -94,9 +94,9 @@ def test_another_trace_version_is_refused_before_sampling(tiny_model, prompt_set
 
 
 def test_one_sampler_key_keeps_the_existing_keys():
-    from benchmark.ddpm import DDPMSampler
-    from benchmark.mitigation import MitigationSettings
-    from benchmark.sampling import sampler_key
+    from benchmark.ddpm.models import DDPMSampler
+    from benchmark.mitigation.embedding import MitigationSettings
+    from benchmark.sampling.missing import sampler_key
 
     sd = SamplerSettings(50, 7.5, 512, 512)
     assert sampler_key(sd, "float16") == "ddim50-g7.5-512x512-eta0-float16"  # the stores written so far

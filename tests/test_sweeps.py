@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from benchmark.devices import pick_device
+from benchmark.core.devices import pick_device
 from runners.callbacks import sweep_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_the_summary_lists_this_multiruns_jobs_only(tmp_path, monkeypatch, capsy
 
 
 def test_job_folder_names():
-    from benchmark.jobfolder import MAX_NAME_BYTES, folder_name
+    from benchmark.store.job_folder import MAX_NAME_BYTES, folder_name
 
     simple = "debug=default,sampler.steps=5,score.T=[1,9],model=tiny"
     assert folder_name(simple) == simple  # the names sweeps have always had
@@ -191,7 +191,7 @@ def test_wandb_offline_run_holds_the_jobs_metrics(tmp_path):
 
 
 def test_wandb_failure_only_warns(tmp_path, monkeypatch):
-    from benchmark.tracking import Tracker
+    from benchmark.store.tracking import Tracker
 
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

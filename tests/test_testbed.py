@@ -10,7 +10,7 @@ import torch
 import yaml
 from diffusers import UNet2DConditionModel
 
-from benchmark.models import load_text_to_image
+from benchmark.models.text_to_image import load_text_to_image
 from benchmark.registry import MODEL_BUILDERS
 from benchmark.testbed.data import Recipe, evaluation_prompts, make_dataset, training_items
 from benchmark.testbed.plugin import testbed_prompt_set as load_testbed_prompts
@@ -163,8 +163,8 @@ def test_end_token_padding_survives_the_folder_round_trip(tmp_path, tiny_testbed
     causal encoder runs without a mask, so each padding copy is a real token state, as SD v1-4 pads with CLIP."""
     from dataclasses import replace
 
-    from benchmark.localization import token_roles
-    from benchmark.models import pads_with_end_token
+    from benchmark.localization.evaluation import token_roles
+    from benchmark.models.text_to_image import pads_with_end_token
     from benchmark.testbed.train import build_untrained
 
     spec = tiny_testbed_spec

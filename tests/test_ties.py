@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
-from benchmark import copying
-from benchmark.detection import prone_ids
+from benchmark.detectors.detection import prone_ids
+from benchmark.localization import copying
 from runners import select_prompts
 from runners.detect import run
 

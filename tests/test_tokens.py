@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmark.models import clip_tokenizer, tiny_text_to_image
+from benchmark.models.text_to_image import clip_tokenizer, tiny_text_to_image
 
 BOS, EOS = 49406, 49407
 

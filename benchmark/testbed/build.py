@@ -7,9 +7,9 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from ..models import save_text_to_image, weights_fingerprint
-from .data import Recipe, make_dataset, write_metadata
-from .train import Architecture, TestbedSpec, Training, build_untrained, train
+from benchmark.models.text_to_image import save_text_to_image, weights_fingerprint
+from benchmark.testbed.data import Recipe, make_dataset, write_metadata
+from benchmark.testbed.train import Architecture, TestbedSpec, Training, build_untrained, train
 
 # The shipped UNets by model builder: attempt 7 (`make testbed-weights`), the default, and attempt 9 at step 4500,
 # padded with copies of the end token (`make testbed-weights-endpad`; docs/testbed.md has both).

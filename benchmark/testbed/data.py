@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..config_types import Count, OpenFraction, PositiveInt, Seed
+from benchmark.core.config_types import Count, OpenFraction, PositiveInt, Seed
 
 COLOURS = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1),

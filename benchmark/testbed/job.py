@@ -1,12 +1,12 @@
-"""The schema of the testbed's training job (``runners.train_testbed``), registered in ``benchmark.config.JOBS``
+"""The schema of the testbed's training job (``runners.train_testbed``), registered in ``benchmark.jobs.config.JOBS``
 as the plug-in's own: the library's generic modules never import the testbed (``registry.PLUGINS`` names it)."""
 from __future__ import annotations
 
-from ..config import JOBS, ConfigError, Job, Section
-from ..config_types import Name
-from .build import WEIGHTS
-from .data import Recipe
-from .train import Architecture, Training
+from benchmark.core.config_types import Name
+from benchmark.jobs.config import JOBS, ConfigError, Job, Section
+from benchmark.testbed.build import WEIGHTS
+from benchmark.testbed.data import Recipe
+from benchmark.testbed.train import Architecture, Training
 
 
 class Testbed(Section):

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config_types import Name
-from ..prompts import Prompt, PromptSet, Truth
-from ..registry import CAPTION_RENDERERS, MODEL_BUILDERS, PROMPT_SOURCES
-from .data import Recipe, ground_truth, make_dataset, parse_caption, render
+from benchmark.core.config_types import Name
+from benchmark.data.prompts import Prompt, PromptSet, Truth
+from benchmark.registry import CAPTION_RENDERERS, MODEL_BUILDERS, PROMPT_SOURCES
+from benchmark.testbed.data import Recipe, ground_truth, make_dataset, parse_caption, render
 
 
 @MODEL_BUILDERS.register("testbed", label="planted-memorization testbed", in_process=False)
 def testbed_folder(source: str | Path) -> Path:
     """The testbed pipeline folder at ``source``: reused, assembled from the shipped weights, or trained."""
-    from .build import ensure_testbed  # diffusers and the trainer: only when a model is wanted
+    from benchmark.testbed.build import ensure_testbed  # diffusers and the trainer: only when a model is wanted
 
     return ensure_testbed(source)
 
@@ -28,7 +28,7 @@ def testbed_folder(source: str | Path) -> Path:
                          in_process=False)
 def testbed_endpad_folder(source: str | Path) -> Path:
     """The end-padded testbed (attempt 9, docs/testbed.md) at ``source``: reused or assembled from its weights."""
-    from .build import ensure_testbed
+    from benchmark.testbed.build import ensure_testbed
 
     return ensure_testbed(source, "testbed_endpad")
 

@@ -21,10 +21,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from ..config_types import Channels, Count, Fraction, NonNegative, Positive, PositiveInt, Seed
-from ..models import TextToImage, save_text_to_image
-from ..training import Trainer
-from .data import Recipe, make_dataset, training_items, write_metadata
+from benchmark.core.config_types import Channels, Count, Fraction, NonNegative, Positive, PositiveInt, Seed
+from benchmark.core.training import Trainer
+from benchmark.models.text_to_image import TextToImage, save_text_to_image
+from benchmark.testbed.data import Recipe, make_dataset, training_items, write_metadata
 
 NOISE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 

@@ -1,0 +1,1 @@
+"""What every stage shares: constrained config types, devices, the trainers' loop, profiling."""

@@ -1,0 +1,1 @@
+"""Unconditional DDPMs: loading, sampling into the store, training with planted duplicates."""

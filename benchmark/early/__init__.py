@@ -1,0 +1,1 @@
+"""Early-step BE: detection before the last step, and early stopping on it."""

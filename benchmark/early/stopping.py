@@ -1,0 +1,189 @@
+"""In-loop early stopping: a generation whose bright ending shows at step k is stopped there (or restarted under a
+mitigation), and the rest of its denoising steps are never computed.
+
+``early.early_stopping`` simulates the decision from stored traces and calibrates its threshold; this module takes
+that threshold into the sampling loop. At the rule's 0-based step k the sampler computes each image's signal from
+what it has so far, the same way the simulation does (``early.score_by_step``): BE intensity = the mean of the BE
+mask (the end-token maps of step k, mean over the rule's layers, at the latent size; Chen et al., ICLR 2025, Sec. 4)
+or LD = Wen's magnitude over the first min(T, k + 1) steps weighted by that mask (``scores.localized_LD``). Images
+whose signal crosses the threshold (``> threshold`` for a detector where higher = memorized) leave the batch; the
+others go on to the last step. Images never affect each other (an image's initial noise depends on its seed, and
+under official seeding its prompt index, alone; each prompt is encoded alone), so the decisions are those of the
+simulation on the same (prompt, seed) pairs; ``early.calibrate`` puts the threshold halfway between calibration
+scores, so the float noise of recomputing a score in another batch or precision (about 1e-6 relative; 1e-3 for a
+float16 store) does not move a calibration generation across it.
+
+The decision needs one device-to-host copy at step k (the maps and the magnitudes so far); nothing else leaves the
+device before the last step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from benchmark.detectors import scores as S
+from benchmark.early.step_detection import SIGNALS
+from benchmark.models.text_to_image import TextToImage
+from benchmark.registry import DETECTORS
+from benchmark.sampling.capture import (
+    Recording,
+    SamplerSettings,
+    capture,
+    cross_attention_layers,
+    ddim_cfg_step,
+    encode_prompts,
+    initial_noise,
+    prompts_per_image,
+    sample_with_capture,
+    step_generators,
+    to_host,
+)
+from benchmark.store.job_folder import Job
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Stop at 0-based step ``step`` every image whose ``detector`` score (BE_intensity or LD over the first
+    min(T, step + 1) steps, both on the BE mask of ``layers``) crosses ``threshold``, in the detector's own units
+    (a detection job's ``early_stopping`` table holds it, :func:`rule_from_job`)."""
+
+    step: int
+    detector: str
+    layers: tuple[str, ...]
+    T: int
+    threshold: float
+
+    def __post_init__(self):
+        if self.detector not in SIGNALS:
+            raise ValueError(f"stopping signal {self.detector!r} is not one of {', '.join(SIGNALS)}")
+        if self.step < 0 or self.T < 1 or not self.layers:
+            raise ValueError(f"stop rule needs step >= 0, T >= 1 and layers (got step={self.step}, T={self.T}, "
+                             f"layers={list(self.layers)})")
+
+    @property
+    def window(self) -> int:
+        """LD's window at the stop step (0 for BE intensity): only steps 0..k exist there."""
+        return 0 if self.detector == "BE_intensity" else min(self.T, self.step + 1)
+
+    def signal(self, delta_sq: np.ndarray, end_maps: dict[str, np.ndarray]) -> np.ndarray:
+        """(n,) scores from ``delta_sq`` (n, >= window steps, h, w) and step k's end-token maps (layer -> (n, h_l,
+        w_l)), as ``early.score_by_step`` computes them."""
+        mask = S.be_mask(end_maps, list(self.layers), delta_sq.shape[-2:])
+        if self.detector == "BE_intensity":
+            return S.be_intensity(mask)
+        return S.localized_LD(delta_sq, mask, self.window)
+
+    def stops(self, signal: np.ndarray) -> np.ndarray:
+        """(n,) bool: the scores that cross the threshold toward "memorized"."""
+        signal = np.asarray(signal, dtype=float)
+        return signal > self.threshold if DETECTORS[self.detector].higher_is_memorized else signal < self.threshold
+
+
+def rule_from_job(job: Job, step: int, fpr: float) -> StopRule:
+    """The stop rule a finished detection job calibrated: its ``early.signal`` (detector, layer set, T), the layer
+    set's layers, and the threshold of its ``early_stopping`` row at (``step``, ``fpr``).
+
+    Raises ValueError naming what is missing: not a finished detection job, no early stopping there (its sampler
+    recorded no ``end_map_steps``), or no row at that step or target FPR (the error lists those it has)."""
+    if job.task != "detect" or not job.finished:
+        raise ValueError(f"{job.folder} is not a finished detection job (task {job.task!r})")
+    rows = job.metrics.get("early_stopping")
+    if not rows:
+        raise ValueError(f"detection job {job.folder} has no early_stopping table: run it with "
+                         "sampler.end_map_steps set (conf/sampler/testbed.yaml)")
+    match = [r for r in rows if int(r["step"]) == step and np.isclose(float(r["fpr_target"]), fpr)]
+    if not match:
+        have = sorted({(int(r["step"]), float(r["fpr_target"])) for r in rows})
+        raise ValueError(f"detection job {job.folder} calibrated no threshold at step {step}, FPR {fpr:g}; it has "
+                         f"(step, FPR) {have}")
+    signal = job.config["early"]["signal"]
+    layers = job.config["layers"]["sets"][signal["layers"]]
+    return StopRule(step, signal["detector"], tuple(layers), int(signal["T"]), float(match[0]["threshold"]))
+
+
+@dataclass
+class EarlyStopBatch:
+    """What a guarded sampling call returns, one row per image.
+
+    ``signal`` (n,) the rule's score at its step; ``stopped`` (n,) bool; ``restarted`` (n,) bool: stopped and then
+    sampled again from the same initial noise under the replacement conditioning; ``steps_run`` (n,) denoising
+    steps computed (k + 1 for a stopped image, k + 1 + steps for a restarted one); ``latents`` (n, c, h, w): the
+    final latents, and for a stopped image that was not restarted those after step k; ``images``: per image
+    (3, H, W) in [0, 1] when decoded, None for a stopped image that was not restarted."""
+
+    signal: np.ndarray
+    stopped: np.ndarray
+    restarted: np.ndarray
+    steps_run: np.ndarray
+    latents: torch.Tensor
+    images: list[torch.Tensor | None] | None
+
+
+@torch.no_grad()
+def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
+                           rule: StopRule, prompt_index: int | Sequence[int] | None = None, decode: bool = True,
+                           restart: Callable[[list[str]], torch.Tensor] | None = None) -> EarlyStopBatch:
+    """Sample ``len(seeds)`` images (``prompt``: one for all, or one per seed; ``prompt_index`` as in
+    ``capture.initial_noise``), stopping at ``rule.step`` those whose signal crosses the threshold.
+
+    ``restart``: maps the stopped images' prompts to a conditioning (m, tokens, dim), e.g. a padding mitigation's
+    embedding (``pad_mitigation.pad_mitigated_embedding``); those images are then sampled again from their own
+    initial noise with it, to the last step and without a stop rule. Raises ValueError when the prompts do not
+    match the seeds, the rule's step is not before the last step, or its layers are not the model's."""
+    n = len(seeds)
+    prompts = prompts_per_image(prompt, n)
+    if not 0 <= rule.step < settings.steps - 1:
+        raise ValueError(f"stop step {rule.step} must be before the last of {settings.steps} steps (0-based)")
+    S.select_layers(list(cross_attention_layers(model.unet)), list(rule.layers))  # raises on an unknown layer
+    device, scheduler = model.device, model.scheduler
+    cond = encode_prompts(model, prompts)
+    uncond = model.encode([""]).expand(n, -1, -1)
+    latents = initial_noise(model, seeds, settings, prompt_index)
+    generators = step_generators(settings, seeds, prompt_index)
+    scheduler.set_timesteps(settings.steps)
+    steps = scheduler.timesteps.tolist()
+    timesteps = scheduler.timesteps.to(device)
+    rec = Recording(n, model.end_token_index(prompts).to(device), tuple(latents.shape[-2:]),
+                     frozenset({rule.step}), rule.step)
+    context = torch.cat([uncond, cond])
+    delta_sq = []
+    with capture(model.unet, rec):
+        for i in range(rule.step + 1):
+            rec.start_step(i)
+            latents, delta = ddim_cfg_step(model, latents, steps[i], timesteps[i], context, settings,
+                                           generators)
+            delta_sq.append(delta.float().pow(2).sum(1))
+    maps = rec.end_maps[rule.step]
+    host = to_host([torch.stack(delta_sq, 1), *maps.values()])  # the one copy the decision needs
+    signal = rule.signal(host[0].numpy(), {layer: m.numpy() for layer, m in zip(maps, host[1:])})
+    stopped = rule.stops(signal)
+    go = torch.from_numpy(np.flatnonzero(~stopped)).to(device)
+    if len(go):
+        part, part_context = latents[go], torch.cat([uncond[go], cond[go]])
+        # each image keeps its own step-noise generator: leaving the batch changes no other image's noise
+        part_generators = None if generators is None else [generators[j] for j in go.tolist()]
+        for i in range(rule.step + 1, len(steps)):
+            part, _ = ddim_cfg_step(model, part, steps[i], timesteps[i], part_context, settings, part_generators)
+        latents[go] = part
+    steps_run = np.where(stopped, rule.step + 1, len(steps))
+    restarted = np.zeros(n, dtype=bool)
+    if restart is not None and stopped.any():
+        again = np.flatnonzero(stopped)
+        replacement = restart([prompts[i] for i in again])
+        indices = None if prompt_index is None or isinstance(prompt_index, int) else [prompt_index[i] for i in again]
+        latents[torch.from_numpy(again).to(device)] = sample_with_capture(
+            model, [prompts[i] for i in again], [seeds[i] for i in again], settings, record=False, cond=replacement,
+            prompt_index=prompt_index if indices is None else indices)
+        restarted[again] = True
+        steps_run[again] += len(steps)
+    images = None
+    if decode:
+        done = np.flatnonzero(~stopped | restarted)
+        decoded = model.to_images(latents[torch.from_numpy(done).to(device)]) if len(done) else []
+        images = [None] * n
+        for row, image in zip(done, decoded):
+            images[row] = image
+    return EarlyStopBatch(signal, stopped, restarted, steps_run, latents.cpu(), images)

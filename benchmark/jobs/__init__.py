@@ -1,0 +1,1 @@
+"""Jobs: the config schema of every job kind."""

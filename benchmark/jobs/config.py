@@ -1,0 +1,614 @@
+"""The typed configuration of every job, checked before any model is loaded or image sampled.
+
+A runner's composed config is plain data (Hydra resolves it to dicts, lists and scalars); :func:`check_job`
+validates it against the job's schema: a pydantic model per section, with types, ranges, finiteness, allowed values
+and unknown keys refused (also keys added on the command line with ``+``). Data is validated as JSON, strictly: no
+string becomes a number, no float an integer, NaN and infinities are refused; lists stand for tuples, as in YAML.
+
+Parts of a config whose fields belong to a registered function are checked against that function's signature: a
+prompt set's loader arguments (``benchmark.registry.PROMPT_SOURCES``) and an extra pass's knobs
+(``EXTRA_PASSES``), so that a plug-in's options are as checked as a built-in one's. What depends on several
+settings (a step window against the number of steps, a headline against the layer sets) is checked after the
+sections, by the job's ``check`` method, with the library's own checks where they exist.
+
+Every failure is one :class:`ConfigError` line naming each bad setting and its value.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import typing
+from functools import cache
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from benchmark.core.config_types import (
+    Count,
+    Fraction,
+    Kind,
+    Name,
+    NonNegative,
+    OpenFraction,
+    Positive,
+    PositiveInt,
+    Rate,
+    Seed,
+)
+from benchmark.registry import EXTRA_PASSES, PROMPT_SOURCES, Registry
+
+# JSON-strict: the config is data, so validate it as data (lists for tuples, ints for floats, nothing else coerced).
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: one line naming every bad setting (``sampler.steps='five': ...``)."""
+
+
+class Section(BaseModel):
+    """A config section: unknown keys refused, strict types, finite numbers."""
+
+    model_config = STRICT
+
+
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
+
+
+# ------------------------------------------------------------------------------------------- shared sections
+
+class Paths(Section):
+    root: Name
+    data_dir: Name
+    artifacts_dir: Name
+    store_dir: Name
+    output_dir: Name
+
+
+class Logger(Section):
+    wandb: bool
+    project: Name = "be-bench"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    group: Name | None = None
+
+
+class Store(Section):
+    # numpy float dtypes the trace store writes (an integer dtype would round every trace to zeros)
+    dtype: Literal["float16", "float32", "float64"] = "float16"
+
+
+class Sampler(Section):
+    """DDIM with classifier-free guidance (``benchmark.sampling.capture.SamplerSettings``) and how many images to make."""
+
+    steps: PositiveInt
+    guidance: NonNegative
+    height: PositiveInt
+    width: PositiveInt
+    eta: Fraction
+    n_images: PositiveInt
+    seed: Seed
+    seeding: Literal["per_image", "official"]
+    batch_size: PositiveInt
+    end_map_steps: list[Count] = []
+
+    def check_end_map_steps(self) -> None:
+        """Only a job that records earlier steps' maps (detection) checks them: the others leave them unused."""
+        late = [k for k in self.end_map_steps if k >= self.steps]
+        if late:
+            raise ConfigError(f"sampler.end_map_steps={self.end_map_steps}: steps {late} are past the last of "
+                              f"sampler.steps={self.steps} (0-based)")
+
+    def settings(self, end_maps: bool = True):
+        """The :class:`benchmark.sampling.capture.SamplerSettings` of this section, the one place a job builds them;
+        ``end_maps=False``: without ``end_map_steps`` (a job that records no earlier steps' maps)."""
+        from benchmark.sampling.capture import SamplerSettings
+
+        return SamplerSettings(self.steps, self.guidance, self.height, self.width, self.eta,
+                               tuple(self.end_map_steps) if end_maps else (), seeding=self.seeding,
+                               gen_seed=self.seed)
+
+
+class Model(Section):
+    """A text-to-image model preset (conf/model/); ``extra``, ``token_maps`` and ``mitigation_targets`` are the
+    preset's defaults for ``capture.extra``, ``capture.token_maps`` and ``mitigation.target_losses``."""
+
+    name: Name
+    source: Name
+    build: Name | None = None
+    use_safetensors: bool = True
+    device: Device = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    extra: list[Name] = []
+    token_maps: bool = False
+    mitigation_targets: list[NonNegative] = []
+
+    def check(self) -> None:
+        from benchmark.registry import MODEL_BUILDERS
+
+        if self.build is not None:
+            entry = MODEL_BUILDERS.get(self.build)
+            if entry is None or entry.meta.get("in_process"):
+                folders = [n for n in MODEL_BUILDERS if not MODEL_BUILDERS[n].meta.get("in_process")]
+                raise ConfigError(f"model.build={self.build!r} is not a model builder ({', '.join(folders)})")
+
+
+class Layers(Section):
+    sets: Annotated[dict[Name, Annotated[list[Name], Field(min_length=1)]], Field(min_length=1)]
+    headline: Name | None = None  # the preset's pre-declared headline set (score.headline.layers follows it)
+
+
+class PromptOptions(Section):
+    """What every prompt set takes besides its loader's arguments (docs/prompts.md); applied in this order."""
+
+    name: Name
+    loader: Name
+    truth_file: Name | None = None
+    select_ids: Name | None = None
+    limit: PositiveInt | None = None
+    shard: Annotated[str, Field(pattern=r"^\d+/\d+$")] | None = None
+
+
+class InlineEntry(Section):
+    """One prompt written out in a config (the ``inline`` loader)."""
+
+    text: Name
+    id: Name | int | None = None
+    memorized: bool | None = None
+    kind: Kind | None = None
+
+
+# ------------------------------------------------------------------------------------ the jobs' own sections
+
+class Headline(Section):
+    detector: Name
+    layers: Name
+    T: PositiveInt
+    subset: Name
+    level: Literal["prompt", "generation"]
+
+
+class Score(Section):
+    T: Annotated[list[PositiveInt], Field(min_length=1)]
+    n_boot: Count
+    headline: Headline
+    score_difference_units: Literal["eps", "score"] = "eps"  # benchmark.detectors.detection.SCORE_DIFFERENCE_UNITS
+
+
+class Capture(Section):
+    token_maps: bool = False
+    compile: bool = False
+    extra: list[Name] = []
+
+
+class Localization(Section):
+    rule: Name
+
+
+class Signal(Section):
+    detector: Name
+    layers: Name
+    T: PositiveInt
+
+
+class Early(Section):
+    signal: Signal
+    fpr: Annotated[list[Rate], Field(min_length=1)]
+    n_boot: Count
+
+
+class Mitigation(Section):
+    methods: Annotated[list[Name], Field(min_length=1)]
+    target_losses: list[NonNegative]
+    lr: Positive
+    max_iters: Count
+    pad_fractions: list[Fraction]
+    pad_replacement: Name
+    mask_norm: Literal["per_image", "batch"]
+    protocol: Literal["per_image", "official"]
+    mask_layers: Name
+    kinds: Annotated[list[Literal["global", "local", "memorized"]], Field(min_length=1)] | None = None
+    n_images: PositiveInt | None = None
+
+
+class Similarity(Section):
+    sscd: Name | None = None
+    clip_architecture: Name
+    clip_weights: Name | None = None
+
+
+class MitigationHeadline(Section):
+    method: Name
+    measure: Literal["S", "LS", "SSCD", "train_rmse", "CLIP", "caption_rmse"]
+
+
+class Restart(Section):
+    method: Name | None = None
+    fraction: Fraction = 1.0
+    token: Name = "!"
+
+
+class Guard(Section):
+    calibration: Name | None = None
+    step: Count
+    fpr: Rate
+    restart: Restart
+    save_images: bool = True
+
+
+# --------------------------------------------------------------------------------------------------- jobs
+
+class Job(Section):
+    """What every runner's config holds."""
+
+    task: Name
+    run_name: Name
+    sweep_name: Name
+    paths: Paths
+
+    # sections whose fields come from a registered function, validated by :func:`check_job` (name -> how)
+    dynamic: ClassVar[tuple[str, ...]] = ()
+
+    def check(self) -> None:
+        """Settings that depend on each other; raises ConfigError."""
+
+    @staticmethod
+    def library_check(check, *args) -> None:
+        """Run one of the library's own checks (which raise ValueError) as a config check."""
+        try:
+            check(*args)
+        except ValueError as err:
+            raise ConfigError(str(err).splitlines()[0]) from None
+
+
+class TextToImageJob(Job):
+    logger: Logger
+    sampler: Sampler
+    layers: Layers
+    model: Model
+    prompts: dict[str, Any]
+    store: Store = Store()
+    dynamic: ClassVar[tuple[str, ...]] = ("prompts",)
+
+    def check(self) -> None:
+        self.model.check()
+        if self.layers.headline is not None:
+            self.layer_set("layers.headline", self.layers.headline)
+        scheduler = model_scheduler_config(self.model.source)
+        if scheduler is not None:
+            check_ddim_steps(scheduler, self.sampler.steps)
+
+    def layer_set(self, setting: str, name: str) -> None:
+        if name not in self.layers.sets:
+            raise ConfigError(f"{setting}={name!r} is not a layer set (layers.sets: {', '.join(self.layers.sets)})")
+
+
+JOBS = Registry("job")
+"""The schema of each runner's config, by task (``config.task``): a :class:`Job` subclass."""
+
+
+@JOBS.register("detect", label="detection")
+class DetectJob(TextToImageJob):
+    score: Score
+    capture: Capture
+    extra: dict[Name, dict[str, Any]] = {}
+    localization: Localization
+    early: Early
+    dynamic: ClassVar[tuple[str, ...]] = ("prompts", "extra")
+
+    def check(self) -> None:
+        super().check()
+        self.sampler.check_end_map_steps()
+        from benchmark.detectors import extra_passes as extras
+        from benchmark.early import step_detection as early
+        from benchmark.measures.metrics import binarize
+        from benchmark.registry import DETECTORS
+
+        steps, score, head = self.sampler.steps, self.score, self.score.headline
+        late = [T for T in score.T if T > steps]
+        if late:
+            raise ConfigError(f"score.T={score.T}: windows {late} are longer than sampler.steps={steps}")
+        if head.detector not in DETECTORS:
+            raise ConfigError(f"score.headline.detector={head.detector!r} is not a detector "
+                              f"({', '.join(DETECTORS)})")
+        if DETECTORS[head.detector].uses_layers:
+            self.layer_set("score.headline.layers", head.layers)
+        if DETECTORS[head.detector].uses_T and head.T not in score.T:
+            raise ConfigError(f"score.headline.T={head.T} is not one of score.T={score.T}")
+        if self.sampler.end_map_steps:  # the stopping signal is used only where earlier steps are recorded
+            self.library_check(early.check_signal, self.early.signal.model_dump(), self.layers.sets, self.early.fpr)
+        try:
+            binarize(np.arange(4.0), self.localization.rule)
+        except ValueError as err:
+            raise ConfigError(f"localization.rule={self.localization.rule!r}: {err}") from None
+        # every configured pass's knobs, asked for or not (a knob set now is meant for a later run)
+        self.library_check(extras.requests, list(self.extra), self.extra, self.sampler.settings())
+        self.library_check(lambda: extras.check_detector(
+            head.detector, extras.requests(self.capture.extra, self.extra, self.sampler.settings())))
+
+
+@JOBS.register("mitigate", label="mitigation")
+class MitigateJob(TextToImageJob):
+    mitigation: Mitigation
+    similarity: Similarity
+    headline: MitigationHeadline
+
+    def check(self) -> None:
+        super().check()
+        from benchmark.registry import MITIGATIONS
+
+        mit = self.mitigation
+        unknown = [m for m in mit.methods if m not in MITIGATIONS]
+        if unknown:
+            raise ConfigError(f"mitigation.methods: {unknown[0]!r} is not a mitigation ({', '.join(MITIGATIONS)})")
+        twice = sorted({m for m in mit.methods if mit.methods.count(m) > 1})
+        if twice:
+            raise ConfigError(f"mitigation.methods names {twice[0]!r} twice")
+        optimised = [m for m in mit.methods if MITIGATIONS[m].optimised]
+        if optimised and not mit.target_losses:
+            raise ConfigError(f"mitigation.target_losses=[]: {', '.join(optimised)} need at least one target loss")
+        if "pad_mask" in mit.methods and not mit.pad_fractions:
+            raise ConfigError("mitigation.pad_fractions=[]: pad_mask needs at least one fraction")
+        self.layer_set("mitigation.mask_layers", mit.mask_layers)
+        if self.headline.method not in mit.methods:
+            raise ConfigError(f"headline.method={self.headline.method!r} is not among mitigation.methods "
+                              f"{mit.methods}")
+
+
+@JOBS.register("guard", label="guarded generation")
+class GuardJob(TextToImageJob):
+    guard: Guard
+
+    def check(self) -> None:
+        super().check()
+        from benchmark.registry import MITIGATIONS
+
+        g = self.guard
+        if not g.calibration:
+            raise ConfigError("guard.calibration is required: a finished detection job folder (run with "
+                              "sampler.end_map_steps) whose early_stopping table gives the threshold")
+        if not g.step < self.sampler.steps - 1:
+            raise ConfigError(f"guard.step={g.step} must be before the last of sampler.steps={self.sampler.steps} "
+                              "steps (a stop at the last step saves nothing)")
+        method = g.restart.method
+        if method is not None:
+            if method not in MITIGATIONS:
+                raise ConfigError(f"guard.restart.method={method!r} is not a mitigation ({', '.join(MITIGATIONS)})")
+            if MITIGATIONS[method].optimised:
+                inference = [m for m in MITIGATIONS if not MITIGATIONS[m].optimised]
+                raise ConfigError(f"guard.restart.method={method!r} is not an inference-time mitigation "
+                                  f"({', '.join(inference)}); for an optimised one run runners.mitigate "
+                                  "prompts.select_ids=<this job's stopped_ids.txt>")
+
+
+class DDPMSampler(Section):
+    steps: PositiveInt
+    sampler: Literal["ddim", "ddpm"]
+    eta: Fraction
+    n_images: PositiveInt
+    seed: Seed
+    batch_size: PositiveInt
+
+
+class CopyMeasures(Section):
+    grid: PositiveInt
+    carlini_n: PositiveInt
+    copy_below: Positive
+    patch: PositiveInt
+    patch_ratio_below: OpenFraction
+
+
+def _ddpm_model_section():
+    from benchmark.ddpm.train import DDPMArchitecture, DDPMData, DDPMTraining
+
+    class DDPMModel(Section):
+        name: Name
+        source: Name
+        train: bool = False
+        training_data: Name | None = None
+        use_safetensors: bool = True
+        data: DDPMData | None = None
+        architecture: DDPMArchitecture | None = None
+        training: DDPMTraining | None = None
+
+    return DDPMModel
+
+
+@JOBS.register("ddpm", label="unconditional DDPM")
+class DDPMJob(Job):
+    logger: Logger
+    device: Device
+    sampler: DDPMSampler
+    measure: CopyMeasures
+    store: Store = Store()
+    ddpm_model: _ddpm_model_section()
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+def check_job(config: dict) -> Job:
+    """The job schema of ``config['task']`` (:data:`JOBS`) applied to a resolved config: the validated sections
+    (``job.sampler.settings()`` etc.). Raises ConfigError (one line) naming every bad setting and its value."""
+    task = config.get("task")
+    schema = JOBS.get(task) if isinstance(task, str) else None
+    if schema is None:
+        raise ConfigError(f"task={task!r} is not a job ({', '.join(JOBS)})")
+    job = validate(schema.fn, config)
+    errors = []
+    for section in schema.fn.dynamic:
+        errors += DYNAMIC[section](config.get(section) or {}, section)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    job.check()
+    return job
+
+
+def validate(schema: type[BaseModel], data: dict):
+    """``schema`` applied to ``data`` as strict JSON (validated once); raises ConfigError listing every error."""
+    try:
+        return schema.model_validate_json(_json(data))
+    except ValidationError as err:
+        raise ConfigError("; ".join(_line(e, "", schema) for e in err.errors())) from None
+
+
+def _json(data) -> str:
+    return json.dumps(data, allow_nan=True, default=str)
+
+
+def _errors(schema: type[BaseModel], data: dict, where: str = "") -> list[str]:
+    try:
+        schema.model_validate_json(_json(data))
+    except ValidationError as err:
+        return [_line(e, where, schema) for e in err.errors()]
+    return []
+
+
+def _line(error: dict, where: str, schema: type[BaseModel]) -> str:
+    loc = ".".join(map(str, (where, *error["loc"]) if where else error["loc"]))
+    value = error.get("input")
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = _known_keys(schema, error["loc"][:-1])
+        return f"unknown setting {loc}={value!r}" + (f" (known here: {', '.join(known)})" if known else "")
+    if error["type"] == "missing":
+        return f"{loc} is missing"
+    if value is None:
+        return f"{loc} is null: it needs a value ({error['msg'][0].lower() + error['msg'][1:]})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{loc}={value!r}: must be a finite number"
+    message = error["msg"][0].lower() + error["msg"][1:]
+    shown = value if not isinstance(value, (dict, list)) or len(str(value)) < 80 else type(value).__name__
+    return f"{loc}={shown!r}: {message}"
+
+
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The fields at ``loc`` of ``schema`` (for the unknown-key message), where they can be told."""
+    node: Any = schema
+    for part in loc:
+        fields = _fields(node)
+        if fields is None or part not in fields:
+            return []
+        node = _inner(fields[part].annotation)
+    fields = _fields(node)
+    return list(fields) if fields else []
+
+
+def _fields(node) -> dict[str, FieldInfo] | None:
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return node.model_fields
+    fields = getattr(node, "__pydantic_fields__", None)
+    return fields if isinstance(fields, dict) else None
+
+
+def _inner(annotation):
+    """A section's model inside ``X | None`` or ``Annotated[X, ...]``."""
+    for arg in typing.get_args(annotation) or (annotation,):
+        if _fields(arg) is not None:
+            return arg
+    return annotation
+
+
+# ------------------------------------------------------------ sections whose fields a registered function has
+
+@cache
+def argument_model(fn, skip: tuple[str, ...], base: type[BaseModel] = Section) -> type[BaseModel]:
+    """A schema for the keyword arguments of ``fn`` (a registered loader or pass), from its signature: each
+    parameter's annotation and default, ``skip`` left out (what the caller supplies), ``**kwargs`` never open."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    fields = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in skip or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = ... if param.default is param.empty else param.default
+        fields[name] = (hints.get(name, Any), default)
+    return create_model(f"{fn.__name__}_arguments", __base__=base, **fields)
+
+
+def check_prompts(spec: dict, where: str = "prompts") -> list[str]:
+    """Errors of a prompt-set config: the common options (:class:`PromptOptions`) and its loader's arguments
+    (typed by the loader's signature); a union's parts and an inline set's entries are checked one by one."""
+    errors = _errors(PromptOptions, {k: v for k, v in spec.items() if k in PromptOptions.model_fields}, where)
+    loader = spec.get("loader")
+    source = PROMPT_SOURCES.get(loader) if isinstance(loader, str) else None
+    if source is None:
+        unknown = f"{where}.loader={loader!r}: not a prompt source ({', '.join(PROMPT_SOURCES)})"
+        return errors or [unknown]
+    arguments = {k: v for k, v in spec.items() if k not in PromptOptions.model_fields}
+    model = argument_model(source.fn, ("name",))
+    if loader == "union":
+        parts = spec.get("parts") or {}
+        items = parts.items() if isinstance(parts, dict) else enumerate(parts)
+        errors += [e for key, part in items for e in (check_prompts(part, f"{where}.parts.{key}")
+                                                        if isinstance(part, dict) else
+                                                        [f"{where}.parts.{key}={part!r}: not a prompt set"])]
+        arguments.pop("parts", None)
+        model = argument_model(source.fn, ("name", "parts"))
+    if loader == "inline":
+        entries = arguments.pop("entries", None)
+        if not isinstance(entries, list) or not entries:
+            errors.append(f"{where}.entries={entries!r}: needs at least one prompt")
+        else:
+            for i, entry in enumerate(entries):
+                errors += _errors(InlineEntry, entry, f"{where}.entries.{i}")
+        model = argument_model(source.fn, ("name", "entries"))
+    return errors + _errors(model, arguments, where)
+
+
+def check_extra_knobs(knobs: dict, where: str = "extra") -> list[str]:
+    """Errors of the ``extra`` section: each pass's knobs typed by its function's signature, plus ``n``."""
+    errors = []
+    for name, given in knobs.items():
+        entry = EXTRA_PASSES.get(name)
+        if entry is None:
+            errors.append(f"unknown setting {where}.{name} (extra passes: {', '.join(EXTRA_PASSES)})")
+            continue
+        model = argument_model(entry.fn, ("model", "prompts", "seeds", "settings", "prompt_index"), _PassKnobs)
+        errors += _errors(model, given or {}, f"{where}.{name}")
+    return errors
+
+
+class _PassKnobs(Section):
+    n: PositiveInt | None = None  # how many of a prompt's images get the pass; None: all
+
+
+DYNAMIC = {"prompts": check_prompts, "extra": check_extra_knobs}
+
+
+# --------------------------------------------------------------------------------------- sampler vs model
+
+def check_ddim_steps(scheduler_config: dict, steps: int) -> None:
+    """Raise ConfigError when ``steps`` DDIM steps of a scheduler (its diffusers config) reach a timestep it was not
+    trained on (e.g. 1000 steps with SD's ``steps_offset=1``: timesteps 1000..1, and 1000 is past the table, where
+    diffusers fails with a raw IndexError mid-sampling). Jobs call it before loading where the model's scheduler
+    config can be read (:func:`model_scheduler_config`), and on the loaded scheduler otherwise."""
+    from diffusers import DDIMScheduler
+
+    def last_timestep(n: int) -> int:
+        scheduler = DDIMScheduler.from_config(scheduler_config)
+        scheduler.set_timesteps(n)
+        return int(scheduler.timesteps.max())
+
+    trained = int(scheduler_config.get("num_train_timesteps", 1000))
+    if last_timestep(steps) < trained:
+        return
+    fits = next((n for n in range(min(steps, trained), 0, -1) if last_timestep(n) < trained), 0)
+    raise ConfigError(f"sampler.steps={steps}: this model's DDIM schedule (num_train_timesteps={trained}, "
+                      f"steps_offset={scheduler_config.get('steps_offset', 0)}) then reaches timestep "
+                      f"{last_timestep(steps)}, past the last trained one ({trained - 1}); use at most {fits} steps")
+
+
+def model_scheduler_config(source: str) -> dict | None:
+    """A model's scheduler config, read without loading it: an in-process builder's ``scheduler`` metadata or a
+    folder's scheduler_config.json; None where it cannot be read yet (a hub id, a folder still to build)."""
+    from pathlib import Path
+
+    from benchmark.registry import MODEL_BUILDERS
+
+    builder = MODEL_BUILDERS.get(source)
+    if builder is not None and builder.meta.get("in_process"):
+        return builder.meta.get("scheduler")
+    path = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

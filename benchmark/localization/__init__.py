@@ -1,0 +1,1 @@
+"""Localization: BE masks against ground truth, copying of training images."""

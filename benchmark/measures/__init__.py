@@ -1,0 +1,1 @@
+"""Measures: detection metrics with bootstrap intervals, copy similarity and prompt fidelity."""

@@ -1,0 +1,1 @@
+"""Mitigation: every inference-time mitigation and the privacy-utility trade-off."""

@@ -1,0 +1,108 @@
+"""Kim & No's padding mitigations: change the end-of-text / padding embeddings, no optimisation, no detection.
+
+Kim & No, "Memorization in Stable Diffusion Is Unexpectedly Driven by CLIP Embeddings" (CVPR 2026 Findings,
+arXiv:2605.02908): SD v1-4 pads every prompt to 77 tokens with copies of the end-of-text token, whose states
+duplicate the end-of-text state and drive memorization. Their inference-time mitigations, as the official code
+runs them (github.com/quasar529/sd-clip-mem, experiments.py, Section 4 flags), each on the conditional embedding
+(n, tokens, dim) only:
+
+- ``pad_replace`` (``--pad_token_fix``): pad with ``!`` instead of the end token and encode again;
+- ``pad_replace_mask_end`` (``--pad_token_fix_and_eot_masked``, the paper's main method): the same, then the
+  end-of-text embedding (the first end token) is set to zero;
+- ``pad_mask`` (``--pad_masked_by_ratio r``, r = 0.7 and 0.4 in run_mitigation.sh): of the P padding embeddings
+  after the end token, the first ``floor(min(P, r * P))`` are set to zero;
+- ``mask_end`` (``--eot_masked``, a Section 3.2 ablation): only the end-of-text embedding is set to zero.
+
+"Masked" is zero, as in the official code. One difference from the official script: there the tokenizer's pad
+token stays ``!`` while the pipeline encodes the empty prompt, so the replacing variants also pad the unconditional
+embedding with ``!``; here the unconditional embedding is always the model's own (sample_with_capture encodes it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from benchmark.models.text_to_image import TextToImage
+from benchmark.registry import MITIGATIONS
+
+PAD_METHODS = ("pad_mask", "pad_replace", "pad_replace_mask_end", "mask_end")
+
+
+@dataclass(frozen=True)
+class PadMitigation:
+    method: str  # one of PAD_METHODS
+    fraction: float = 1.0  # pad_mask: the share r of padding embeddings set to zero; 1.0 for the other methods
+    token: str = "!"  # pad_replace*: the padding token put in place of the end token
+
+    def __post_init__(self):
+        if self.method not in PAD_METHODS:
+            raise ValueError(f"unknown padding mitigation {self.method!r}; choose from {', '.join(PAD_METHODS)}")
+        if not 0 < self.fraction <= 1 or (self.method != "pad_mask" and self.fraction != 1):
+            raise ValueError(f"padding mitigation {self.method}: fraction must be in (0, 1] for pad_mask and 1 "
+                             f"otherwise, got {self.fraction}")
+        if self.replaces_pad and not self.token:
+            raise ValueError(f"padding mitigation {self.method} needs a replacement token")
+
+    @property
+    def replaces_pad(self) -> bool:
+        return self.method.startswith("pad_replace")
+
+    @property
+    def masks_end(self) -> bool:
+        return self.method in ("pad_replace_mask_end", "mask_end")
+
+    @property
+    def target_loss(self) -> float:
+        """The strength on the trade-off curves (their ``target_loss`` column): the masked fraction, 1 = full.
+        Unlike Wen's target loss, higher is stronger."""
+        return self.fraction
+
+    @property
+    def tag(self) -> str:
+        """Store-key part: the method, its strength and, when it pads with another token, that token (each
+        character outside [A-Za-z0-9] spelled as u<hex>, so that keys stay file-name safe and distinct)."""
+        if self.method == "pad_mask":
+            return f"padmask-r{self.fraction:g}"
+        token = "".join(c if c.isascii() and c.isalnum() else f"u{ord(c):x}" for c in self.token)
+        return {"pad_replace": f"padreplace-{token}", "pad_replace_mask_end": f"padreplace-{token}-maskend",
+                "mask_end": "maskend"}[self.method]
+
+
+def pad_settings(methods: list[str], fractions: list[float], token: str = "!") -> list[PadMitigation]:
+    """The settings of a sweep: ``pad_mask`` at every fraction, every other method once."""
+    return [PadMitigation(m, float(r), token) for m in methods for r in (fractions if m == "pad_mask" else [1.0])]
+
+
+def replacement_id(model: TextToImage, token: str) -> int:
+    """The vocabulary id of ``token``; ValueError when the tokenizer does not know it as one token."""
+    tok = model.tokenizer
+    token_id = tok.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tok.unk_token_id and token != tok.unk_token):
+        raise ValueError(f"padding mitigation: {token!r} is not a token of {model.model_id}'s tokenizer")
+    return int(token_id)
+
+
+@MITIGATIONS.register("mask_end", label="Kim & No (end masked)", needs_mask=False, optimised=False)
+@MITIGATIONS.register("pad_replace_mask_end", label="Kim & No (pad !, end masked)", needs_mask=False,
+                      optimised=False)
+@MITIGATIONS.register("pad_replace", label="Kim & No (pad !)", needs_mask=False, optimised=False)
+@MITIGATIONS.register("pad_mask", label="Kim & No (pad masked)", needs_mask=False, optimised=False)
+@torch.no_grad()
+def pad_mitigated_embedding(model: TextToImage, prompts: list[str], settings: PadMitigation) -> torch.Tensor:
+    """The conditional embedding (n, tokens, dim) of ``prompts`` under ``settings``.
+
+    Positions: e = ``model.end_token_index`` (the first end token), padding = e+1 .. tokens-1 (P of them). Only
+    those positions change: e is zeroed (``*mask_end``), the first floor(min(P, r*P)) padding rows are zeroed
+    (``pad_mask``), the padding ids become ``settings.token`` before encoding (``pad_replace*``; with a causal
+    encoder such as CLIP's, rows up to e are then unchanged). Raises ValueError for a token the model lacks."""
+    pad_id = replacement_id(model, settings.token) if settings.replaces_pad else None
+    cond = model.encode(prompts, pad_token_id=pad_id).clone()
+    tokens = cond.shape[1]
+    for i, end in enumerate(model.end_token_index(prompts).tolist()):
+        if settings.masks_end:
+            cond[i, end] = 0
+        if settings.method == "pad_mask":
+            padding = tokens - (end + 1)
+            cond[i, end + 1:end + 1 + int(min(padding, padding * settings.fraction))] = 0
+    return cond

@@ -1,0 +1,1 @@
+"""Text-to-image models: loading a pipeline folder, the tiny in-process models, tokenizers."""

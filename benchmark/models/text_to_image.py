@@ -1,0 +1,310 @@
+"""Text-to-image models: load SD-style pipelines from a folder or hub id, or build tiny ones in-process.
+
+Every model reaches the sampler as a :class:`TextToImage`: a UNet, a text encoder with its tokenizer, a DDIM
+scheduler and, for latent models, a VAE. SD v1-4 and the planted-memorization testbed load through the same path.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from benchmark.registry import MODEL_BUILDERS
+
+# Stable Diffusion v1-4's published component configs (CompVis/stable-diffusion-v1-4, */config.json).
+SD14_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD14_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+SD14_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+SD14_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or hub id that cannot be loaded; the message names the culprit."""
+
+
+@dataclass
+class TextToImage:
+    """The parts of a text-to-image diffusion model that sampling and capture need."""
+
+    model_id: str
+    unet: UNet2DConditionModel
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: DDIMScheduler
+    vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, 512)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TextToImage:
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                # a dtype equal to the current one is left out, and so is the keyword: diffusers warns whenever
+                # `dtype` is passed, even as None
+                cast = {"dtype": dtype} if dtype not in (None, module.dtype) else {}
+                module.to(device=device, **cast)
+        return self
+
+    def end_token_index(self, prompts: list[str]) -> torch.Tensor:
+        """Index of each prompt's first end token: token ids incl. BOS and EOS minus one, capped at the last slot.
+
+        This is the token whose final-step cross-attention map is the bright ending; the padding after it is not.
+        """
+        ids = self.tokenizer(prompts, truncation=True, max_length=self.max_length).input_ids
+        return torch.tensor([min(len(x), self.max_length) - 1 for x in ids], dtype=torch.long)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], pad_token_id: int | None = None) -> torch.Tensor:
+        """Token states padded to the full context, as the UNet cross-attends to them (padding included).
+
+        ``pad_token_id`` pads with that token instead of the tokenizer's (Kim & No's mitigation,
+        benchmark/mitigation/padding.py); whether the encoder gets a mask stays the model's rule below."""
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        if pad_token_id is not None:
+            tok["input_ids"] = tok.input_ids.masked_fill(tok.attention_mask == 0, pad_token_id)
+        kwargs = {}
+        # SD's CLIP encoder is run without a mask (its padding states are real end tokens), and so is any encoder
+        # whose tokenizer pads with its end token; BERT-style encoders padding with [PAD] need the mask so that
+        # padding positions are well defined.
+        if "attention_mask" in tok and not (isinstance(self.text_encoder, CLIPTextModel)
+                                            or pads_with_end_token(self.tokenizer)):
+            kwargs["attention_mask"] = tok.attention_mask.to(self.device)
+        out = self.text_encoder(tok.input_ids.to(self.device), **kwargs)
+        return out[0].to(self.dtype)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        if self.vae is None:
+            return (self.unet.config.in_channels, height, width)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.unet.config.in_channels, height // factor, width // factor)
+
+    @torch.no_grad()
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> images in [0, 1], (N, 3, H, W) float32 on the CPU."""
+        if self.vae is None:
+            x = latents
+        else:
+            x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def pads_with_end_token(tokenizer) -> bool:
+    """Whether the tokenizer pads with its own end token (CLIP's <|endoftext|>, BERT's [SEP] when so set), as
+    SD v1-4's tokenizer does: the padding copies are then real end-token states, encoded without a mask."""
+    pad = tokenizer.pad_token_id
+    return pad is not None and pad in {i for i in (tokenizer.sep_token_id, tokenizer.eos_token_id) if i is not None}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(source: str, required: tuple[str, ...], use_safetensors: bool, what: str) -> Path | None:
+    """A local pipeline folder, checked before any loader runs (one-line errors naming it); None for a hub id."""
+    path = Path(source).expanduser()
+    if not (path.is_absolute() or source.startswith((".", "~")) or path.exists()):
+        return None
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} folder not found: {source}")
+    missing = [c for c in required if not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{what} folder {source} is incomplete: missing {', '.join(missing)}/")
+    if use_safetensors and not any((path / "unet").glob("*.safetensors")):
+        raise ModelLoadError(f"{what} folder {source}: no unet/*.safetensors (set use_safetensors=false to "
+                             "allow pickle weights you trust)")
+    return path
+
+
+def load_error(what: str, source: str, err: Exception) -> ModelLoadError:
+    """A loader's exception as one line (libraries' messages run to many)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"cannot load {what} {source}: {first}")
+
+
+def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> TextToImage:
+    """Load a diffusers pipeline folder (local path or hub id) component by component.
+
+    Loading components rather than ``StableDiffusionPipeline`` lets a pixel-space model (no VAE) or any
+    transformers text encoder use the same path as SD v1-4. The scheduler is always turned into DDIM.
+    """
+    path = check_pipeline_folder(source, REQUIRED, use_safetensors, "model")
+    # hub SD checkpoints always ship a VAE; a missing one fails below with the hub's message
+    has_vae = path is None or (path / "vae").is_dir()
+    location = str(path) if path else source
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors)
+        text_encoder = AutoModel.from_pretrained(location, subfolder="text_encoder", use_safetensors=use_safetensors)
+        tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler")
+        vae = (AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors)
+               if has_vae else None)
+    except (OSError, ValueError) as err:
+        raise load_error("model", source, err) from err
+    model = TextToImage(source, unet, text_encoder.eval(), tokenizer, scheduler, vae.eval() if vae else None)
+    return model.to(device, dtype)
+
+
+def weights_fingerprint(source: str | Path) -> str:
+    """A short hash of a local folder's UNet (config, weight file sizes and first MiB): traces of different weights
+    under one model name must not mix. Empty for a hub id or a model built in-process."""
+    unet = Path(source).expanduser() / "unet"
+    if not unet.is_dir():
+        return ""
+    digest = hashlib.sha1()
+    for path in sorted(unet.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin"):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:10]
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+CLIP_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
+def clip_vocabulary_file() -> Path:
+    """CLIP's BPE vocabulary, shipped with be-bench (``benchmark/models/clip_vocab/``: OpenAI CLIP's file, MIT License)."""
+    return Path(__file__).parent / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary and BPE merges (SD v1-4's tokenizer), rebuilt from the BPE file the way CLIP does."""
+    lines = gzip.open(clip_vocabulary_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    byte_chars = _bytes_to_unicode()
+    vocab = list(byte_chars) + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2/CLIP's reversible byte -> printable character table, in CLIP's order.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """SD v1-4's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padding with the end token), built offline."""
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+# -------------------------------------------------------------------------------------- in-process models
+
+@MODEL_BUILDERS.register("tiny", label="tiny random SD-like model", in_process=True,
+                         scheduler=SD14_SCHEDULER)
+def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
+    """A seconds-fast random model with SD v1-4's block and attention naming (cross-attention in down_blocks.0).
+
+    Uses the real CLIP tokenizer so end-token positions match SD v1-4's.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4 if latent else 3, out_channels=4 if latent else 3, layers_per_block=1,
+        block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    vae = None
+    if latent:
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=16)
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+    return TextToImage("tiny", unet.eval(), text_encoder.eval(), clip_tokenizer(), scheduler, vae.eval() if vae else None)
+
+
+@MODEL_BUILDERS.register("sd14-architecture", label="SD v1-4 architecture, random weights", in_process=True,
+                         scheduler=SD14_SCHEDULER)
+def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
+    """SD v1-4's full architecture with random weights, for speed and memory measurements only."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD14_UNET)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+    vae = AutoencoderKL(**SD14_VAE, scaling_factor=0.18215) if with_vae else None
+    return TextToImage("sd14-architecture-random", unet.eval(), text_encoder.eval(), clip_tokenizer(),
+                       DDIMScheduler(**SD14_SCHEDULER), vae.eval() if vae else None)
+
+
+def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
+    """Write a model as a diffusers pipeline folder (safetensors) that :func:`load_text_to_image` reads."""
+    folder = Path(folder)
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer,
+             "scheduler": model.scheduler, "vae": model.vae}
+    index = {"_class_name": "StableDiffusionPipeline"}
+    for name, part in parts.items():
+        if part is None:
+            continue
+        part.save_pretrained(folder / name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def get_model(source: str, device: str = "cpu", dtype: str = "float32", use_safetensors: bool = True,
+              build: str | None = None) -> TextToImage:
+    """A model: a ``source`` naming an in-process builder (``tiny``, ``sd14-architecture``) is built here;
+    otherwise ``source`` is a pipeline folder or hub id, and with ``build`` (a registered model builder, e.g.
+    ``testbed``) a missing folder is assembled or trained first."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    builder = MODEL_BUILDERS.get(source)
+    if builder is not None and builder.in_process:
+        model = builder()
+    elif build is not None:
+        entry = MODEL_BUILDERS.get(build)
+        if entry is None or entry.in_process:
+            folders = [n for n in MODEL_BUILDERS if not MODEL_BUILDERS[n].in_process]
+            raise ValueError(f"unknown model build {build!r} (one of {', '.join(folders)})")
+        model = load_text_to_image(str(entry(source)), use_safetensors=use_safetensors)
+    else:
+        model = load_text_to_image(source, use_safetensors=use_safetensors)
+    return model.to(device, DTYPES[dtype])

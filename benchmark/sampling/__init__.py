@@ -1,0 +1,1 @@
+"""Sampling with capture, and the one path that samples what the store lacks."""
