@@ -34,11 +34,7 @@ RESULTS: dict[str, type[JobResult]] = {}
 # some jobs, e.g. localization where ground truth exists); "flatten" = a dict whose items are top-level entries
 # whose names start with the field's (``caught``, ``caught_global``, ...)
 _NOT_STORED = {"stored": False}
-
-
-def optional(default=None):
-    """A result field written only when computed (not None)."""
-    return field(default=default, metadata={"optional": True})
+_OPTIONAL = {"optional": True}  # a field written only when computed (not None)
 
 
 class ResultError(ValueError):
@@ -206,15 +202,15 @@ class DetectionResult(JobResult):
     extra: dict = field(default_factory=dict)
     sampling_seconds: float = 0.0
     scoring_seconds: float = 0.0
-    localization: pd.DataFrame | None = optional()
-    similarity_f1: pd.DataFrame | None = optional()
-    copy_distance_median: dict | None = optional()
-    local_diversity_mean: dict | None = optional()
-    token_localization: pd.DataFrame | None = optional()
-    early_detection: pd.DataFrame | None = optional()
-    early_stopping: pd.DataFrame | None = optional()
-    early_localization: pd.DataFrame | None = optional()
-    localization_leaderboard: pd.DataFrame | None = optional()
+    localization: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    similarity_f1: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    copy_distance_median: dict | None = field(default=None, metadata=_OPTIONAL)
+    local_diversity_mean: dict | None = field(default=None, metadata=_OPTIONAL)
+    token_localization: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    early_detection: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    early_stopping: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    early_localization: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    localization_leaderboard: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
     headline: float = field(default_factory=_nan)
     metrics: pd.DataFrame
 
@@ -262,7 +258,7 @@ class GuardResult(JobResult):
     restarted: int
     steps_saved_fraction: float
     caught: dict[str, float] = field(default_factory=dict, metadata={"flatten": True})
-    non_memorized_stopped: float | None = optional()
+    non_memorized_stopped: float | None = field(default=None, metadata=_OPTIONAL)
     model: str
     prompt_set: str
     calibration: str
@@ -296,7 +292,7 @@ class DDPMResult(JobResult):
     nn_ratio_median: float
     carlini_median: float
     copied_fraction_mean: float
-    duplicated_share_of_training: float | None = optional()
+    duplicated_share_of_training: float | None = field(default=None, metadata=_OPTIONAL)
     copies_of_duplicated: float | None = None
     headline: float = field(default_factory=_nan)
 
