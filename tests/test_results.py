@@ -19,8 +19,7 @@ CONFIG = {"task": "detect", "model": {"name": "m"}, "sampler": {"steps": 3}}
 
 
 def _detection(**fields) -> DetectionResult:
-    metrics = pd.DataFrame({"level": ["prompt"], "detector": ["D"], "layers": [""], "T": [1], "subset": ["all"],
-                            "auc": [0.75]})
+    metrics = [{"level": "prompt", "detector": "D", "layers": "", "T": 1, "subset": "all", "auc": 0.75}]
     return DetectionResult(config=CONFIG, sampler_settings={"steps": 3, "seed": 0}, n_images=2, model="m",
                            prompt_set="p", n_prompts=4, n_generations=8, headline=0.75, metrics=metrics,
                            table=pd.DataFrame({"prompt_id": ["a"], "score": [1.0]}), **fields)
@@ -36,11 +35,10 @@ def test_a_result_round_trips_through_its_folder(tmp_path):
     assert [p.name for p in written] == ["metrics.json", "generations.csv", "masks.png"]
     raw = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert raw["schema"] == SCHEMA and raw["task"] == "detect" and raw["n_images"] == 2
-    assert "localization" not in raw and raw["metrics"] == result.metrics.to_dict(orient="records")
+    assert "localization" not in raw and raw["metrics"] == result.metrics
     back = read_result(tmp_path / "job")
     assert isinstance(back, DetectionResult) and back.folder == tmp_path / "job"
-    assert back.summary() == result.summary() and back.config == CONFIG
-    pd.testing.assert_frame_equal(back.metrics, result.metrics)
+    assert back.summary() == result.summary() and back.config == CONFIG and back.metrics == result.metrics
     assert back.scalars()["headline"] == 0.75 and "metrics" not in back.scalars()
 
 

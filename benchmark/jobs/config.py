@@ -23,7 +23,7 @@ from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from benchmark.core.config_types import (
@@ -249,6 +249,13 @@ class Job(Section):
 
     # sections whose fields come from a registered function, validated by :func:`check_job` (name -> how)
     dynamic: ClassVar[tuple[str, ...]] = ()
+    _resolved: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def resolved(self) -> dict:
+        """The resolved config this job was checked from (:func:`check_job`): what its results record as the
+        job's identity, unchanged (no defaults filled in)."""
+        return self._resolved
 
     def check(self) -> None:
         """Settings that depend on each other; raises ConfigError."""
@@ -435,6 +442,7 @@ def check_job(config: dict) -> Job:
     if schema is None:
         raise ConfigError(f"task={task!r} is not a job ({', '.join(JOBS)})")
     job = validate(schema.fn, config)
+    job._resolved = config
     errors = []
     for section in schema.fn.dynamic:
         errors += DYNAMIC[section](config.get(section) or {}, section)

@@ -1,8 +1,9 @@
 """Typed, versioned job results: what each job function returns, what ``metrics.json`` holds, what reports read.
 
 One dataclass per job kind (:data:`RESULTS`, by task): its fields are the task's entries of ``metrics.json``, in
-the order written; tables of rows (the detection metrics, the mitigation curves) are DataFrames here and lists of
-records in the file. :meth:`JobResult.write` writes a finished job folder through ``benchmark.store.job_folder``
+the order written, as JSON values; a table of rows (the detection metrics, the mitigation curves) is a list of
+records (:data:`Records`, ``DataFrame.to_dict(orient="records")``; ``pd.DataFrame(records)`` reads it).
+:meth:`JobResult.write` writes a finished job folder through ``benchmark.store.job_folder``
 (per-generation table, pictures, then ``metrics.json`` with the folder schema's fields: ``schema``, ``task``,
 ``config``, ``sampler_settings``, ``n_images``, ``fingerprints``); :func:`read_result` reads one back into its
 type. A folder of another schema version (or of none: written before results were versioned) is refused with one
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +27,7 @@ from benchmark.store import job_folder as jobfolder
 from benchmark.store.traces import atomic_write, to_png
 
 SCHEMA = jobfolder.SCHEMA
+Records = list[dict[str, Any]]  # a table, one dict per row
 RESULTS: dict[str, type[JobResult]] = {}
 """The result type of each task (``metrics.json``'s ``task``), filled by subclassing :class:`JobResult`."""
 
@@ -58,6 +59,7 @@ class JobResult:
     ``folder`` (where the result was written or read)."""
 
     task: ClassVar[str] = ""
+    tracked_tables: ClassVar[tuple[str, ...]] = ()  # record fields a tracker logs as tables (runners.common)
     config: dict = field(default_factory=dict, metadata={"identity": True})
     sampler_settings: dict = field(default_factory=dict, metadata={"identity": True})
     n_images: int | None = field(default=None, metadata={"identity": True})
@@ -89,7 +91,7 @@ class JobResult:
             if f.metadata.get("flatten"):
                 out |= value
             else:
-                out[f.name] = value.to_dict(orient="records") if isinstance(value, pd.DataFrame) else value
+                out[f.name] = value
         return out
 
     def scalars(self) -> dict[str, float]:
@@ -126,7 +128,6 @@ class JobResult:
         """This type from a ``metrics.json``'s content. Raises :class:`ResultError` on a missing field without a
         default, or an entry this type does not know."""
         where = f"{folder / jobfolder.METRICS}" if folder is not None else jobfolder.METRICS
-        hints = typing.get_type_hints(cls)
         kwargs, used = {}, {"schema", "task"}
         for f in dataclasses.fields(cls):
             if not f.metadata.get("stored", True):
@@ -140,9 +141,7 @@ class JobResult:
                     raise ResultError(f"{where}: no {f.name!r}, which every {cls.task} result has")
                 continue
             used.add(f.name)
-            value = metrics[f.name]
-            is_table = pd.DataFrame in (hints[f.name], *typing.get_args(hints[f.name]))
-            kwargs[f.name] = pd.DataFrame(value) if is_table and value is not None else value
+            kwargs[f.name] = metrics[f.name]
         unknown = sorted(set(metrics) - used)
         if unknown:
             raise ResultError(f"{where}: entries {', '.join(unknown)} are not fields of a {cls.task} result "
@@ -192,6 +191,7 @@ class DetectionResult(JobResult):
     gallery."""
 
     task: ClassVar[str] = "detect"
+    tracked_tables: ClassVar[tuple[str, ...]] = ("metrics",)
     model: str
     prompt_set: str
     n_prompts: int | None = None
@@ -202,17 +202,17 @@ class DetectionResult(JobResult):
     extra: dict = field(default_factory=dict)
     sampling_seconds: float = 0.0
     scoring_seconds: float = 0.0
-    localization: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
-    similarity_f1: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    localization: Records | None = field(default=None, metadata=_OPTIONAL)
+    similarity_f1: Records | None = field(default=None, metadata=_OPTIONAL)
     copy_distance_median: dict | None = field(default=None, metadata=_OPTIONAL)
     local_diversity_mean: dict | None = field(default=None, metadata=_OPTIONAL)
-    token_localization: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
-    early_detection: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
-    early_stopping: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
-    early_localization: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
-    localization_leaderboard: pd.DataFrame | None = field(default=None, metadata=_OPTIONAL)
+    token_localization: Records | None = field(default=None, metadata=_OPTIONAL)
+    early_detection: Records | None = field(default=None, metadata=_OPTIONAL)
+    early_stopping: Records | None = field(default=None, metadata=_OPTIONAL)
+    early_localization: Records | None = field(default=None, metadata=_OPTIONAL)
+    localization_leaderboard: Records | None = field(default=None, metadata=_OPTIONAL)
     headline: float = field(default_factory=_nan)
-    metrics: pd.DataFrame
+    metrics: Records
 
 
 @dataclass(kw_only=True)
@@ -234,8 +234,8 @@ class MitigationResult(JobResult):
     utility: str | None = None
     headline: float = field(default_factory=_nan)
     settings: list[str] = field(default_factory=list)
-    curves: pd.DataFrame
-    equal_utility: dict[str, list[dict]] = field(default_factory=dict)
+    curves: Records
+    equal_utility: dict[str, Records] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"task": self.task, **super().summary()}  # the mitigation job has always written its task here
