@@ -187,7 +187,7 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
         pictures = []
         for job in detect_jobs:
             gens = job_generations(job)
-            metrics = pd.DataFrame(job.result["metrics"])
+            metrics = pd.DataFrame(job.result.metrics)
             windows = sorted(t for t in metrics["T"].unique() if t)
             figs = [html._img(plots.heatmap_figure(ours, job.label, "LD", metric), "layer x T heat map")]
             if gens is not None and windows:

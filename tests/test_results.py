@@ -44,13 +44,14 @@ def test_a_result_round_trips_through_its_folder(tmp_path):
 
 def test_flattened_and_optional_fields(tmp_path):
     guard = GuardResult(config={"task": "guard"}, n_images=1, n_generations=4, stopped=1, stop_rate=0.25,
-                        restarted=0, steps_saved_fraction=0.1, caught={"caught": 0.5, "caught_local": 1.0},
+                        restarted=0, steps_saved_fraction=0.1, caught=0.5, caught_by_kind={"local": 1.0},
                         model="m", prompt_set="p", calibration="/c", rule={"step": 2}, headline=0.1)
     raw = guard.summary()
-    assert raw["caught_local"] == 1.0 and "caught" in raw and "non_memorized_stopped" not in raw
+    assert raw["caught_local"] == 1.0 and raw["caught"] == 0.5 and "non_memorized_stopped" not in raw
     assert raw["restart"] is None  # a plain None is written, unlike an optional field left out
     guard.write(tmp_path / "g")
-    assert read_result(tmp_path / "g").caught == {"caught": 0.5, "caught_local": 1.0}
+    back = read_result(tmp_path / "g")
+    assert back.caught == 0.5 and back.caught_by_kind == {"local": 1.0} and back.summary() == raw
 
 
 @pytest.mark.parametrize("edit, message", [

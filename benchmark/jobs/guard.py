@@ -63,8 +63,8 @@ def run_guarded(job: GuardJob, device: str | None = None, progress: Progress = n
     counts = summarise(table, settings.steps)
     return GuardResult(
         config=config, sampler_settings=sampler_record(settings, s.seed, m.dtype), n_images=s.n_images,
-        **{k: v for k, v in counts.items() if not k.startswith("caught")},
-        caught={k: v for k, v in counts.items() if k.startswith("caught")},
+        **{k: v for k, v in counts.items() if not k.startswith("caught_")},
+        caught_by_kind={k.removeprefix("caught_"): v for k, v in counts.items() if k.startswith("caught_")},
         model=m.name, prompt_set=prompt_set.name, calibration=str(calibration.folder),
         rule={"step": rule.step, "detector": rule.detector, "layers": calibration.config["early"]["signal"]["layers"],
               "T": rule.window, "threshold": rule.threshold, "fpr_target": float(g.fpr)},

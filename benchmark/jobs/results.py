@@ -32,8 +32,8 @@ RESULTS: dict[str, type[JobResult]] = {}
 """The result type of each task (``metrics.json``'s ``task``), filled by subclassing :class:`JobResult`."""
 
 # field metadata: "stored" False = not in metrics.json; "optional" = left out of it when None (computed only for
-# some jobs, e.g. localization where ground truth exists); "flatten" = a dict whose items are top-level entries
-# whose names start with the field's (``caught``, ``caught_global``, ...)
+# some jobs, e.g. localization where ground truth exists); "flatten": a prefix: a dict whose items are top-level
+# entries named prefix + key (``caught_by_kind`` {"global": 0.5} is ``caught_global``)
 _NOT_STORED = {"stored": False}
 _OPTIONAL = {"optional": True}  # a field written only when computed (not None)
 
@@ -89,7 +89,7 @@ class JobResult:
             if value is None and f.metadata.get("optional"):
                 continue
             if f.metadata.get("flatten"):
-                out |= value
+                out |= {f.metadata["flatten"] + k: v for k, v in value.items()}
             else:
                 out[f.name] = value
         return out
@@ -133,8 +133,9 @@ class JobResult:
             if not f.metadata.get("stored", True):
                 continue
             if f.metadata.get("flatten"):
-                kwargs[f.name] = {k: v for k, v in metrics.items() if k == f.name or k.startswith(f"{f.name}_")}
-                used |= set(kwargs[f.name])
+                prefix = f.metadata["flatten"]
+                kwargs[f.name] = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+                used |= {prefix + k for k in kwargs[f.name]}
                 continue
             if f.name not in metrics:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -246,8 +247,8 @@ class GuardResult(JobResult):
     """A guarded generation (``benchmark.jobs.guard.run_guarded``): in-loop early stopping on the early BE.
 
     ``stopped``, ``stop_rate``, ``restarted``, ``steps_saved_fraction`` (of an unguarded run's denoising steps;
-    the headline), ``caught`` (``caught`` and ``caught_<kind>``: memorized generations stopped) and
-    ``non_memorized_stopped``: ``benchmark.jobs.guard.summarise``; ``rule``: the stop rule (step, detector,
+    the headline), ``caught`` (memorized generations stopped; ``caught_by_kind``: per memorization kind, written as
+    ``caught_<kind>``) and ``non_memorized_stopped``: ``benchmark.jobs.guard.summarise``; ``rule``: the stop rule (step, detector,
     layers, T, threshold, fpr_target) of the ``calibration`` detection job; ``restart``: the restart mitigation
     or None. The table: every generation's signal, stop and steps (``guarded.csv``); ``stopped_ids.txt``."""
 
@@ -257,7 +258,8 @@ class GuardResult(JobResult):
     stop_rate: float
     restarted: int
     steps_saved_fraction: float
-    caught: dict[str, float] = field(default_factory=dict, metadata={"flatten": True})
+    caught: float | None = field(default=None, metadata=_OPTIONAL)
+    caught_by_kind: dict[str, float] = field(default_factory=dict, metadata={"flatten": "caught_"})
     non_memorized_stopped: float | None = field(default=None, metadata=_OPTIONAL)
     model: str
     prompt_set: str
