@@ -96,7 +96,7 @@ def job_markdown(folder: str | Path) -> str:
     if isinstance(result, MitigationResult):
         return mitigation_markdown(result)
     if not isinstance(result, DetectionResult):
-        raise ValueError(f"{folder}: a {result.task} job has no Markdown report (detection and mitigation do)")
+        raise TypeError(f"{folder}: a {result.task} job has no Markdown report (detection and mitigation do)")
     metrics = pd.DataFrame(result.metrics)
     parts = [f"# {result.model} on {result.prompt_set}",
              (f"{result.n_prompts} prompts, {result.n_generations} generations "

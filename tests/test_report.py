@@ -115,7 +115,7 @@ def test_first_screen_names_the_headline_numbers(jobs, tmp_path):
 def test_headline_reads_the_configured_layer_set_and_labels_the_best_as_selected(jobs):
     job = copy.deepcopy(next(j for j in finished_jobs([jobs]) if j.folder.name == "steps=6"))
     job.config["score"]["headline"]["layers"] = "down"
-    for row in job.result["metrics"]:  # make another set the best on the evaluation data
+    for row in job.result.metrics:  # make another set the best on the evaluation data
         if row["detector"] == "LD" and row["layers"] == "up" and row["T"] == 1 and row["level"] == "prompt":
             row |= {"auc": 0.999, "auc_lo": 0.99, "auc_hi": 1.0}
     metrics = _metrics(job.folder)
@@ -129,7 +129,7 @@ def test_headline_reads_the_configured_layer_set_and_labels_the_best_as_selected
         assert "the best of 4 layer sets, selected on the evaluation data: " \
                f"{detector_label('LD')} [up] 0.999" in finding.sentence
         assert any("selected on the evaluation data" in r["figure"] for r in finding.rows)
-    job.result["metrics"] = [r for r in job.result["metrics"] if r["layers"] != "down"]
+    job.result.metrics = [r for r in job.result.metrics if r["layers"] != "down"]
     assert detection_findings(job) == []  # no row on the configured set: no detection headline, never another set
 
 
