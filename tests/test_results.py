@@ -70,3 +70,34 @@ def test_unreadable_folders_are_refused_in_one_line(tmp_path, edit, message):
     with pytest.raises(ResultError, match=message) as err:
         read_result(tmp_path / "job")
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def _plain(value):
+    """JSON values as metrics.json holds them (NaN equal to NaN once written)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def test_the_detection_job_writes_what_the_library_computes(tmp_path, compose):
+    from omegaconf import OmegaConf
+
+    from benchmark.detectors.detection import detection_table
+    from benchmark.jobs.config import check_job
+    from benchmark.jobs.detection import run_detection
+    from runners.detect import run
+
+    cfg = compose("detect", "debug=default", "sampler.end_map_steps=[0,2]", "early.fpr=[0.0,0.5]")
+    run(cfg, tmp_path / "job")
+    raw = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    read = {"schema", "task", "config", "sampler_settings", "n_images", "fingerprints", "model", "prompt_set",
+            "n_prompts", "n_generations", "sampled_now", "sampling_seconds", "headline", "metrics", "early_detection",
+            "early_stopping"}  # what the reports and job reuse read
+    assert read <= set(raw) and raw["sampled_now"] == 8
+    again = run_detection(check_job(OmegaConf.to_container(cfg, resolve=True)))  # from the stored traces
+    assert again.sampled_now == 0
+    timing = ("sampled_now", "sampling_seconds", "scoring_seconds", "extra_seconds")
+    written = {k: v for k, v in read_result(tmp_path / "job").summary().items() if k not in timing}
+    assert _plain(written) == _plain({k: v for k, v in again.summary().items() if k not in timing})
+    # the metrics are those of the per-generation table beside them
+    scores = pd.read_csv(tmp_path / "job" / "generations.csv", keep_default_na=False, dtype={"prompt_id": str})
+    assert _plain(raw["metrics"]) == _plain(detection_table(scores, cfg.score.n_boot).to_dict(orient="records"))
+    assert raw["headline"] == again.headline

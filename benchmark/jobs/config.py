@@ -308,14 +308,13 @@ class DetectJob(TextToImageJob):
         super().check()
         self.sampler.check_end_map_steps()
         from benchmark.detectors import extra_passes as extras
+        from benchmark.detectors.detection import check_windows
         from benchmark.early import step_detection as early
         from benchmark.measures.metrics import binarize
         from benchmark.registry import DETECTORS
 
         steps, score, head = self.sampler.steps, self.score, self.score.headline
-        late = [T for T in score.T if T > steps]
-        if late:
-            raise ConfigError(f"score.T={score.T}: windows {late} are longer than sampler.steps={steps}")
+        self.library_check(check_windows, score.T, steps)
         if head.detector not in DETECTORS:
             raise ConfigError(f"score.headline.detector={head.detector!r} is not a detector "
                               f"({', '.join(DETECTORS)})")
