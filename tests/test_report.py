@@ -401,10 +401,13 @@ def test_page_in_headless_chromium_sorts_filters_and_shows_the_answer_first(jobs
 
 
 def test_a_jobs_images_per_prompt_are_the_ones_it_recorded(tmp_path):
+    from benchmark.jobs.results import MitigationResult
     from reports.jobs import Job
 
     # mitigation.n_images null means "the protocol's default": the job folder records the number it used
-    recorded = Job(tmp_path, {"task": "mitigate", "n_images": 4}, {"mitigation": {"n_images": None}})
+    result = MitigationResult(model="m", prompt_set="p", curves=[], n_images=4)
+    recorded = Job(tmp_path, result, {"mitigation": {"n_images": None}})
     assert recorded.n_images == 4
-    older = Job(tmp_path, {"task": "mitigate"}, {"mitigation": {"n_images": None}, "sampler": {"n_images": 2}})
+    result = MitigationResult(model="m", prompt_set="p", curves=[])
+    older = Job(tmp_path, result, {"mitigation": {"n_images": None}, "sampler": {"n_images": 2}})
     assert older.n_images == 2
