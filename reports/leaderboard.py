@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.jobs.results import ResultError
 from benchmark.store.job_folder import write_config
 from reports import html, plots
 from reports.headline import Group, headline_groups
@@ -333,7 +334,11 @@ def main() -> None:
     folders = list(args.folders) + ([fetch_wandb(args.wandb, args.out)] if args.wandb else [])
     if not folders:
         parser.error("give job folders and/or --wandb ENTITY/PROJECT")
-    for path in write_report(folders, args.out, args.metric).values():
+    try:
+        written = write_report(folders, args.out, args.metric)
+    except ResultError as err:  # a folder of another schema version: its one line, not a traceback
+        parser.exit(2, f"report error: {err}\n")
+    for path in written.values():
         print(path)
 
 

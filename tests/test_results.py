@@ -101,3 +101,18 @@ def test_the_detection_job_writes_what_the_library_computes(tmp_path, compose):
     scores = pd.read_csv(tmp_path / "job" / "generations.csv", keep_default_na=False, dtype={"prompt_id": str})
     assert _plain(raw["metrics"]) == _plain(detection_table(scores, cfg.score.n_boot).to_dict(orient="records"))
     assert raw["headline"] == again.headline
+
+
+def test_the_report_refuses_an_unversioned_folder_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    _detection().write(tmp_path / "jobs" / "old")
+    path = tmp_path / "jobs" / "old" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["schema"]
+    path.write_text(json.dumps(metrics))
+    out = subprocess.run([sys.executable, "-m", "reports.leaderboard", str(tmp_path / "jobs"), "--out",
+                          str(tmp_path / "report")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert out.stderr.startswith(f"report error: {path} has no schema version")
