@@ -171,10 +171,6 @@ def read_result(folder: str | Path) -> JobResult:
     return RESULTS[task].from_metrics(metrics, folder)
 
 
-def _nan() -> float:
-    return math.nan
-
-
 # -------------------------------------------------------------------------------------------- the job kinds
 
 @dataclass(kw_only=True)
@@ -212,7 +208,7 @@ class DetectionResult(JobResult):
     early_stopping: Records | None = field(default=None, metadata=_OPTIONAL)
     early_localization: Records | None = field(default=None, metadata=_OPTIONAL)
     localization_leaderboard: Records | None = field(default=None, metadata=_OPTIONAL)
-    headline: float = field(default_factory=_nan)
+    headline: float = math.nan
     metrics: Records
 
 
@@ -233,7 +229,7 @@ class MitigationResult(JobResult):
     sampled_now: int = 0
     sampling_seconds: float = 0.0
     utility: str | None = None
-    headline: float = field(default_factory=_nan)
+    headline: float = math.nan
     settings: list[str] = field(default_factory=list)
     curves: Records
     equal_utility: dict[str, Records] = field(default_factory=dict)
@@ -267,7 +263,7 @@ class GuardResult(JobResult):
     rule: dict
     restart: dict | None = None
     sampling_seconds: float = 0.0
-    headline: float = field(default_factory=_nan)
+    headline: float = math.nan
 
 
 @dataclass(kw_only=True)
@@ -296,7 +292,7 @@ class DDPMResult(JobResult):
     copied_fraction_mean: float
     duplicated_share_of_training: float | None = field(default=None, metadata=_OPTIONAL)
     copies_of_duplicated: float | None = None
-    headline: float = field(default_factory=_nan)
+    headline: float = math.nan
 
     def summary(self) -> dict:
         out = {"task": self.task, **super().summary()}
