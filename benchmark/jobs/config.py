@@ -254,7 +254,9 @@ class Job(Section):
     @property
     def resolved(self) -> dict:
         """The resolved config this job was checked from (:func:`check_job`): what its results record as the
-        job's identity, unchanged (no defaults filled in)."""
+        job's identity, unchanged (no defaults filled in). Raises ValueError on a job not made by check_job."""
+        if not self._resolved:
+            raise ValueError(f"{type(self).__name__} was not made by check_job: it has no resolved config to record")
         return self._resolved
 
     def check(self) -> None:
