@@ -411,3 +411,17 @@ def test_a_jobs_images_per_prompt_are_the_ones_it_recorded(tmp_path):
     result = MitigationResult(model="m", prompt_set="p", curves=[])
     older = Job(tmp_path, result, {"mitigation": {"n_images": None}, "sampler": {"n_images": 2}})
     assert older.n_images == 2
+
+
+def test_the_files_a_report_writes_are_its_sections(jobs, tmp_path):
+    from reports.leaderboard import REPORT_FILES, SECTIONS, Inputs
+
+    (tmp_path / "guard.csv").write_text("stale\n")  # a section this report leaves out: its file goes
+    (tmp_path / "notes.txt").write_text("mine\n")  # no section's: kept
+    files = write_report([jobs], tmp_path)
+    sections = [build(Inputs(finished_jobs([jobs]), [], tmp_path, "auc")) for build in SECTIONS]
+    shown = {name for s in sections if s.shown for name in s.file_names()}
+    assert set(files) == shown | set(REPORT_FILES) and {"table1.tex", "ddpm.csv", "jobs.md"} <= set(files)
+    assert not (tmp_path / "guard.csv").exists() and (tmp_path / "notes.txt").exists()
+    page = files["leaderboard.html"].read_text()
+    assert [s.anchor for s in sections if s.shown] == re.findall(r"<section id='([^']+)'>", page)
