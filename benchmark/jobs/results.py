@@ -244,9 +244,10 @@ class GuardResult(JobResult):
 
     ``stopped``, ``stop_rate``, ``restarted``, ``steps_saved_fraction`` (of an unguarded run's denoising steps;
     the headline), ``caught`` (memorized generations stopped; ``caught_by_kind``: per memorization kind, written as
-    ``caught_<kind>``) and ``non_memorized_stopped``: ``benchmark.jobs.guard.summarise``; ``rule``: the stop rule (step, detector,
-    layers, T, threshold, fpr_target) of the ``calibration`` detection job; ``restart``: the restart mitigation
-    or None. The table: every generation's signal, stop and steps (``guarded.csv``); ``stopped_ids.txt``."""
+    ``caught_<kind>``) and ``non_memorized_stopped``: ``benchmark.jobs.guard.summarise``; ``rule``: the stop rule
+    (step, detector, layers, T, threshold, fpr_target) of the ``calibration`` detection job; ``restart``: the
+    restart mitigation or None. The table: every generation's signal, stop and steps (``guarded.csv``); a text,
+    ``stopped_ids.txt``."""
 
     task: ClassVar[str] = "guard"
     n_generations: int
