@@ -60,7 +60,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                                                                 s.steps)
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
         metrics = detection.detection_table(scores, cfg.score.n_boot)
-        summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
+        summary = {"model": m.name, "family": f"{model.family}, {model.prediction_type}",
+                   "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
                    "n_generations": len(arrays.rows), "sampled_now": sampled, "extra_computed_now": extra_now,
                    "extra_seconds": round(extra_s, 2),  # part of sampling_seconds
                    "extra": {r.name: {**r.knobs, "n": r.n, "hash": r.digest} for r in extra},

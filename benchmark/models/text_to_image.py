@@ -84,6 +84,15 @@ class TextToImage:
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
     prediction_type: str | None = None
 
+    @property
+    def family(self) -> str:
+        """The model family as its text side tells it, for reports: ``SD v1`` (a CLIP text encoder whose tokenizer
+        pads with its end token), ``SD 2.x`` (a CLIP text encoder padding with another token, SD 2's ``!``), else
+        the text encoder's class name (the testbed's MiniLM: ``BertModel``). A family subclass names itself."""
+        if isinstance(self.text_encoder, CLIPTextModel):
+            return "SD v1" if pads_with_end_token(self.tokenizer) else "SD 2.x"
+        return type(self.text_encoder).__name__
+
     def __post_init__(self):
         kind = self.prediction_type or self.scheduler.config.get("prediction_type", "epsilon")
         if kind not in PREDICTION_TYPES:
