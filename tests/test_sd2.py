@@ -204,3 +204,15 @@ def test_short_mitigation_on_the_v_twin(tmp_path, compose):
     rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
     assert {"none", "wen", "be", "pad_replace_mask_end"} <= set(rows.method)
     assert rows.D1.notna().all()
+
+
+def test_ren_sd2_set_is_wired_to_the_sd2_experiment(compose, shared_data):
+    from omegaconf import OmegaConf
+
+    from benchmark.data.prompts import load_prompt_set
+
+    cfg = compose("detect", "experiment=sd2", f"paths.data_dir={shared_data}")
+    assert cfg.model.name == "sd-2-1" and cfg.sampler.height == 768 and cfg.layers.headline == "be_paper"
+    assert cfg.extra.anisotropy.gamma_cos == 0.1
+    prompts = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
+    assert len(prompts) == 719 and sum(p.memorized for p in prompts) == 219
