@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,6 +83,8 @@ class TextToImage:
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
     prediction_type: str | None = None
+    # alpha-bar tables by device, made once: a host-to-device copy at every network call would wait for the queue
+    _alphas_cumprod: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def family(self) -> str:
@@ -133,8 +135,14 @@ class TextToImage:
         ``ldm/models/diffusion/ddpm.py`` ``predict_eps_from_z_and_v``). ``epsilon``: ``out`` unchanged."""
         if self.prediction_type == "epsilon":
             return out
-        abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
-        abar = abar.float().reshape(-1, *[1] * (out.ndim - 1))
+        source = self.scheduler.alphas_cumprod
+        key = (out.device, id(source))  # a replaced scheduler gets its own table
+        if key not in self._alphas_cumprod:
+            self._alphas_cumprod[key] = source.to(out.device, torch.float32)
+        table = self._alphas_cumprod[key]
+        # a Python int indexes without a copy; a timestep tensor is the sampler's own, already on the device
+        abar = table[t] if isinstance(t, int) else table[torch.as_tensor(t).to(table.device).long()]
+        abar = abar.reshape(-1, *[1] * (out.ndim - 1))
         return abar.sqrt().to(out.dtype) * out + (1 - abar).sqrt().to(out.dtype) * latents
 
     @property
