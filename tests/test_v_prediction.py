@@ -150,3 +150,17 @@ def test_mitigation_losses_are_equal(pair):
     close(opt_b.losses, opt_a.losses)
     close(opt_b.embedding, opt_a.embedding)
     close(batch_b.latents, batch_a.latents)
+
+
+def test_the_conversion_adds_no_host_transfer_per_step():
+    from benchmark.core.profiling import count_host_transfers
+    from benchmark.models.text_to_image import tiny_sd2_v
+
+    v_model = tiny_sd2_v()  # a v network itself (the wrapper above reads its timestep on the host)
+    counts = {}
+    for steps in (2, 5):
+        with count_host_transfers() as seen:
+            sample_with_capture(v_model, PROMPT, [0], SamplerSettings(steps=steps, height=32, width=32),
+                                decode=False)
+        counts[steps] = sum(seen.values())
+    assert counts[2] == counts[5], counts

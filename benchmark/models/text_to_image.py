@@ -83,7 +83,7 @@ class TextToImage:
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
     prediction_type: str | None = None
-    # alpha-bar tables by device, made once: a host-to-device copy at every network call would wait for the queue
+    # alpha-bar tables by device and dtype, made once: a host-to-device copy at every call would wait for the queue
     _alphas_cumprod: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -136,14 +136,19 @@ class TextToImage:
         if self.prediction_type == "epsilon":
             return out
         source = self.scheduler.alphas_cumprod
-        key = (out.device, id(source))  # a replaced scheduler gets its own table
+        key = (out.device, out.dtype, id(source))  # a replaced scheduler gets its own tables
         if key not in self._alphas_cumprod:
-            self._alphas_cumprod[key] = source.to(out.device, torch.float32)
-        table = self._alphas_cumprod[key]
+            abar = source.double()
+            self._alphas_cumprod[key] = torch.stack([abar.sqrt(), (1 - abar).sqrt()]).to(out.device, out.dtype)
+        table = self._alphas_cumprod[key]  # (2, train timesteps): sqrt(abar), sqrt(1 - abar)
         # a Python int indexes without a copy; a timestep tensor is the sampler's own, already on the device
-        abar = table[t] if isinstance(t, int) else table[torch.as_tensor(t).to(table.device).long()]
-        abar = abar.reshape(-1, *[1] * (out.ndim - 1))
-        return abar.sqrt().to(out.dtype) * out + (1 - abar).sqrt().to(out.dtype) * latents
+        if isinstance(t, int):
+            coef = table[:, t]
+        else:
+            t = torch.as_tensor(t)
+            coef = table[:, (t if t.device == table.device else t.to(table.device)).long()]
+        coef = coef.reshape(2, -1, *[1] * (out.ndim - 1))
+        return coef[0] * out + coef[1] * latents
 
     @property
     def device(self) -> torch.device:
