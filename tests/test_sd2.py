@@ -233,3 +233,18 @@ def test_a_folders_prediction_type_is_part_of_its_store_key(tmp_path):
     (v / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
     keys = [model_key(OmegaConf.create({"name": "sd-2-1", "source": str(f)})) for f in (eps, v)]
     assert keys[0] != keys[1] and keys[0].split("+")[0] == keys[1].split("+")[0]  # the UNet part is the same
+
+
+def test_sail_sd2_set_reads_the_users_copies(compose, tmp_path):
+    from omegaconf import OmegaConf
+
+    from benchmark.data.prompts import load_prompt_set
+
+    folder = tmp_path / "data" / "prompts" / "sharpness_memorization_diffusion"
+    folder.mkdir(parents=True)
+    (folder / "sd2_mem.txt").write_text("a memorized caption\nanother memorized caption\n")
+    (folder / "sd2_nmem.txt").write_text("a dog on a car\na small kitchen\na red bus\n")
+    cfg = compose("detect", "prompts=sail_sd2", f"paths.data_dir={tmp_path / 'data'}")
+    prompts = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
+    assert [p.memorized for p in prompts] == [True, True, False, False, False]
+    assert [p.text for p in prompts][:1] == ["a memorized caption"]
