@@ -1,7 +1,9 @@
 """Text-to-image models: load SD-style pipelines from a folder or hub id, or build tiny ones in-process.
 
 Every model reaches the sampler as a :class:`TextToImage`: a UNet, a text encoder with its tokenizer, a DDIM
-scheduler and, for latent models, a VAE. SD v1-4 and the planted-memorization testbed load through the same path.
+scheduler and, for latent models, a VAE. SD v1-4, SD 2.x (epsilon at 512 px, v-prediction at 768 px) and the
+planted-memorization testbed load through the same path; every network call is :meth:`TextToImage.noise_prediction`
+(epsilon whatever the network predicts). Families: docs/models.md.
 """
 from __future__ import annotations
 
