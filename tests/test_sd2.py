@@ -252,3 +252,20 @@ def test_sail_sd2_set_reads_the_users_copies(compose, tmp_path):
     prompts = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
     assert [p.memorized for p in prompts] == [True, True, False, False, False]
     assert [p.text for p in prompts][:1] == ["a memorized caption"]
+
+
+@pytest.mark.slow
+def test_capture_on_the_full_sd21_architecture_at_768px():
+    """One step on SD 2.1's real architecture (random weights, v): per-block heads 5/10/20, maps at 96..12."""
+    from benchmark.models.text_to_image import sd2_architecture
+    from benchmark.sampling.capture import SamplerSettings, sample_with_capture
+
+    model = sd2_architecture(with_vae=False)  # without a VAE the sampler works on the 96x96 latent directly
+    settings = SamplerSettings(steps=1, guidance=7.5, height=96, width=96)
+    batch = sample_with_capture(model, PROMPT, [0], settings, decode=False)
+    assert batch.end_maps["down_blocks.0.attentions.0"].shape == (1, 96, 96)
+    assert batch.end_maps["down_blocks.2.attentions.1"].shape == (1, 24, 24)
+    assert batch.end_maps["mid_block.attentions.0"].shape == (1, 12, 12)
+    assert all(v.shape == (1, 1, 77) for v in batch.token_attn.values()) and len(batch.token_attn) == 16
+    assert all(torch.isfinite(v).all() for v in batch.end_maps.values())
+    assert batch.end_index.tolist() == [7]
