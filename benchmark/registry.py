@@ -227,8 +227,10 @@ def _check_detector(name: str, fn: Callable, meta: dict) -> dict:
 
 
 DETECTORS = Registry("detector", _check_detector)
-"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; derived from the parameters:
-``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
+"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; optional, read by the reports:
+``reproduces`` (the published tables and figures the detector has a row in: ``table1``, Chen et al.'s Table 1;
+``fig5``, their BE intensity box plot) and ``baseline`` (a detector the headline compares it with, with a paired
+interval); derived from the parameters: ``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
 
 LOCALIZER_INPUTS = ("layers", "size")
 
@@ -245,8 +247,9 @@ def _check_localizer(name: str, fn: Callable, meta: dict) -> dict:
 
 LOCALIZERS = Registry("localizer", _check_localizer)
 """Soft masks (n, h, w) of where a generation copies, from traces: ``fn(<trace fields>[, layers], size) ->
-(n, *size)``, e.g. ``be_mask(end_maps, layers, size)``. Derived metadata: ``inputs``, ``uses_layers``,
-``trace_fields`` (a layer-set-free localizer reads only trace fields, e.g. an extra pass's map)."""
+(n, *size)``, e.g. ``be_mask(end_maps, layers, size)``. Optional metadata: ``reproduces`` (``localization_iou``:
+the published IoU the headline compares it with). Derived: ``inputs``, ``uses_layers``, ``trace_fields`` (a
+layer-set-free localizer reads only trace fields, e.g. an extra pass's map)."""
 
 EXTRA_PASSES = Registry("extra pass")
 """Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,

@@ -20,6 +20,7 @@ from benchmark.store.job_folder import write_config
 from reports import html, plots
 from reports.headline import Group, headline_groups
 from reports.jobs import Job, OtherJob, finished_jobs, job_folders, link, other_jobs  # noqa: F401  (job_folders: public)
+from reports.labels import grid_detectors
 from reports.latex import escape, to_latex
 from reports.tables import (
     PAPER,
@@ -189,7 +190,8 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
             gens = job_generations(job)
             metrics = pd.DataFrame(job.result["metrics"])
             windows = sorted(t for t in metrics["T"].unique() if t)
-            figs = [html._img(plots.heatmap_figure(ours, job.label, "LD", metric), "layer x T heat map")]
+            figs = [html._img(plots.heatmap_figure(ours, job.label, detector, metric), "layer x T heat map")
+                    for detector in grid_detectors(metrics.detector.unique())]
             if gens is not None and windows:
                 figs.insert(0, html._img(plots.roc_figure(gens, metrics, job.label, windows[0]), "ROC curves"))
             early = plots.early_figure(job.result, job.label)

@@ -169,16 +169,19 @@ def load(store: TraceStore, generations: list[Generation], extra: list[X.ExtraRe
     return TraceArrays.stack(traces, labels, X.load_fields(store, rows, list(extra)) if extra else None)
 
 
-def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int]) -> pd.DataFrame:
-    """Every detector on every layer set and step window, per generation, in long format.
+def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int],
+               detectors: list[Entry] | None = None) -> pd.DataFrame:
+    """Every detector (or those of ``detectors``) on every layer set and step window, per generation, in long format.
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
     A detector that reads a field these traces lack (an extra pass not asked for, ``capture.extra``) is skipped;
-    one whose extra pass ran on some generations only (its ``n``) has rows for those only.
+    one whose extra pass ran on some generations only (its ``n``) has rows for those only. Raises ValueError for a
+    window past the recorded steps or a detector that does not return one score per generation.
     """
     _check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
-    detectors = [d for d in DETECTORS.entries() if all(arrays.has(f) for f in d.trace_fields)]
+    detectors = [d for d in (DETECTORS.entries() if detectors is None else detectors)
+                 if all(arrays.has(f) for f in d.trace_fields)]
 
     def add(detector: Entry, name: str, layers: list[str] | None, T: int, mask: np.ndarray | None = None):
         values = np.asarray(detector.fn(**arrays.inputs(detector, layers, T, mask)))
