@@ -219,12 +219,12 @@ def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fpr
 def job_results(store: TraceStore, generations: list[Generation], arrays: TraceArrays, recorded: list[int],
                 n_steps: int, layer_sets: dict[str, list[str]], signal: dict, fprs: list[float],
                 n_boot: int = 1000, truth: dict[str, Truth] | None = None, rule: str = "otsu") -> dict:
-    """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of BE intensity,
-    LD with T = 1, LD with T = k + 1 (every step so far) and LD with the signal's T, per layer set),
+    """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of every early
+    detector per layer set, a windowed one, e.g. LD, with T = 1, T = k + 1 (every step so far) and the signal's T),
     ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T}), and where ground-truth masks
-    exist ``early_localization`` (:func:`localization_by_step`) and ``localization_leaderboard`` (every localizer,
-    early-step BE on the first layer set, the oracle best word where token maps were stored, the all-ones floor and
-    the unrelated-mask control of the first layer set's BE). ``recorded``: the steps of ``sampler.end_map_steps``;
+    exist ``early_localization`` (:func:`localization_by_step`) and ``localization_leaderboard``
+    (``localization.job_leaderboard``: every registered localizer, with each end-map localizer's earlier-step masks
+    on the first layer set and the oracle best word where token maps were stored). ``recorded``: the steps of ``sampler.end_map_steps``;
     the final step is always added. Without earlier steps only the leaderboard (where masks exist)."""
     steps = sorted(set(recorded) - {n_steps - 1})
     out: dict = {}
@@ -241,12 +241,12 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
             out["early_localization"] = localization_by_step(step_maps, ids, truth, layer_sets, rule).to_dict("records")
         first, first_layers = next(iter(layer_sets.items()))
         size = masked[0].shape
-        extra = {f"BE [{first}] @ step {k}": S.be_mask(step_maps[k], first_layers, size) for k in steps}
+        extra = {f"{localizer.name} [{first}] @ step {k}": localizer.fn(end_maps=step_maps[k], layers=first_layers,
+                                                                          size=size)
+                 for localizer in evaluation.end_map_localizers() for k in steps}
         if arrays.token_maps:
-            extra["oracle best word"] = L.oracle_word_maps(arrays.token_maps, arrays.end_index, first_layers, size)
-        for name, maps in L.localizer_maps(arrays).items():  # curvature (NaN where not computed), score difference
-            extra[name] = S.resize_maps(maps.astype(np.float32), size)
-        maps = L.leaderboard_maps(arrays.end_maps, layer_sets, size, extra)
-        board = L.localization_leaderboard(maps, ids, truth, rule, n_boot, control_of=f"BE [{first}]")
+            extra["oracle best word"] = evaluation.oracle_word_maps(arrays.token_maps, arrays.end_index, first_layers,
+                                                                    size)
+        board = evaluation.job_leaderboard(arrays, truth, layer_sets, rule, n_boot, extra)
         out["localization_leaderboard"] = board.to_dict(orient="records")
     return out
