@@ -41,8 +41,10 @@ def truth_split(prompt_ids: list[str], truth: dict[str, Truth]):
 def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],
                        layer_sets: dict[str, list[str]], rule: str = "otsu",
                        maps: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set, then per
-    other localizer in ``maps`` (name -> (n, h, w), :func:`localizer_maps`; its NaN rows are left out).
+    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask: each end-map localizer
+    (:func:`end_map_localizers`: the BE mask) per layer set (``layers`` = the set, ``localizer`` = its name), then
+    each other localizer in ``maps`` (name -> (n, h, w), :func:`localizer_maps`; its NaN rows are left out), then
+    the all-ones floor. Scored by the same function as :func:`localization_leaderboard` (:func:`_map_scores`).
 
     ``control_*``: the same scores for the generations of never-trained prompts against the ground-truth masks
     (unrelated to them). A map with a spatial bias (brighter centre, say) scores above 0.5 there: the floor a
@@ -50,25 +52,48 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
     split = truth_split(prompt_ids, truth)
     if split is None:
         return pd.DataFrame()
-    picked, masks, unrelated, others = split
+    size = split[1].shape[-2:]
+    sources: list[tuple[str, str, Maps]] = [
+        (set_name, entry.name, _end_map_maps(entry, end_maps, layers, size))
+        for entry in end_map_localizers() for set_name, layers in layer_sets.items()]
+    sources += [(name, name, scores.resize_maps(np.asarray(m, dtype=np.float32), tuple(size)))
+                for name, m in (maps or {}).items()]
+    sources.append(("all-ones (floor)", "floor", np.ones((len(prompt_ids),) + tuple(size))))
     rows = []
-    for name, layers in list(layer_sets.items()) + list((maps or {}).items()) + [("all-ones (floor)", None)]:
-        done = _computed(layers, len(prompt_ids))
-        ok = [j for j, i in enumerate(picked) if done[i]]
-        iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [picked[j] for j in ok], masks.shape[-2:]),
-                                    masks[ok], rule)
-        row = {"layers": name, "localizer": name if isinstance(layers, np.ndarray) else "BE" if layers else "floor",
-               "binarisation": rule,
+    for name, localizer, m in sources:
+        (iou_, auroc_, n), (c_iou, c_auroc, n_control) = _map_scores(m, split, len(prompt_ids), rule)
+        row = {"layers": name, "localizer": localizer, "binarisation": rule,
                "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
-               "pixel_auroc": float(np.mean(auroc_)), "n": len(ok)}
-        if unrelated:  # each never-trained generation against one planted mask (truth_split)
-            ok = [j for j, i in enumerate(unrelated) if done[i]]
-            iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [unrelated[j] for j in ok], masks.shape[-2:]),
-                                        others[ok], rule)
-            row |= {"control_iou": float(np.mean(iou_)), "control_auroc": float(np.mean(auroc_)),
-                    "n_control": len(ok)}
+               "pixel_auroc": float(np.mean(auroc_)), "n": n}
+        if split[2]:  # each never-trained generation against one planted mask (truth_split)
+            row |= {"control_iou": float(np.mean(c_iou)), "control_auroc": float(np.mean(c_auroc)),
+                    "n_control": n_control}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _end_map_maps(entry, end_maps: dict[str, np.ndarray], layers: list[str], size) -> Maps:
+    """An end-map localizer's maps of the generations asked for, computed for those only (``Maps`` callable)."""
+    return lambda rows, targets: entry.fn(end_maps={k: v[rows] for k, v in end_maps.items()}, layers=layers,
+                                          size=tuple(size))
+
+
+def _map_scores(m: Maps, split, n: int, rule: str):
+    """One localizer's per-generation scores, the core of every localization table: ``((ious, aurocs, k),
+    (control_ious, control_aurocs, k_control))`` on the ground-truth generations its map covers (non-NaN rows;
+    :func:`_mask_scores` against their masks) and on the never-trained ones against the planted masks in turn
+    (``split`` = :func:`truth_split`); empty lists where it covers none."""
+    picked, masks, unrelated, others = split
+    covered = _computed(m, n)
+
+    def scored(index: list[int], targets: np.ndarray):
+        mine = [k for k, i in enumerate(index) if covered[i]]
+        if not mine:
+            return [], [], 0
+        rows = [index[k] for k in mine]
+        soft = m(rows, targets[mine]) if callable(m) else np.asarray(m)[rows]
+        return (*_mask_scores(soft, targets[mine], rule), len(rows))
+    return scored(picked, masks), scored(unrelated, others)
 
 
 def localizer_maps(arrays) -> dict[str, np.ndarray]:
@@ -84,16 +109,6 @@ def _computed(source, n: int) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return np.isfinite(source.reshape(len(source), -1)).all(axis=1)
     return np.ones(n, bool)
-
-
-def _soft_masks(end_maps: dict[str, np.ndarray], layers: list[str] | np.ndarray | None, rows: list[int],
-                shape: tuple[int, ...]) -> np.ndarray:
-    """The BE masks of some generations (``layers`` None: the all-ones floor; an array: another localizer's maps)."""
-    if layers is None:
-        return np.ones((len(rows),) + tuple(shape))
-    if isinstance(layers, np.ndarray):
-        return scores.resize_maps(np.asarray(layers[rows], dtype=np.float32), tuple(shape))
-    return scores.be_mask({k: v[rows] for k, v in end_maps.items()}, layers, shape)
 
 
 def _mask_scores(soft: np.ndarray, truths: np.ndarray, rule: str) -> tuple[list[float], list[float]]:
@@ -361,11 +376,6 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
     split = truth_split(prompt_ids, truth)
     if split is None:
         return pd.DataFrame()
-    picked, masks, unrelated, others = split
-
-    def soft(m: Maps, rows: list[int], targets: np.ndarray) -> np.ndarray:
-        return m(rows, targets) if callable(m) else np.asarray(m)[rows]
-
     rng = np.random.default_rng(seed)
     rows = []
 
@@ -376,20 +386,15 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
 
     control = None
     for name, m in maps.items():
-        covered = _computed(m, len(prompt_ids))  # a map computed for some generations only: scored on those
-        mine = [k for k, i in enumerate(picked) if covered[i]]
-        if not mine:
+        (ious, aurocs, n), (c_iou, c_auroc, n_control) = _map_scores(m, split, len(prompt_ids), rule)
+        if not n:
             continue
-        rows_in = [picked[k] for k in mine]
-        r = row(name, *_mask_scores(soft(m, rows_in, masks[mine]), masks[mine], rule), len(rows_in))
-        theirs = [k for k, i in enumerate(unrelated) if covered[i]]
-        if theirs:
-            c_rows = [unrelated[k] for k in theirs]
-            c_iou, c_auroc = _mask_scores(soft(m, c_rows, others[theirs]), others[theirs], rule)
+        r = row(name, ious, aurocs, n)
+        if n_control:
             r |= {"control_iou": float(np.mean(c_iou)), "control_auroc": float(np.mean(c_auroc)),
-                  "n_control": len(c_rows)}
+                  "n_control": n_control}
             if name == control_of:
-                control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, len(c_rows))
+                control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, n_control)
         rows.append(r)
     if control is not None:
         rows.append(control)
