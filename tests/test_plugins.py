@@ -57,6 +57,10 @@ def test_a_plugin_detector_and_localizer_reach_every_table(tmp_path, compose, pl
     assert set(stopping.step) == {1, 3}  # calibrated and stopped on the plug-in's signal
     board = pd.DataFrame(result["localization_leaderboard"])
     assert {f"BE_squared [{name}]" for name in layer_sets} <= set(board.localizer)
+    for table in ("localization", "early_localization"):  # every layer set, and at every step
+        rows = pd.DataFrame(result[table])
+        assert set(rows[rows.localizer == "BE_squared"].layers) == layer_sets
+    assert set(pd.DataFrame(result["early_localization"]).query("localizer == 'BE_squared'").step) == {1, 3}
     files = write_report([tmp_path / "job"], tmp_path / "report")
     leaderboard = pd.read_csv(files["leaderboard.csv"])
     assert "peak of the BE mask (example)" in set(leaderboard.method)
