@@ -61,6 +61,9 @@ def test_a_plugin_detector_and_localizer_reach_every_table(tmp_path, compose, pl
         rows = pd.DataFrame(result[table])
         assert set(rows[rows.localizer == "BE_squared"].layers) == layer_sets
     assert set(pd.DataFrame(result["early_localization"]).query("localizer == 'BE_squared'").step) == {1, 3}
+    # the report imports the plug-ins its jobs ran with (a fresh process would not have them)
+    DETECTORS.unregister("BE_peak")
+    sys.modules.pop("be_bench_plugin_my_methods")
     files = write_report([tmp_path / "job"], tmp_path / "report")
     leaderboard = pd.read_csv(files["leaderboard.csv"])
     assert "peak of the BE mask (example)" in set(leaderboard.method)
