@@ -200,8 +200,10 @@ def localization_findings(job: Job) -> list[Finding]:
     layers = headline_layers(job)
     sets = job.config.get("layers", {}).get("sets") or {layers: None}  # BE masks: the job's layer sets
     masks = rows[rows.layers.isin(list(sets))]
-    if "localizer" in masks:  # the localizer compared with the published IoU (a folder without the column: BE's)
-        masks = masks[masks.localizer.isin(reproducing("localization_iou", LOCALIZERS))]
+    # the localizer compared with the published IoU, named as in the published table (BE)
+    method = next(iter(reproducing("localization_iou", LOCALIZERS)), None)
+    if "localizer" in masks:  # a folder without the column has BE's rows only
+        masks = masks[masks.localizer == method]
     head = masks[masks.layers == layers]
     if head.empty:
         return []
@@ -217,17 +219,17 @@ def localization_findings(job: Job) -> list[Finding]:
     if pd.notna(best.get("control_auroc")):
         sentence += f" against {best.control_auroc:.3f} on never-trained generations (the control)"
         values["control_auroc"] = best.control_auroc
-    if "BE" in ref and "all-ones mask" in ref:
-        sentence += (f"; published on SD v1-4 (third party): IoU {ref['BE']:.3f} vs {ref['all-ones mask']:.3f}, "
-                     f"ours - published: {best.iou - ref['BE']:+.3f}")
-        values["iou_published"] = ref["BE"]
+    if method in ref and "all-ones mask" in ref:
+        sentence += (f"; published on SD v1-4 (third party): IoU {ref[method]:.3f} vs {ref['all-ones mask']:.3f}, "
+                     f"ours - published: {best.iou - ref[method]:+.3f}")
+        values["iou_published"] = ref[method]
     top = masks.iloc[0]
     if masks.layers.nunique() > 1 and top.layers != best.layers:
         sentence += (f"; the best of {masks.layers.nunique()} layer sets, {SELECTED}: [{top.layers}] "
                      f"IoU {top.iou:.3f}")
         values["iou_best"] = top.iou
-    rows = [_figure(f"BE mask [{best.layers}] IoU", f"{best.iou:.3f}", ref.get("BE"),
-                    None if "BE" not in ref else best.iou - ref["BE"])]
+    rows = [_figure(f"BE mask [{best.layers}] IoU", f"{best.iou:.3f}", ref.get(method),
+                    None if method not in ref else best.iou - ref[method])]
     if not floor.empty:
         rows.append(_figure("all-ones mask IoU (floor)", f"{floor.iou.iloc[0]:.3f}", ref.get("all-ones mask"),
                             None if "all-ones mask" not in ref else floor.iou.iloc[0] - ref["all-ones mask"]))

@@ -157,3 +157,18 @@ def test_a_bad_stopping_signal_fails_before_sampling(tmp_path, compose):
     with pytest.raises(ValueError, match="early.signal.layers 'nowhere' is not a layer set"):
         run(cfg, tmp_path / "job")
     assert not (tmp_path / "job" / "metrics.json").exists()
+
+
+def test_early_detectors_are_those_that_read_the_be_mask_and_the_view_refuses_others():
+    from benchmark.registry import DETECTORS
+
+    names = early.early_detector_names()
+    assert {"BE_intensity", "LD"} <= set(names) and "D" not in names  # D reads no mask: the same at every step
+    assert all("mask" in DETECTORS[n].inputs or "end_maps" in DETECTORS[n].trace_fields for n in names)
+    arrays = _arrays()
+    view = early.step_view(arrays.delta_sq, arrays.end_maps, 2)
+    assert view.delta_sq.shape[1] == 3  # steps 0..2 only
+    with pytest.raises(ValueError, match="detector 'D' cannot run before the last step"):
+        early.step_signal("D", view, ["*"], 1)
+    with pytest.raises(ValueError, match="step 9 needs 10 steps of delta_sq, got 5"):
+        early.step_view(arrays.delta_sq, arrays.end_maps, 9)

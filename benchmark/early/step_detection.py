@@ -56,7 +56,7 @@ def step_view(delta_sq: np.ndarray, end_maps: dict[str, np.ndarray], step: int,
         raise ValueError(f"step {step} needs {step + 1} steps of delta_sq, got {delta_sq.shape[1]}")
     n = len(delta_sq)
     return TraceArrays(pd.DataFrame(index=range(n)) if rows is None else rows, delta_sq[:, :step + 1], end_maps, {},
-                       np.full(n, -1), {})
+                       np.zeros(0, dtype=int), {})
 
 
 def step_signal(detector: str, view: TraceArrays, layers: list[str], T: int) -> np.ndarray:
