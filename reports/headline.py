@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from reports.jobs import Job
 from benchmark.registry import DETECTORS, LOCALIZERS
+from reports.jobs import Job
 from reports.labels import comparisons, detector_label, reproducing
 from reports.tables import box, fmt, fmt_ci, fmt_diff, job_generations, published
 

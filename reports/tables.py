@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.jobs import Job
 from benchmark.registry import DETECTORS
+from reports.jobs import Job
 from reports.labels import detector_label, detector_order, reproducing
 
 REFERENCE = Path(__file__).parent / "reference"

@@ -6,10 +6,8 @@ import pandas as pd
 import pytest
 
 from benchmark.data.prompts import Prompt, PromptSet, Truth
-from benchmark.detectors import detection
+from benchmark.detectors import detection, jacobian, scores
 from benchmark.detectors import extra_passes as extras
-from benchmark.detectors import jacobian
-from benchmark.detectors import scores
 from benchmark.localization.evaluation import localization_table, localizer_maps
 from benchmark.sampling.capture import SamplerSettings
 from benchmark.store.traces import TraceStore

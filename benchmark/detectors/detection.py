@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data.prompts import Prompt, PromptSet
-from benchmark.detectors import extra_passes
-from benchmark.detectors import jacobian
-from benchmark.detectors import scores
+from benchmark.detectors import extra_passes, jacobian, scores
 from benchmark.measures.metrics import detection_metrics
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import DETECTORS, EXTRA_PASSES, Entry

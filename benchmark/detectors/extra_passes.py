@@ -29,8 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from benchmark.core.config_types import Name, NonNegative, PositiveInt, Seed
-from benchmark.detectors import jacobian
-from benchmark.detectors import scores
+from benchmark.detectors import jacobian, scores
 from benchmark.models.text_to_image import TextToImage, get_model, weights_fingerprint
 from benchmark.registry import DETECTORS, EXTRA_PASSES, LOCALIZERS
 from benchmark.sampling.capture import SamplerSettings

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data.prompts import Truth
-from benchmark.detectors import scores
 from benchmark.detectors.detection import TraceArrays, detection_table, score_grid
 from benchmark.localization import evaluation
 from benchmark.registry import DETECTORS, Entry
