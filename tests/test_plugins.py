@@ -109,3 +109,17 @@ def test_installed_packages_announce_plugins_through_the_entry_point_group(monke
     finally:
         DETECTORS.unregister("installed_toy")
         sys.modules.pop("installed_methods", None)
+
+
+def test_a_guard_takes_a_plugin_signal_from_its_calibration_job(tmp_path, plugin_file):
+    """``runners.guard`` reads the stop rule from a detection job that ran with a plug-in: its plug-ins are imported."""
+    from benchmark.early.stopping import rule_from_job
+    from benchmark.store import job_folder as jobfolder
+
+    config = {"plugins": [str(plugin_file)], "layers": {"sets": {"all": ["*"]}},
+              "early": {"signal": {"detector": "BE_peak", "layers": "all", "T": 3}}}
+    jobfolder.write_results(tmp_path / "calibration", "detect", config, {"steps": 5}, 1,
+                            {"early_stopping": [{"step": 2, "fpr_target": 0.1, "threshold": 0.5}]}, {})
+    assert "BE_peak" not in DETECTORS.names()
+    rule = rule_from_job(jobfolder.read_job(tmp_path / "calibration"), 2, 0.1)
+    assert (rule.detector, rule.layers, rule.threshold, rule.window) == ("BE_peak", ("*",), 0.5, 0)

@@ -27,7 +27,7 @@ import torch
 from benchmark.detectors import scores
 from benchmark.early.step_detection import early_detector_names, step_signal, step_view
 from benchmark.models.text_to_image import TextToImage
-from benchmark.registry import DETECTORS
+from benchmark.registry import DETECTORS, load_plugins
 from benchmark.sampling.capture import (
     Recording,
     SamplerSettings,
@@ -84,8 +84,10 @@ def rule_from_job(job: Job, step: int, fpr: float) -> StopRule:
     """The stop rule a finished detection job calibrated: its ``early.signal`` (detector, layer set, T), the layer
     set's layers, and the threshold of its ``early_stopping`` row at (``step``, ``fpr``).
 
-    Raises ValueError naming what is missing: not a finished detection job, no early stopping there (its sampler
-    recorded no ``end_map_steps``), or no row at that step or target FPR (the error lists those it has)."""
+    The calibration job's ``plugins`` are imported, so a plug-in's detector can be its signal. Raises ValueError
+    naming what is missing: not a finished detection job, no early stopping there (its sampler recorded no
+    ``end_map_steps``), no row at that step or target FPR (the error lists those it has), or a plug-in that cannot
+    be imported."""
     if job.task != "detect" or not job.finished:
         raise ValueError(f"{job.folder} is not a finished detection job (task {job.task!r})")
     rows = job.metrics.get("early_stopping")
@@ -99,6 +101,7 @@ def rule_from_job(job: Job, step: int, fpr: float) -> StopRule:
                          f"(step, FPR) {have}")
     signal = job.config["early"]["signal"]
     layers = job.config["layers"]["sets"][signal["layers"]]
+    load_plugins(job.config.get("plugins") or [])  # a plug-in's detector as the signal: the calibration job's own
     return StopRule(step, signal["detector"], tuple(layers), int(signal["T"]), float(match[0]["threshold"]))
 
 
