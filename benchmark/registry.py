@@ -223,7 +223,18 @@ def _check_detector(name: str, fn: Callable, meta: dict) -> dict:
     for key, value in derived.items():
         if key in meta and (tuple(meta[key]) if key == "trace_fields" else meta[key]) != value:
             raise ValueError(f"detector {name!r}: {key}={meta[key]!r} disagrees with its parameters {params}")
-    return {**meta, **derived, "inputs": tuple(params)}
+    if "baseline" in meta and not isinstance(meta["baseline"], str):
+        raise ValueError(f"detector {name!r}: baseline={meta['baseline']!r} must be a detector's name")
+    return {**meta, **derived, "inputs": tuple(params), **_reproduces(name, "detector", meta)}
+
+
+def _reproduces(name: str, axis: str, meta: dict) -> dict:
+    """``reproduces`` as a tuple of names (a bare string would match its substrings)."""
+    value = meta.get("reproduces", ())
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{axis} {name!r}: reproduces={value!r} must be a tuple of table or figure names, e.g. "
+                         "('table1',)")
+    return {"reproduces": tuple(value)}
 
 
 DETECTORS = Registry("detector", _check_detector)
@@ -242,7 +253,8 @@ def _check_localizer(name: str, fn: Callable, meta: dict) -> dict:
     # other a trace field, as for detectors
     params = [p.name for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
     return {**meta, "inputs": tuple(params), "uses_layers": "layers" in params,
-            "trace_fields": tuple(p for p in params if p not in LOCALIZER_INPUTS)}
+            "trace_fields": tuple(p for p in params if p not in LOCALIZER_INPUTS),
+            **_reproduces(name, "localizer", meta)}
 
 
 LOCALIZERS = Registry("localizer", _check_localizer)

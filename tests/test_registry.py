@@ -119,6 +119,8 @@ def test_registering_checks_metadata():
     axis.register("z", higher_is_memorized=True)(np.max)
     with pytest.raises(ValueError, match="'z' is registered already"):
         axis.register("z", higher_is_memorized=True)(np.min)
+    with pytest.raises(ValueError, match=r"'v': reproduces='table1' must be a tuple"):
+        axis.register("v", higher_is_memorized=True, reproduces="table1")(lambda delta_sq: delta_sq)
     with pytest.raises(KeyError, match="unknown detector 'w'"):
         axis["w"]
     assert axis.label("w") == "w"  # an old job's detector that is no longer registered shows by name
