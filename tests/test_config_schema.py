@@ -39,6 +39,7 @@ MAY_BE_EMPTY_LIST = {
     "capture.extra": "no extra pass", "model.extra": "no extra pass",
     "mitigation.pad_fractions": "needed only by pad_mask, checked when it is asked for",
     "model.mitigation_targets": "the preset's default for mitigation.target_losses, checked where used",
+    "plugins": "no plug-in module of the user's",
 }
 MAY_BE_EMPTY_STRING = {"local_alternative": "no offline alternative named"}
 

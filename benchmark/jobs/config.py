@@ -38,7 +38,7 @@ from benchmark.core.config_types import (
     Rate,
     Seed,
 )
-from benchmark.registry import EXTRA_PASSES, PROMPT_SOURCES, Registry
+from benchmark.registry import EXTRA_PASSES, PROMPT_SOURCES, PluginError, Registry, load_plugins
 
 # JSON-strict: the config is data, so validate it as data (lists for tuples, ints for floats, nothing else coerced).
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -249,6 +249,7 @@ class Job(Section):
     run_name: Name
     sweep_name: Name
     paths: Paths
+    plugins: list[Name] = []  # imported by check_job before anything is validated (benchmark.registry.load_plugins)
 
     # sections whose fields come from a registered function, validated by :func:`check_job` (name -> how)
     dynamic: ClassVar[tuple[str, ...]] = ()
@@ -441,6 +442,7 @@ class DDPMJob(Job):
 def check_job(config: dict) -> Job:
     """The job schema of ``config['task']`` (:data:`JOBS`) applied to a resolved config: the validated sections
     (``job.sampler.settings()`` etc.). Raises ConfigError (one line) naming every bad setting and its value."""
+    load_config_plugins(config)
     task = config.get("task")
     schema = JOBS.get(task) if isinstance(task, str) else None
     if schema is None:
@@ -454,6 +456,19 @@ def check_job(config: dict) -> Job:
         raise ConfigError("; ".join(errors))
     job.check()
     return job
+
+
+def load_config_plugins(config: dict) -> list[str]:
+    """Import the installed plug-ins and the config's ``plugins`` (module names or ``.py`` files), so that their
+    detectors, localizers, mitigations, prompt sources, model builders and jobs are registered before the config is
+    checked against them. Raises ConfigError (one line) naming a plug-in that cannot be imported."""
+    plugins = config.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"plugins={plugins!r}: a list of module names or .py files")
+    try:
+        return load_plugins(plugins)
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(schema: type[BaseModel], data: dict):
