@@ -1,5 +1,5 @@
 """Registries of the benchmark's extension axes: detectors, localizers, mitigations, similarity measures, caption
-renderers, prompt sources and model builders.
+renderers, prompt sources, model builders and model families.
 
 Metadata sits on the function it describes, as in lm-evaluation-harness's ``register_metric``: a decorator names
 the entry and says how to use it, and the scorer, the reports and the contract tests iterate the registry. A new
@@ -25,7 +25,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "mitigation": ("benchmark.mitigation.embedding", "benchmark.mitigation.padding"),
     "similarity measure": ("benchmark.measures.similarity",),
     "prompt source": ("benchmark.data.prompts", "benchmark.data.prompt_files"),
-    "model builder": ("benchmark.models.text_to_image",),
+    "model builder": ("benchmark.models.text_to_image", "benchmark.models.sdxl", "benchmark.models.pixart"),
+    "model family": ("benchmark.models.text_to_image", "benchmark.models.sdxl", "benchmark.models.pixart"),
     "job": ("benchmark.jobs.config",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
@@ -151,12 +152,22 @@ def _check_detector(name: str, fn: Callable, meta: dict) -> dict:
     for key, value in derived.items():
         if key in meta and (tuple(meta[key]) if key == "trace_fields" else meta[key]) != value:
             raise ValueError(f"detector {name!r}: {key}={meta[key]!r} disagrees with its parameters {params}")
-    return {**meta, **derived, "inputs": tuple(params)}
+    return {**_check_needs(name, fn, meta), **derived, "inputs": tuple(params)}
+
+
+def _check_needs(name: str, fn: Callable, meta: dict) -> dict:
+    """``needs``: the premises (:data:`PREMISES`) an entry's definition rests on; () when it names none."""
+    needs = tuple(meta.get("needs", ()))
+    unknown = [n for n in needs if n not in PREMISES]
+    if unknown:
+        raise ValueError(f"{name!r}: needs={unknown} are not premises ({', '.join(PREMISES)})")
+    return {**meta, "needs": needs}
 
 
 DETECTORS = Registry("detector", _check_detector)
-"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; derived from the parameters:
-``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
+"""Detection scores, one per generation. Metadata: ``higher_is_memorized``, ``needs`` (premises a model family
+may lack, :data:`PREMISES`); derived from the parameters: ``uses_layers``, ``uses_T``, ``trace_fields`` (see
+:data:`LAYER_INPUTS`)."""
 
 LOCALIZER_INPUTS = ("layers", "size")
 
@@ -182,8 +193,9 @@ prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}``
 ``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
 ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
 
-MITIGATIONS = Registry("mitigation")
-"""Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
+MITIGATIONS = Registry("mitigation", _check_needs)
+"""Inference-time mitigations. Metadata: ``needs`` (premises, :data:`PREMISES`), ``needs_mask`` (whether it reads
+the generation's BE mask), ``optimised``
 (True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes the
 embedding directly, ``benchmark.mitigation.padding``)."""
 
@@ -200,3 +212,19 @@ PROMPT_SOURCES = Registry("prompt source")
 MODEL_BUILDERS = Registry("model builder")
 """Model builders, named by a model config's ``build``: ``fn(source) -> path of a pipeline folder`` (built or
 trained when missing), or with ``in_process=True``: ``fn() -> TextToImage`` named by ``source``."""
+
+MODEL_FAMILIES = Registry("model family")
+"""Pipeline loaders by model family (SD, SDXL, PixArt-alpha): ``fn(source, use_safetensors) -> TextToImage`` for a
+pipeline folder or hub id. Metadata: ``pipelines``, the diffusers pipeline class names (``model_index.json``'s
+``_class_name``) the family loads; ``load_text_to_image`` picks the family by them.
+
+A detector or mitigation whose definition rests on a premise some family lacks says so with ``needs`` in its
+metadata (:data:`PREMISES`); ``TextToImage.not_defined(needs)`` says why it is not defined on a family."""
+
+PREMISES = {
+    "start_token": "the prompt's token states begin with a start token (CLIP's <|startoftext|>) that takes most "
+                   "of the attention of non-memorized prompts",
+    "attended_padding": "the prompt is padded to the full context with tokens the network attends to (SD's CLIP "
+                        "pads with copies of the end token)",
+}
+"""What a ``needs`` entry may name, and what it means."""
