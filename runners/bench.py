@@ -161,7 +161,7 @@ def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int]
     latents = initial_noise(model, seeds, settings)
     t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=model.device)
     with torch.no_grad():
-        return count_flops(lambda: guided_eps(model.unet, latents, t, context)) * settings.steps
+        return count_flops(lambda: guided_eps(model, latents, t, context)) * settings.steps
 
 
 def trace_kib_per_image(batch) -> float:

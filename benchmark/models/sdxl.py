@@ -74,9 +74,7 @@ class SDXLTextToImage(TextToImage):
     pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
 
     def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
+        super().__post_init__()
         if self.text_encoder_2 is None or self.tokenizer_2 is None:
             raise ValueError(f"SDXL model {self.model_id} needs text_encoder_2 and tokenizer_2")
         width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size

@@ -44,9 +44,17 @@ class ModelLoadError(RuntimeError):
     """A model folder or hub id that cannot be loaded; the message names the culprit."""
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class TextToImage:
     """The parts of a text-to-image diffusion model that sampling and capture need.
+
+    ``prediction_type``: what the network outputs, ``epsilon`` (SD v1, SD 2 base) or ``v_prediction`` (SD 2.1 at
+    768 px); None takes it from the scheduler's config. Whatever the network predicts, the library sees epsilon:
+    :meth:`noise_prediction` converts, and ``scheduler`` is kept configured for epsilon so that DDIM's update reads
+    what every caller hands it. Raises ValueError for another prediction type (``sample``).
 
     A model family (SD v1, SDXL, PixArt-alpha: ``benchmark/models/``, docs/models.md) is a subclass: it says how
     prompts become the ``context`` the network reads, how the network is called, and which premises of the
@@ -65,6 +73,51 @@ class TextToImage:
     tokenizer: object
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
+    prediction_type: str | None = None
+
+    def __post_init__(self):
+        kind = self.prediction_type or self.scheduler.config.get("prediction_type", "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"model {self.model_id}: prediction_type={kind!r} is not supported (one of "
+                             f"{', '.join(PREDICTION_TYPES)})")
+        self.prediction_type = kind
+        if self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            # the sampler steps on epsilon (noise_prediction's output); the network's own type stays on the model
+            self.scheduler = type(self.scheduler).from_config(self.scheduler.config, prediction_type="epsilon")
+
+    def network_inputs(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                       **conditions) -> dict:
+        """The network's keyword arguments besides ``(latents, t)``: the family's hook for added conditions.
+
+        SD v1 and SD 2.x cross-attend to ``context`` alone and take no conditions (TypeError naming any given). A
+        family with added conditions (SDXL's pooled text embedding and time ids, a transformer's text attention
+        mask) overrides this in its TextToImage subclass, mapping ``conditions`` (batched like ``context``, the
+        unconditional half first in a CFG batch) to its network's arguments."""
+        if conditions:
+            raise TypeError(f"{type(self).__name__} ({self.model_id}) takes no added conditions, got "
+                            f"{', '.join(sorted(conditions))}")
+        return {"encoder_hidden_states": context}
+
+    def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                         **conditions) -> torch.Tensor:
+        """Epsilon (m, c, h, w) for noisy latents ``latents`` (m, c, h, w) at timestep ``t`` (a scalar or (m,)
+        tensor, or an int) under the token states ``context`` (m, tokens, dim): the one place the network is
+        called (sampling, capture, the Jacobian passes, mitigation losses). ``conditions``: the family's added
+        conditions (:meth:`network_inputs`). Differentiable in ``latents`` and ``context``, so autograd and
+        forward-mode users (SAIL, curvature, Wen's and BE's mitigation losses) differentiate epsilon itself."""
+        out = self.unet(latents, t, **self.network_inputs(latents, t, context, **conditions)).sample
+        return self.epsilon_from_output(out, latents, t)
+
+    def epsilon_from_output(self, out: torch.Tensor, latents: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The network's output as epsilon. ``v_prediction``: ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``
+        with ``abar_t`` the scheduler's ``alphas_cumprod[t]`` (Salimans & Ho 2022, Sec. 4 / App. D; the
+        conversion of diffusers' DDIMScheduler.step, ``pred_epsilon`` under ``v_prediction``, and of SD 2's
+        ``ldm/models/diffusion/ddpm.py`` ``predict_eps_from_z_and_v``). ``epsilon``: ``out`` unchanged."""
+        if self.prediction_type == "epsilon":
+            return out
+        abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
+        abar = abar.float().reshape(-1, *[1] * (out.ndim - 1))
+        return abar.sqrt().to(out.dtype) * out + (1 - abar).sqrt().to(out.dtype) * latents
 
     @property
     def device(self) -> torch.device:
@@ -344,7 +397,9 @@ def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
 def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
     """Write a model as a diffusers pipeline folder (safetensors) that :func:`load_text_to_image` reads."""
     folder = Path(folder)
-    parts = model.components()
+    # the scheduler as the network was trained: TextToImage keeps its own set to epsilon (noise_prediction's output)
+    scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=model.prediction_type)
+    parts = {**model.components(), "scheduler": scheduler}
     index = {"_class_name": model.pipeline_class, **model.pipeline_config()}
     for name, part in parts.items():
         if part is None:
