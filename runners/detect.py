@@ -38,6 +38,10 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         if cfg.capture.get("compile", False):
             model.unet.compile()
         detection.check_grid(model, layer_sets, list(cfg.score.T), s.steps)
+        undefined = detection.not_defined(model)
+        if cfg.score.headline.detector in undefined:
+            raise ValueError(f"score.headline.detector={cfg.score.headline.detector!r} is not defined on model family "
+                             f"{model.family}: {undefined[cfg.score.headline.detector]}")
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         check_labels(prompt_set, cfg.score.headline.subset)
         settings = job.sampler.settings()
@@ -58,10 +62,11 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         sampling_s, extra_s = time.perf_counter() - start, time.perf_counter() - extra_start
         arrays = detection.load(store, plan, extra).score_units(cfg.score.score_difference_units, model.scheduler,
                                                                 s.steps)
-        scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T))
+        scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T), skip=undefined)
         metrics = detection.detection_table(scores, cfg.score.n_boot)
-        summary = {"model": m.name, "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
-                   "n_generations": len(arrays.rows), "sampled_now": sampled, "extra_computed_now": extra_now,
+        summary = {"model": m.name, "family": model.family, "not_defined": undefined, "prompt_set": prompt_set.name,
+                   "n_prompts": len(prompt_set), "n_generations": len(arrays.rows), "sampled_now": sampled,
+                   "extra_computed_now": extra_now,
                    "extra_seconds": round(extra_s, 2),  # part of sampling_seconds
                    "extra": {r.name: {**r.knobs, "n": r.n, "hash": r.digest} for r in extra},
                    "sampling_seconds": round(sampling_s, 2), "scoring_seconds": round(time.perf_counter() - start
