@@ -72,6 +72,10 @@ class PixArtTextToImage(TextToImage):
     def max_length(self) -> int:
         return MAX_SEQUENCE_LENGTH
 
+    def components(self) -> dict[str, object]:
+        parts = super().components()
+        return {"transformer": parts.pop("unet"), **parts}  # diffusers' PixArt folders keep it in transformer/
+
     @torch.no_grad()
     def encode(self, prompts: list[str], pad_token_id: int | None = None) -> torch.Tensor:
         """(n, 120, d): T5's states under the attention mask, padded rows set to zero. Raises ValueError for a
