@@ -237,7 +237,8 @@ def test_prompt_source_yields_unique_ids_and_truth_only_for_its_prompts(name, tm
         assert truth.image.ndim == 3 and (truth.mask is None or truth.mask.shape == truth.image.shape[1:])
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sd14-architecture" else n
+# the full published architectures (<family>-architecture: SDXL's and PixArt's need 14 and 25 GB in float32) are slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.endswith("-architecture") else n
                                   for n in MODEL_BUILDERS.names() if MODEL_BUILDERS[n].in_process])
 def test_in_process_model_has_cross_attention_layers(name):
     from benchmark.models.text_to_image import get_model
