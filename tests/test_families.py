@@ -224,12 +224,15 @@ def test_detect_job_on_each_tiny_twin_scores_every_defined_detector_and_marks_th
                                                                                          undefined):
     from runners.detect import run
 
-    run(compose("detect", f"model={model}", "debug=default"), tmp_path / "job")
+    # every extra pass too: every registered detector is either scored or marked
+    run(compose("detect", f"model={model}", "debug=default", "capture.extra=[sail,anisotropy,curvature]",
+                "extra.curvature.probes=2"), tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert result["family"] == {"tiny-sdxl": "sdxl", "tiny-pixart": "pixart-alpha"}[model]
     assert set(result["not_defined"]) == undefined
     detectors = set(pd.DataFrame(result["metrics"]).detector)
-    assert detectors == {"D", "LD", "BE_intensity", "Ren_E", "Ren_D", "score_difference"} - undefined
+    assert detectors == set(DETECTORS.names()) - undefined
+    assert {"SAIL", "anisotropy", "curvature", "Ren_E"} <= set(DETECTORS.names())
     layers = set(pd.DataFrame(result["metrics"]).layers)
     assert "be_analogue" in layers  # the family's layer preset, not the tiny SD model's
     report = (tmp_path / "job" / "report.md").read_text()
