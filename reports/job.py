@@ -102,16 +102,16 @@ def job_markdown(folder: str | Path) -> str:
         return mitigation_markdown(result)
     metrics = pd.DataFrame(result["metrics"])
     undefined = result.get("not_defined", {})
-    parts = [f"# {result['model']} on {result['prompt_set']}",
+    family = f" ({result['family']})" if result.get("family") else ""  # job folders written before: no family
+    parts = [f"# {result['model']}{family} on {result['prompt_set']}",
              (f"{result['n_prompts']} prompts, {result['n_generations']} generations "
-              f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s)."
-              + (f" Model family: {result['family']}." if "family" in result else "")),
+              f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s)."),
              "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",
              detection_markdown(metrics, "prompt", "auc", undefined),
              "", "## Detection: TPR@1%FPR at prompt level", "",
              detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr", undefined)]
     if undefined:
-        parts += ["", f"Not defined on the {result.get('family', 'model')} family (docs/models.md):", ""]
+        parts += ["", "Not defined on this model family (docs/models.md):", ""]
         parts += [f"- {detector_label(name)}: {why}" for name, why in undefined.items()]
     if result.get("localization"):
         parts += ["", "## Localization: BE mask vs ground-truth mask (local memorization)", "",

@@ -64,9 +64,9 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                                                                 s.steps)
         scores = detection.score_grid(arrays, layer_sets, list(cfg.score.T), skip=undefined)
         metrics = detection.detection_table(scores, cfg.score.n_boot)
-        summary = {"model": m.name, "family": model.family, "not_defined": undefined, "prompt_set": prompt_set.name,
-                   "n_prompts": len(prompt_set), "n_generations": len(arrays.rows), "sampled_now": sampled,
-                   "extra_computed_now": extra_now,
+        summary = {"model": m.name, "family": f"{model.family}, {model.prediction_type}", "not_defined": undefined,
+                   "prompt_set": prompt_set.name, "n_prompts": len(prompt_set),
+                   "n_generations": len(arrays.rows), "sampled_now": sampled, "extra_computed_now": extra_now,
                    "extra_seconds": round(extra_s, 2),  # part of sampling_seconds
                    "extra": {r.name: {**r.knobs, "n": r.n, "hash": r.digest} for r in extra},
                    "sampling_seconds": round(sampling_s, 2), "scoring_seconds": round(time.perf_counter() - start

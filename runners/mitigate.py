@@ -76,7 +76,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         equal = {sim_name: tradeoff.at_equal_utility(points, utility, sim_name).to_dict(orient="records")
                  for sim_name in ("SSCD", "S", "LS", "train_rmse") if utility and sim_name in rows}
         value = headline(points, **cfg.headline)
-        summary = {"task": "mitigate", "model": m.name, "family": model.family, "prompt_set": full.name, "n_prompts": len(prompt_set),
+        summary = {"task": "mitigate", "model": m.name, "family": model.family, "prompt_set": full.name,
+                   "n_prompts": len(prompt_set),
                    "n_generations": len(rows), "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
                    "utility": utility, "headline": value, "settings": [setting.tag for setting in settings],
                    "curves": points.to_dict(orient="records"), "equal_utility": equal}

@@ -228,7 +228,7 @@ def test_detect_job_on_each_tiny_twin_scores_every_defined_detector_and_marks_th
     run(compose("detect", f"model={model}", "debug=default", "capture.extra=[sail,anisotropy,curvature]",
                 "extra.curvature.probes=2"), tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())
-    assert result["family"] == {"tiny-sdxl": "sdxl", "tiny-pixart": "pixart-alpha"}[model]
+    assert result["family"] == {"tiny-sdxl": "SDXL, epsilon", "tiny-pixart": "PixArt-alpha, epsilon"}[model]
     assert set(result["not_defined"]) == undefined
     detectors = set(pd.DataFrame(result["metrics"]).detector)
     assert detectors == set(DETECTORS.names()) - undefined
@@ -236,7 +236,7 @@ def test_detect_job_on_each_tiny_twin_scores_every_defined_detector_and_marks_th
     layers = set(pd.DataFrame(result["metrics"]).layers)
     assert "be_analogue" in layers  # the family's layer preset, not the tiny SD model's
     report = (tmp_path / "job" / "report.md").read_text()
-    assert f"Model family: {result['family']}." in report
+    assert f"({result['family']})" in report.splitlines()[0]
     assert ("not defined" in report) == bool(undefined)
 
 
@@ -251,6 +251,6 @@ def test_mitigation_runs_on_each_twin_and_refuses_padding_methods_on_pixart(tmp_
     cfg = compose("mitigate", "model=tiny-pixart", "debug=default", "mitigation.methods=[pad_mask]",
                   "headline.method=pad_mask")
     with pytest.raises(ValueError, match=r"mitigation.methods=\['pad_mask'\] are not defined on model family "
-                                         "pixart-alpha: T5's padding is masked"):
+                                         "PixArt-alpha: T5's padding is masked"):
         run(cfg, tmp_path / "refused")
     assert not (tmp_path / "refused" / "metrics.json").exists()

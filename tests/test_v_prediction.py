@@ -145,7 +145,6 @@ def test_jacobian_scores_are_equal(pair):
 
 
 def test_mitigation_losses_are_equal(pair):
-    eps_model, v_model = pair
     settings = MitigationSettings("wen", target_loss=0.0, lr=0.05, max_iters=2)
     (batch_a, opt_a), (batch_b, opt_b) = (mitigate(m, PROMPT, [0], SETTINGS, settings) for m in pair)
     close(opt_b.losses, opt_a.losses)

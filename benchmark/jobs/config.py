@@ -111,8 +111,9 @@ class Sampler(Section):
 
 
 class Model(Section):
-    """A text-to-image model preset (conf/model/); ``extra``, ``token_maps`` and ``mitigation_targets`` are the
-    preset's defaults for ``capture.extra``, ``capture.token_maps`` and ``mitigation.target_losses``."""
+    """A text-to-image model preset (conf/model/); ``extra``, ``token_maps``, ``mitigation_targets`` and
+    ``anisotropy_gamma_cos`` are the preset's defaults for ``capture.extra``, ``capture.token_maps``,
+    ``mitigation.target_losses`` and ``extra.anisotropy.gamma_cos``."""
 
     name: Name
     source: Name
@@ -123,6 +124,8 @@ class Model(Section):
     extra: list[Name] = []
     token_maps: bool = False
     mitigation_targets: list[NonNegative] = []
+    # the preset's default for extra.anisotropy.gamma_cos: the official weight is per model (SD v1: 2, SD 2: 0.1)
+    anisotropy_gamma_cos: NonNegative = 2.0
 
     def check(self) -> None:
         from benchmark.registry import MODEL_BUILDERS

@@ -60,7 +60,7 @@ class PixArtTextToImage(TextToImage):
     layers are named ``transformer_blocks.<k>``. ``encode`` returns (n, 120, 4096) with padded rows zero (see the
     module docstring); the end token of the BE map is ``</s>``, the prompt's last attended token."""
 
-    family: ClassVar[str] = "pixart-alpha"
+    family: ClassVar[str] = "PixArt-alpha"  # shadows TextToImage.family, read from the text side
     pipeline_class: ClassVar[str] = "PixArtAlphaPipeline"
     start_tokens: ClassVar[int] = 0  # T5 adds none: Wen's loss keeps no token fixed
     lacks: ClassVar[dict[str, str]] = {

@@ -70,7 +70,7 @@ class SDXLTextToImage(TextToImage):
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = True
 
-    family: ClassVar[str] = "sdxl"
+    family: ClassVar[str] = "SDXL"  # shadows TextToImage.family, read from the text side
     pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
 
     def __post_init__(self):

@@ -39,6 +39,27 @@ SD14_SCHEDULER = dict(
     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
 )
 
+# Stable Diffusion 2.x's published component configs (stabilityai/stable-diffusion-2-1-base and
+# stabilityai/stable-diffusion-2-1, */config.json). The UNet's layout is SD v1's; its attention_head_dim is, in
+# diffusers' naming, the number of heads per block (5, 10, 20, 20: 64 channels each, where SD v1 has 8 heads
+# everywhere), its transformers project in and out with linear layers, and it cross-attends to 1024-dim states.
+SD2_UNET = {**SD14_UNET, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+            "use_linear_projection": True}
+SD2_768_UNET = {**SD2_UNET, "sample_size": 96, "upcast_attention": True}  # 2.1 at 768 px: fp32 attention scores
+# OpenCLIP ViT-H/14's text tower as diffusers loads it: a transformers CLIPTextModel with 23 of its 24 layers (SD 2
+# conditions on the penultimate layer, then the final layer norm). bos/eos/pad ids are the converted checkpoint's
+# (0, 2, 1; only the pooled output would read eos_token_id, and SD 2 uses the token states); the tokenizer's ids
+# (49406, 49407, pad "!" = 0) are what the prompts get.
+SD2_TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=512, bos_token_id=0, eos_token_id=2,
+    pad_token_id=1,
+)
+SD2_VAE = SD14_VAE  # SD v1's autoencoder (scaling factor 0.18215); the 768 checkpoint's config says sample_size 768
+SD2_SCHEDULER = SD14_SCHEDULER  # 2.x base: epsilon
+SD2_V_SCHEDULER = {**SD14_SCHEDULER, "prediction_type": "v_prediction"}  # 2.x at 768 px
+SD2_PAD_TOKEN = "!"  # SD 2's tokenizer (tokenizer/special_tokens_map.json) pads with "!", id 0, not the end token
+
 
 class ModelLoadError(RuntimeError):
     """A model folder or hub id that cannot be loaded; the message names the culprit."""
@@ -62,7 +83,6 @@ class TextToImage:
     it rests on, and an entry needing one the family lacks is "not defined" on it, never computed). ``unet`` is the
     denoising network, a UNet or a transformer."""
 
-    family: ClassVar[str] = "sd"
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"  # model_index.json's _class_name when saved
     start_tokens: ClassVar[int] = 1  # CLIP's <|startoftext|> (BERT's [CLS]): Wen's loss leaves it unchanged
     lacks: ClassVar[dict[str, str]] = {}
@@ -74,6 +94,15 @@ class TextToImage:
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
     prediction_type: str | None = None
+
+    @property
+    def family(self) -> str:
+        """The model family as its text side tells it, for reports: ``SD v1`` (a CLIP text encoder whose tokenizer
+        pads with its end token), ``SD 2.x`` (a CLIP text encoder padding with another token, SD 2's ``!``), else
+        the text encoder's class name (the testbed's MiniLM: ``BertModel``). A family subclass names itself."""
+        if isinstance(self.text_encoder, CLIPTextModel):
+            return "SD v1" if pads_with_end_token(self.tokenizer) else "SD 2.x"
+        return type(self.text_encoder).__name__
 
     def __post_init__(self):
         kind = self.prediction_type or self.scheduler.config.get("prediction_type", "epsilon")
@@ -349,10 +378,11 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """SD v1-4's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padding with the end token), built offline."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """CLIP's BPE tokenizer (77 tokens), built offline: SD v1-4's, padding with the end token, by default; SD 2's
+    (OpenCLIP ViT-H/14 uses the same vocabulary) with ``pad_token=SD2_PAD_TOKEN``."""
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)
 
 
 # -------------------------------------------------------------------------------------- in-process models
@@ -392,6 +422,54 @@ def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
     vae = AutoencoderKL(**SD14_VAE, scaling_factor=0.18215) if with_vae else None
     return TextToImage("sd14-architecture-random", unet.eval(), text_encoder.eval(), clip_tokenizer(),
                        DDIMScheduler(**SD14_SCHEDULER), vae.eval() if vae else None)
+
+
+def _sd2_twin(model_id: str, scheduler: dict, seed: int) -> TextToImage:
+    torch.manual_seed(seed)
+    # SD 2's layout in miniature: four levels, two layers per block (16 cross-attention layers, the same names as
+    # SD 2's), heads per block doubling as SD 2's 5-10-20-20 do (8 channels each), linear projections
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 64, 64),
+        cross_attention_dim=32, attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, norm_num_groups=8,
+        down_block_types=SD2_UNET["down_block_types"], up_block_types=SD2_UNET["up_block_types"],
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**SD2_TEXT, "hidden_size": 32, "intermediate_size": 64,
+                                                   "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                   "projection_dim": 16}))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    return TextToImage(model_id, unet.eval(), text_encoder.eval(), clip_tokenizer(SD2_PAD_TOKEN),
+                       DDIMScheduler(**scheduler), vae.eval())
+
+
+@MODEL_BUILDERS.register("tiny-sd2", label="tiny random SD 2 twin (epsilon)", in_process=True,
+                         scheduler=SD2_SCHEDULER)
+def tiny_sd2(seed: int = 0) -> TextToImage:
+    """A seconds-fast random twin of SD 2.x base (epsilon): SD 2's layer layout and names, per-block head counts,
+    linear projections, a CLIPTextModel with SD 2's settings and SD 2's tokenizer (padding with ``!``)."""
+    return _sd2_twin("tiny-sd2", SD2_SCHEDULER, seed)
+
+
+@MODEL_BUILDERS.register("tiny-sd2-v", label="tiny random SD 2.1 twin (v-prediction)", in_process=True,
+                         scheduler=SD2_V_SCHEDULER)
+def tiny_sd2_v(seed: int = 0) -> TextToImage:
+    """The SD 2 twin as SD 2.1 at 768 px is: a v-prediction network (``TextToImage.noise_prediction`` gives eps)."""
+    return _sd2_twin("tiny-sd2-v", SD2_V_SCHEDULER, seed)
+
+
+@MODEL_BUILDERS.register("sd2-architecture", label="SD 2.1 (768, v) architecture, random weights", in_process=True,
+                         scheduler=SD2_V_SCHEDULER)
+def sd2_architecture(seed: int = 0, with_vae: bool = True, v_prediction: bool = True) -> TextToImage:
+    """SD 2.x's full architecture with random weights: SD 2.1 at 768 px (v-prediction, upcast attention), or with
+    ``v_prediction=False`` SD 2.1 base (512 px, epsilon). For speed, memory and folder-loading tests only."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(SD2_768_UNET if v_prediction else SD2_UNET))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
+    vae = AutoencoderKL(**SD2_VAE, scaling_factor=0.18215) if with_vae else None
+    scheduler = DDIMScheduler(**(SD2_V_SCHEDULER if v_prediction else SD2_SCHEDULER))
+    return TextToImage("sd2-architecture-random", unet.eval(), text_encoder.eval(), clip_tokenizer(SD2_PAD_TOKEN),
+                       scheduler, vae.eval() if vae else None)
 
 
 def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
