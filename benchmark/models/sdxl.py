@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from benchmark.models.text_to_image import (
-    SD14_SCHEDULER, TextToImage, check_pipeline_folder, clip_tokenizer, ddim_from_config, load_error,
+    SD2_PAD_TOKEN, SD14_SCHEDULER, TextToImage, check_pipeline_folder, clip_tokenizer, ddim_from_config, load_error,
 )
 from benchmark.registry import MODEL_BUILDERS, MODEL_FAMILIES
 
@@ -174,9 +174,7 @@ def load_sdxl(source: str, use_safetensors: bool = True) -> SDXLTextToImage:
 def sdxl_tokenizers() -> tuple[object, object]:
     """SDXL's two tokenizers, built offline: CLIP's BPE both, the first padding with its end token, the second
     with ``!`` (OpenCLIP's convention, as SDXL's ``tokenizer_2/special_tokens_map.json``)."""
-    second = clip_tokenizer()
-    second.pad_token = "!"
-    return clip_tokenizer(), second
+    return clip_tokenizer(), clip_tokenizer(SD2_PAD_TOKEN)  # OpenCLIP pads with "!", in SD 2 as in SDXL
 
 
 @MODEL_BUILDERS.register("tiny-sdxl", label="tiny random SDXL-like model", in_process=True,
