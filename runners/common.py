@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -27,7 +28,10 @@ OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=Tru
 transformers_logging.disable_progress_bar()
 
 ERROR_FILE = jobfolder.ERROR
-COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae")  # a pipeline folder's parts besides the UNet
+# a pipeline folder's parts besides the UNet (SDXL's second encoder and tokenizer only where present: SD keys stay)
+COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2")
+# model_index.json settings that change an image (SDXL's unconditional branch); absent from SD's index: keys stay
+PIPELINE_SETTINGS = ("force_zeros_for_empty_prompt",)
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
 
 
@@ -45,13 +49,16 @@ def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
 def model_key(m: DictConfig) -> str:
     """The model's name in the trace store: its config name, plus for a local folder the fingerprints of what makes
     an image there: the UNet (config, weight sizes, first MiB) and every other component folder (text encoder,
-    tokenizer, scheduler, VAE; content hashes), so that retrained or swapped parts never reuse another model's
+    tokenizer, scheduler, VAE, SDXL's second encoder and tokenizer; content hashes) and the pipeline settings that
+    change an image (``PIPELINE_SETTINGS``), so that retrained or swapped parts never reuse another model's
     traces. Call after the model is loaded (or built)."""
     fingerprint = weights_fingerprint(m.source)
     if not fingerprint:
         return m.name
     folder = Path(m.source).expanduser()
     parts = [f"{c}={jobfolder.path_fingerprint(folder / c)}" for c in COMPONENTS if (folder / c).is_dir()]
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    parts += [f"{k}={index[k]}" for k in PIPELINE_SETTINGS if k in index]
     rest = hashlib.sha1(";".join(parts).encode()).hexdigest()[:8] if parts else ""
     return f"{m.name}@{fingerprint}" + (f"+{rest}" if rest else "")
 
