@@ -39,11 +39,11 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
 def mitigation_markdown(result: dict) -> str:
     points = pd.DataFrame(result["curves"])
     points["target_loss"] = points.target_loss.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
-    family = f" ({result['family']} family)" if "family" in result else ""
-    parts = [f"# Mitigation: {result['model']}{family} on {result['prompt_set']}",
+    parts = [f"# Mitigation: {result['model']} on {result['prompt_set']}",
              (f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
               f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "
-              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."),
+              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."
+              + (f" Model family: {result['family']}." if result.get("family") else "")),
              "", "## Trade-off points: mean per kind, method and target loss", "",
              points.round(4).to_markdown(index=False)]
     for similarity, rows in result.get("equal_utility", {}).items():

@@ -238,6 +238,13 @@ def test_detect_job_on_each_tiny_twin_scores_every_defined_detector_and_marks_th
     report = (tmp_path / "job" / "report.md").read_text()
     assert f"({result['family']})" in report.splitlines()[0]
     assert ("not defined" in report) == bool(undefined)
+    # the cross-job leaderboard too: a "not defined" row per (level, subset), no value
+    from reports.jobs import finished_jobs
+    from reports.tables import collect, leaderboard
+
+    board = leaderboard(collect(finished_jobs([tmp_path])))
+    marked = board[board.note.str.startswith("not defined")] if "note" in board else board.iloc[:0]
+    assert set(marked.detector) == undefined and marked.auc.isna().all()
 
 
 def test_mitigation_runs_on_each_twin_and_refuses_padding_methods_on_pixart(tmp_path, compose):
@@ -248,6 +255,7 @@ def test_mitigation_runs_on_each_twin_and_refuses_padding_methods_on_pixart(tmp_
                     "mitigation.max_iters=2", "mitigation.kinds=[global]"), tmp_path / model)
         result = json.loads((tmp_path / model / "metrics.json").read_text())
         assert {"none", "wen", "be"} <= set(pd.DataFrame(result["curves"]).method)
+        assert f"Model family: {result['family']}." in (tmp_path / model / "report.md").read_text()
     cfg = compose("mitigate", "model=tiny-pixart", "debug=default", "mitigation.methods=[pad_mask]",
                   "headline.method=pad_mask")
     with pytest.raises(ValueError, match=r"mitigation.methods=\['pad_mask'\] are not defined on model family "
