@@ -173,7 +173,11 @@ def test_full_sd21_architecture_folder_round_trip(tmp_path):
     built = sd2_architecture(with_vae=False)
     folder = save_text_to_image(built, tmp_path / "sd21")
     loaded = load_text_to_image(str(folder))
-    assert dict(loaded.unet.config) == dict(built.unet.config)
+    def as_json(config):  # tuples and lists alike, without diffusers' bookkeeping keys
+        return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+
+    assert as_json(loaded.unet.config) == as_json(built.unet.config)
+    assert torch.equal(loaded.unet.conv_in.weight, built.unet.conv_in.weight)
     assert loaded.text_encoder.config.num_hidden_layers == 23 and loaded.text_encoder.config.hidden_size == 1024
     assert loaded.prediction_type == "v_prediction" and loaded.tokenizer.pad_token == "!"
     assert {m.heads for m in cross_attention_layers(loaded.unet).values()} == {5, 10, 20}
@@ -233,3 +237,35 @@ def test_a_folders_prediction_type_is_part_of_its_store_key(tmp_path):
     (v / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
     keys = [model_key(OmegaConf.create({"name": "sd-2-1", "source": str(f)})) for f in (eps, v)]
     assert keys[0] != keys[1] and keys[0].split("+")[0] == keys[1].split("+")[0]  # the UNet part is the same
+
+
+def test_sail_sd2_set_reads_the_users_copies(compose, tmp_path):
+    from omegaconf import OmegaConf
+
+    from benchmark.data.prompts import load_prompt_set
+
+    folder = tmp_path / "data" / "prompts" / "sharpness_memorization_diffusion"
+    folder.mkdir(parents=True)
+    (folder / "sd2_mem.txt").write_text("a memorized caption\nanother memorized caption\n")
+    (folder / "sd2_nmem.txt").write_text("a dog on a car\na small kitchen\na red bus\n")
+    cfg = compose("detect", "prompts=sail_sd2", f"paths.data_dir={tmp_path / 'data'}")
+    prompts = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
+    assert [p.memorized for p in prompts] == [True, True, False, False, False]
+    assert [p.text for p in prompts][:1] == ["a memorized caption"]
+
+
+@pytest.mark.slow
+def test_capture_on_the_full_sd21_architecture_at_768px():
+    """One step on SD 2.1's real architecture (random weights, v): per-block heads 5/10/20, maps at 96..12."""
+    from benchmark.models.text_to_image import sd2_architecture
+    from benchmark.sampling.capture import SamplerSettings, sample_with_capture
+
+    model = sd2_architecture(with_vae=False)  # without a VAE the sampler works on the 96x96 latent directly
+    settings = SamplerSettings(steps=1, guidance=7.5, height=96, width=96)
+    batch = sample_with_capture(model, PROMPT, [0], settings, decode=False)
+    assert batch.end_maps["down_blocks.0.attentions.0"].shape == (1, 96, 96)
+    assert batch.end_maps["down_blocks.2.attentions.1"].shape == (1, 24, 24)
+    assert batch.end_maps["mid_block.attentions.0"].shape == (1, 12, 12)
+    assert all(v.shape == (1, 1, 77) for v in batch.token_attn.values()) and len(batch.token_attn) == 16
+    assert all(torch.isfinite(v).all() for v in batch.end_maps.values())
+    assert batch.end_index.tolist() == [7]

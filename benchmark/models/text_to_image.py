@@ -1,14 +1,16 @@
 """Text-to-image models: load SD-style pipelines from a folder or hub id, or build tiny ones in-process.
 
 Every model reaches the sampler as a :class:`TextToImage`: a UNet, a text encoder with its tokenizer, a DDIM
-scheduler and, for latent models, a VAE. SD v1-4 and the planted-memorization testbed load through the same path.
+scheduler and, for latent models, a VAE. SD v1-4, SD 2.x (epsilon at 512 px, v-prediction at 768 px) and the
+planted-memorization testbed load through the same path; every network call is :meth:`TextToImage.noise_prediction`
+(epsilon whatever the network predicts). Families: docs/models.md.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
@@ -94,6 +96,8 @@ class TextToImage:
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
     prediction_type: str | None = None
+    # alpha-bar tables by device and dtype, made once: a host-to-device copy at every call would wait for the queue
+    _alphas_cumprod: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def family(self) -> str:
@@ -144,9 +148,20 @@ class TextToImage:
         ``ldm/models/diffusion/ddpm.py`` ``predict_eps_from_z_and_v``). ``epsilon``: ``out`` unchanged."""
         if self.prediction_type == "epsilon":
             return out
-        abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
-        abar = abar.float().reshape(-1, *[1] * (out.ndim - 1))
-        return abar.sqrt().to(out.dtype) * out + (1 - abar).sqrt().to(out.dtype) * latents
+        source = self.scheduler.alphas_cumprod
+        key = (out.device, out.dtype, id(source))  # a replaced scheduler gets its own tables
+        if key not in self._alphas_cumprod:
+            abar = source.double()
+            self._alphas_cumprod[key] = torch.stack([abar.sqrt(), (1 - abar).sqrt()]).to(out.device, out.dtype)
+        table = self._alphas_cumprod[key]  # (2, train timesteps): sqrt(abar), sqrt(1 - abar)
+        # a Python int indexes without a copy; a timestep tensor is the sampler's own, already on the device
+        if isinstance(t, int):
+            coef = table[:, t]
+        else:
+            t = torch.as_tensor(t)
+            coef = table[:, (t if t.device == table.device else t.to(table.device)).long()]
+        coef = coef.reshape(2, -1, *[1] * (out.ndim - 1))
+        return coef[0] * out + coef[1] * latents
 
     @property
     def device(self) -> torch.device:
