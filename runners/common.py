@@ -1,8 +1,6 @@
 """What every Hydra runner shares: finished-job skipping, failure capture in sweeps, the job's device."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -10,14 +8,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from benchmark.core.devices import pick_device
+from benchmark.jobs import keys
 from benchmark.jobs.config import ConfigError, check_job
-from benchmark.models.text_to_image import weights_fingerprint
+from benchmark.jobs.keys import trace_sampler_key  # noqa: F401  (the mitigation runner imports it from here)
+from benchmark.jobs.results import JobResult
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.tracking import Tracker
 
@@ -28,10 +29,6 @@ OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=Tru
 transformers_logging.disable_progress_bar()
 
 ERROR_FILE = jobfolder.ERROR
-# a pipeline folder's parts besides the UNet (SDXL's second encoder and tokenizer only where present: SD keys stay)
-COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2")
-# model_index.json settings that change an image (SDXL's unconditional branch); absent from SD's index: keys stay
-PIPELINE_SETTINGS = ("force_zeros_for_empty_prompt",)
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
 
 
@@ -46,27 +43,23 @@ def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
                    folder, cfg.logger.get("mode", "offline"), cfg.logger.get("group"))
 
 
+def write_result(result: JobResult, folder: Path, tracker: Tracker) -> None:
+    """Write a finished job into its folder (:meth:`benchmark.jobs.results.JobResult.write`) and mirror it to the
+    job's W&B run: ``metrics.json``, the table and the pictures beside them attached; the numbers, those
+    pictures, the table (``generations``) and the result's ``tracked_tables`` logged."""
+    written = result.write(folder)
+    attached = [p for p in written if p.parent == folder and p.name not in result.texts]
+    tables = {name: pd.DataFrame(getattr(result, name)) for name in result.tracked_tables}
+    if result.table is not None:
+        tables["generations"] = result.table
+    tracker.save(*attached)
+    tracker.log(result.scalars(), images={p.stem: p for p in attached if p.suffix == ".png"}, **tables)
+
+
 def model_key(m: DictConfig) -> str:
-    """The model's name in the trace store: its config name, plus for a local folder the fingerprints of what makes
-    an image there: the UNet (config, weight sizes, first MiB) and every other component folder (text encoder,
-    tokenizer, scheduler, VAE, SDXL's second encoder and tokenizer; content hashes) and the pipeline settings that
-    change an image (``PIPELINE_SETTINGS``), so that retrained or swapped parts never reuse another model's
-    traces. Call after the model is loaded (or built)."""
-    fingerprint = weights_fingerprint(m.source)
-    if not fingerprint:
-        return m.name
-    folder = Path(m.source).expanduser()
-    parts = [f"{c}={jobfolder.path_fingerprint(folder / c)}" for c in COMPONENTS if (folder / c).is_dir()]
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
-    parts += [f"{k}={index[k]}" for k in PIPELINE_SETTINGS if k in index]
-    rest = hashlib.sha1(";".join(parts).encode()).hexdigest()[:8] if parts else ""
-    return f"{m.name}@{fingerprint}" + (f"+{rest}" if rest else "")
-
-
-def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
-    """A sampler's store key with the storage precision of its traces, where it is not the default float16: the
-    same sampling stored at another precision is another result."""
-    return sampler_key if store_dtype == "float16" else f"{sampler_key}-store{store_dtype}"
+    """:func:`benchmark.jobs.keys.model_key` of a model config (the mitigation runner's; the other jobs call the
+    library's)."""
+    return keys.model_key(m.name, m.source)
 
 
 def check_config(config: dict) -> None:
