@@ -1,5 +1,5 @@
 """Registries of the benchmark's extension axes: detectors, localizers, mitigations, similarity measures, caption
-renderers, prompt sources and model builders.
+renderers, prompt sources, model builders and model families.
 
 Metadata sits on the function it describes, as in lm-evaluation-harness's ``register_metric``: a decorator names
 the entry and says how to use it, and the scorer, the reports and the contract tests iterate the registry. A new
@@ -35,6 +35,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "similarity measure": ("benchmark.measures",),
     "prompt source": ("benchmark.data",),
     "model builder": ("benchmark.models",),
+    "model family": ("benchmark.models",),
     "job": ("benchmark.jobs",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
@@ -225,7 +226,17 @@ def _check_detector(name: str, fn: Callable, meta: dict) -> dict:
             raise ValueError(f"detector {name!r}: {key}={meta[key]!r} disagrees with its parameters {params}")
     if "baseline" in meta and not isinstance(meta["baseline"], str):
         raise ValueError(f"detector {name!r}: baseline={meta['baseline']!r} must be a detector's name")
-    return {**meta, **derived, "inputs": tuple(params), **_reproduces(name, "detector", meta)}
+    return {**_check_needs(name, fn, meta), **derived, "inputs": tuple(params),
+            **_reproduces(name, "detector", meta)}
+
+
+def _check_needs(name: str, fn: Callable, meta: dict) -> dict:
+    """``needs``: the premises (:data:`PREMISES`) an entry's definition rests on; () when it names none."""
+    needs = tuple(meta.get("needs", ()))
+    unknown = [n for n in needs if n not in PREMISES]
+    if unknown:
+        raise ValueError(f"{name!r}: needs={unknown} are not premises ({', '.join(PREMISES)})")
+    return {**meta, "needs": needs}
 
 
 def _reproduces(name: str, axis: str, meta: dict) -> dict:
@@ -238,7 +249,8 @@ def _reproduces(name: str, axis: str, meta: dict) -> dict:
 
 
 DETECTORS = Registry("detector", _check_detector)
-"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; optional, read by the reports:
+"""Detection scores, one per generation. Metadata: ``higher_is_memorized``, ``needs`` (premises a model family
+may lack, :data:`PREMISES`); optional, read by the reports:
 ``reproduces`` (the published tables and figures the detector has a row in: ``table1``, Chen et al.'s Table 1;
 ``fig5``, their BE intensity box plot) and ``baseline`` (a detector the headline compares it with, with a paired
 interval); derived from the parameters: ``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
@@ -269,8 +281,9 @@ prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}``
 ``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
 ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
 
-MITIGATIONS = Registry("mitigation")
-"""Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
+MITIGATIONS = Registry("mitigation", _check_needs)
+"""Inference-time mitigations. Metadata: ``needs`` (premises, :data:`PREMISES`), ``needs_mask`` (whether it reads
+the generation's BE mask), ``optimised``
 (True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes the
 embedding directly, ``benchmark.mitigation.padding``)."""
 
@@ -287,3 +300,19 @@ PROMPT_SOURCES = Registry("prompt source")
 MODEL_BUILDERS = Registry("model builder")
 """Model builders, named by a model config's ``build``: ``fn(source) -> path of a pipeline folder`` (built or
 trained when missing), or with ``in_process=True``: ``fn() -> TextToImage`` named by ``source``."""
+
+MODEL_FAMILIES = Registry("model family")
+"""Pipeline loaders by model family (SD, SDXL, PixArt-alpha): ``fn(source, use_safetensors) -> TextToImage`` for a
+pipeline folder or hub id. Metadata: ``pipelines``, the diffusers pipeline class names (``model_index.json``'s
+``_class_name``) the family loads; ``load_text_to_image`` picks the family by them.
+
+A detector or mitigation whose definition rests on a premise some family lacks says so with ``needs`` in its
+metadata (:data:`PREMISES`); ``TextToImage.not_defined(needs)`` says why it is not defined on a family."""
+
+PREMISES = {
+    "start_token": "the prompt's token states begin with a start token (CLIP's <|startoftext|>) that takes most "
+                   "of the attention of non-memorized prompts",
+    "attended_padding": "the prompt is padded to the full context with tokens the network attends to (SD's CLIP "
+                        "pads with copies of the end token)",
+}
+"""What a ``needs`` entry may name, and what it means."""

@@ -19,8 +19,10 @@ def _fmt(row: pd.Series, name: str) -> str:
     return f"{row[name]:.3f}"
 
 
-def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str = "auc") -> str:
-    """Detector x (layers, T) rows, one column per subset, each cell ``value [95% CI]``."""
+def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str = "auc",
+                       not_defined: dict[str, str] | None = None) -> str:
+    """Detector x (layers, T) rows, one column per subset, each cell ``value [95% CI]``; a detector in
+    ``not_defined`` (not defined on the job's model family) gets one row reading "not defined" in every column."""
     table = metrics[metrics.level == level].copy()
     order = {name: i for i, name in enumerate(detector_order(table.detector.unique()))}
     table = table.sort_values(["detector", "layers", "T"], key=lambda c: c.map(order) if c.name == "detector" else c,
@@ -29,6 +31,8 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
     table["method"] = table.apply(lambda r: detector_label(r.detector) + (f" [{r.layers}]" if r.layers else "")
                                   + (f" T={r['T']}" if r["T"] else ""), axis=1)
     wide = table.pivot_table(index="method", columns="subset", values="cell", aggfunc="first", sort=False)
+    for name in detector_order(list(not_defined or {})):
+        wide.loc[detector_label(name)] = "not defined"
     return wide.to_markdown()
 
 
@@ -38,7 +42,8 @@ def mitigation_markdown(result: MitigationResult) -> str:
     parts = [f"# Mitigation: {result.model} on {result.prompt_set}",
              (f"{result.n_prompts} memorized prompts, {result.n_generations} generations "
               f"({result.sampled_now} sampled in this job, {result.sampling_seconds} s). Method `none` = "
-              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."),
+              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."
+              + (f" Model family: {result.family}." if result.family else "")),
              "", "## Trade-off points: mean per kind, method and target loss", "",
              points.round(4).to_markdown(index=False)]
     for similarity, rows in result.equal_utility.items():
@@ -98,13 +103,18 @@ def job_markdown(folder: str | Path) -> str:
     if not isinstance(result, DetectionResult):
         raise TypeError(f"{folder}: a {result.task} job has no Markdown report (detection and mitigation do)")
     metrics = pd.DataFrame(result.metrics)
+    undefined = result.not_defined or {}
     family = f" ({result.family})" if result.family else ""  # job folders written before: no family
     parts = [f"# {result.model}{family} on {result.prompt_set}",
              (f"{result.n_prompts} prompts, {result.n_generations} generations "
               f"({result.sampled_now} sampled in this job, {result.sampling_seconds} s)."),
              "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",
-             detection_markdown(metrics, "prompt", "auc"),
-             "", "## Detection: TPR@1%FPR at prompt level", "", detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr")]
+             detection_markdown(metrics, "prompt", "auc", undefined),
+             "", "## Detection: TPR@1%FPR at prompt level", "",
+             detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr", undefined)]
+    if undefined:
+        parts += ["", "Not defined on this model family (docs/models.md):", ""]
+        parts += [f"- {detector_label(name)}: {why}" for name, why in undefined.items()]
     if result.localization:
         parts += ["", "## Localization: BE mask vs ground-truth mask (local memorization)", "",
                   pd.DataFrame(result.localization).round(3).to_markdown(index=False)]

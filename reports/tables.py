@@ -52,6 +52,13 @@ def collect(jobs: list[Job]) -> pd.DataFrame:
         if job.task != "detect":
             continue
         frame = pd.DataFrame(job.result.metrics)
+        # a detector not defined on the job's model family: one row per (level, subset) saying so, no value
+        undefined = job.result.not_defined or {}
+        if undefined and not frame.empty:
+            cells = frame[["level", "subset"]].drop_duplicates()
+            frame = pd.concat([frame.assign(note=""), *(cells.assign(detector=name, layers="", T=0,
+                                                                    note=f"not defined: {why}")
+                                                       for name, why in undefined.items())], ignore_index=True)
         frame.insert(0, "job", job.label)
         frame.insert(1, "folder", str(job.folder))
         frame.insert(2, "model", job.result.model)
@@ -78,7 +85,7 @@ def leaderboard(ours: pd.DataFrame) -> pd.DataFrame:
     columns = ["job", "model", "prompt_set", "steps", "n_images", "level", "subset", "detector", "method", "layers",
                "T"]
     metric_columns = [c for m in METRICS for c in (m, f"{m}_lo", f"{m}_hi") if c in ours]
-    counts = [c for c in ("n_pos", "n_neg") if c in ours]
+    counts = [c for c in ("n_pos", "n_neg", "note") if c in ours]
     return ours[columns + metric_columns + counts].round(4).reset_index(drop=True)
 
 

@@ -44,6 +44,10 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         n_images = mit.n_images if mit.n_images is not None else OFFICIAL_N_IMAGES if mit.protocol == "official" else 1
         model = get_model(m.source, device, m.dtype, m.use_safetensors, m.build)
         check_ddim_steps(model.scheduler.config, s.steps)
+        undefined = detection.not_defined(model, [MITIGATIONS[name] for name in mit.methods if name in MITIGATIONS])
+        if undefined:
+            raise ValueError(f"mitigation.methods={sorted(undefined)} are not defined on model family {model.family}: "
+                             + "; ".join(sorted(set(undefined.values()))))
         layers = select_layers(list(cross_attention_layers(model.unet)), list(cfg.layers.sets[mit.mask_layers]))
         sim = cfg.similarity
         measures = tradeoff.Measures(layers, SSCD(sim.sscd, device) if sim.sscd else None,
@@ -72,7 +76,8 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         equal = {sim_name: tradeoff.at_equal_utility(points, utility, sim_name).to_dict(orient="records")
                  for sim_name in ("SSCD", "S", "LS", "train_rmse") if utility and sim_name in rows}
         value = headline(points, **cfg.headline)
-        summary = {"task": "mitigate", "model": m.name, "prompt_set": full.name, "n_prompts": len(prompt_set),
+        summary = {"task": "mitigate", "model": m.name, "family": model.family, "prompt_set": full.name,
+                   "n_prompts": len(prompt_set),
                    "n_generations": len(rows), "sampled_now": sampled, "sampling_seconds": round(sampling_s, 2),
                    "utility": utility, "headline": value, "settings": [setting.tag for setting in settings],
                    "curves": points.to_dict(orient="records"), "equal_utility": equal}

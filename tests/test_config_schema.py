@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # model families' presets and the experiments, so every config file's settings are visited at least once.
 CONFIGS = [
     ("detect", []), ("detect", ["debug=default"]), ("detect", ["model=sd-v1-4"]), ("detect", ["model=sd-2-1"]),
-    ("detect", ["model=tiny-sd2-v", "debug=default"]),
+    ("detect", ["model=tiny-sd2-v", "debug=default"]), ("detect", ["model=sdxl"]), ("detect", ["model=pixart-alpha"]),
+    ("detect", ["model=tiny-sdxl", "debug=default"]), ("mitigate", ["model=tiny-pixart", "debug=default"]),
     ("detect", ["model=testbed_endpad", "prompts=coco2014"]),
     ("detect", ["debug=default", "sampler.end_map_steps=[1]"]),
     ("mitigate", []), ("mitigate", ["debug=default"]),

@@ -42,6 +42,15 @@ def check_grid(model: TextToImage, layer_sets: dict[str, list[str]], windows: li
     check_detectors()
 
 
+def not_defined(model: TextToImage, entries: Iterable[Entry] | None = None) -> dict[str, str]:
+    """The detectors (or other registry ``entries``) not defined on ``model``'s family, each with why: those whose
+    ``needs`` name a premise the family lacks (``TextToImage.lacks``; Ren's entropies on PixArt-alpha, which has no
+    start token and no attended padding). They are never scored there (``score_grid``'s ``skip``); the report
+    marks them."""
+    entries = DETECTORS.entries() if entries is None else entries
+    return {e.name: why for e in entries if (why := model.not_defined(e.needs))}
+
+
 def check_detectors() -> None:
     """Every registered detector reads only trace fields that :class:`TraceArrays` has or an extra pass adds."""
     known = (set(TraceArrays.__dataclass_fields__) - {"rows", "extras"}
@@ -170,18 +179,20 @@ def load(store: TraceStore, generations: list[Generation], extra: list[extra_pas
 
 
 def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int],
-               detectors: list[Entry] | None = None) -> pd.DataFrame:
+               detectors: list[Entry] | None = None, skip: Iterable[str] = ()) -> pd.DataFrame:
     """Every detector (or those of ``detectors``) on every layer set and step window, per generation, in long format.
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
     A detector that reads a field these traces lack (an extra pass not asked for, ``capture.extra``) is skipped;
-    one whose extra pass ran on some generations only (its ``n``) has rows for those only. Raises ValueError for a
-    window past the recorded steps or a detector that does not return one score per generation.
+    one whose extra pass ran on some generations only (its ``n``) has rows for those only. ``skip``: detectors
+    not to score (those :func:`not_defined` on the traces' model family). Raises ValueError for a window past the
+    recorded steps or a detector that does not return one score per generation.
     """
     check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
+    skip = set(skip)
     detectors = [d for d in (DETECTORS.entries() if detectors is None else detectors)
-                 if all(arrays.has(f) for f in d.trace_fields)]
+                 if all(arrays.has(f) for f in d.trace_fields) and d.name not in skip]
 
     def add(detector: Entry, name: str, layers: list[str] | None, T: int, mask: np.ndarray | None = None):
         values = np.asarray(detector.fn(**arrays.inputs(detector, layers, T, mask)))

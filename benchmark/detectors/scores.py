@@ -117,7 +117,7 @@ def layer_mean_attention(token_attn: dict[str, np.ndarray], layers: list[str]) -
 
 
 # memorized prompts spread attention off the start token: higher entropy (MemAttn detect.py's ROC)
-@DETECTORS.register("Ren_E", label="Ren (E)", higher_is_memorized=True)
+@DETECTORS.register("Ren_E", label="Ren (E)", higher_is_memorized=True, needs=("start_token",))
 def ren_E(token_attn: dict[str, np.ndarray], layers: list[str]) -> np.ndarray:
     """Ren et al.'s E (ECCV 2024; MemAttn ``detect.py --mode E``): the entropy, at the first step, of the
     attention over tokens averaged over the chosen layers (and heads, pixels). Higher = memorized.
@@ -132,7 +132,9 @@ def ren_window(T: int) -> int:
     return max(1, T // 5)
 
 
-@DETECTORS.register("Ren_D", label="Ren (D)", higher_is_memorized=True)
+# the summary tokens are the end token and the attended padding after it; the rest of the mass sits on the start
+# token (MemAttn): a family without either premise (registry.PREMISES) has no Ren D
+@DETECTORS.register("Ren_D", label="Ren (D)", higher_is_memorized=True, needs=("start_token", "attended_padding"))
 def ren_D(token_attn: dict[str, np.ndarray], end_index: np.ndarray, layers: list[str], T: int) -> np.ndarray:
     """Ren et al.'s D (ECCV 2024; MemAttn ``detect.py --mode D``) over the first T steps. Higher = memorized.
 

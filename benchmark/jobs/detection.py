@@ -34,7 +34,8 @@ def run_detection(job: DetectJob, device: str | None = None, progress: Progress 
 
     Raises ValueError before any sampling on a layer name the model lacks, a window outside the steps, a prompt
     set without both labels or without the headline's subset, a headline detector whose extra pass is not asked
-    for; ConfigError on DDIM steps past the model's schedule."""
+    for or that is not defined on the model's family (``detection.not_defined``: never scored there, listed in
+    the result's ``not_defined``); ConfigError on DDIM steps past the model's schedule."""
     m, s = job.model, job.sampler
     layer_sets = {k: list(v) for k, v in job.layers.sets.items()}
     model = get_model(m.source, device or m.device, m.dtype, m.use_safetensors, m.build)
@@ -42,6 +43,10 @@ def run_detection(job: DetectJob, device: str | None = None, progress: Progress 
     if job.capture.compile:
         model.unet.compile()
     detection.check_grid(model, layer_sets, list(job.score.T), s.steps)
+    undefined = detection.not_defined(model)
+    if job.score.headline.detector in undefined:
+        raise ValueError(f"score.headline.detector={job.score.headline.detector!r} is not defined on model family "
+                         f"{model.family}: {undefined[job.score.headline.detector]}")
     prompt_set = load_prompt_set(job.prompts)
     check_labels(prompt_set, job.score.headline.subset)
     settings = job.sampler.settings()
@@ -61,7 +66,7 @@ def run_detection(job: DetectJob, device: str | None = None, progress: Progress 
     sampling_s, extra_s = time.perf_counter() - start, time.perf_counter() - extra_start
     arrays = detection.load(store, plan, extra).score_units(job.score.score_difference_units, model.scheduler,
                                                             s.steps)
-    scores = detection.score_grid(arrays, layer_sets, list(job.score.T))
+    scores = detection.score_grid(arrays, layer_sets, list(job.score.T), skip=undefined)
     metrics = detection.detection_table(scores, job.score.n_boot)
     found: dict = {}
     pictures = {}
@@ -85,7 +90,8 @@ def run_detection(job: DetectJob, device: str | None = None, progress: Progress 
                                prompt_set.truth, job.localization.rule)
     return DetectionResult(
         config=job.resolved, sampler_settings=sampler_record(settings, s.seed, m.dtype), n_images=s.n_images,
-        model=m.name, family=f"{model.family}, {model.prediction_type}", prompt_set=prompt_set.name, n_prompts=len(prompt_set), n_generations=len(arrays.rows),
+        model=m.name, family=f"{model.family}, {model.prediction_type}", not_defined=undefined or None,
+        prompt_set=prompt_set.name, n_prompts=len(prompt_set), n_generations=len(arrays.rows),
         sampled_now=sampled, extra_computed_now=extra_now, extra_seconds=round(extra_s, 2),
         extra={r.name: {**r.knobs, "n": r.n, "hash": r.digest} for r in extra},
         sampling_seconds=round(sampling_s, 2), scoring_seconds=round(time.perf_counter() - start - sampling_s, 2),

@@ -2,24 +2,31 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from benchmark.models.text_to_image import weights_fingerprint
 from benchmark.store.job_folder import path_fingerprint
 
-COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae")  # a pipeline folder's parts besides the UNet
+# a pipeline folder's parts besides the UNet (SDXL's second encoder and tokenizer only where present: SD keys stay)
+COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae", "text_encoder_2", "tokenizer_2")
+# model_index.json settings that change an image (SDXL's unconditional branch); absent from SD's index: keys stay
+PIPELINE_SETTINGS = ("force_zeros_for_empty_prompt",)
 
 
 def model_key(name: str, source: str) -> str:
     """The model's name in the trace store: its config name, plus for a local folder the fingerprints of what makes
     an image there: the UNet (config, weight sizes, first MiB) and every other component folder (text encoder,
-    tokenizer, scheduler, VAE; content hashes), so that retrained or swapped parts never reuse another model's
+    tokenizer, scheduler, VAE, SDXL's second encoder and tokenizer; content hashes) and the pipeline settings that
+    change an image (``PIPELINE_SETTINGS``), so that retrained or swapped parts never reuse another model's
     traces. Call after the model is loaded (or built)."""
     fingerprint = weights_fingerprint(source)
     if not fingerprint:
         return name
     folder = Path(source).expanduser()
     parts = [f"{c}={path_fingerprint(folder / c)}" for c in COMPONENTS if (folder / c).is_dir()]
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    parts += [f"{k}={index[k]}" for k in PIPELINE_SETTINGS if k in index]
     rest = hashlib.sha1(";".join(parts).encode()).hexdigest()[:8] if parts else ""
     return f"{name}@{fingerprint}" + (f"+{rest}" if rest else "")
 

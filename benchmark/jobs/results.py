@@ -191,6 +191,8 @@ class DetectionResult(JobResult):
     tracked_tables: ClassVar[tuple[str, ...]] = ("metrics",)
     model: str
     family: str | None = field(default=None, metadata=_OPTIONAL)  # "SD 2.x, v_prediction"; None: written before
+    # detector -> why it is not defined on the model's family (benchmark.detectors.detection.not_defined); None: all
+    not_defined: dict[str, str] | None = field(default=None, metadata=_OPTIONAL)
     prompt_set: str
     n_prompts: int | None = None
     n_generations: int | None = None
@@ -224,6 +226,7 @@ class MitigationResult(JobResult):
 
     task: ClassVar[str] = "mitigate"
     model: str
+    family: str | None = field(default=None, metadata=_OPTIONAL)  # TextToImage.family; None: written before
     prompt_set: str
     n_prompts: int | None = None
     n_generations: int | None = None

@@ -2,8 +2,10 @@
 
 At the first denoising step the conditional prompt embedding is optimised with AdamW to lower the text-guidance
 magnitude ``||eps_cond - eps_uncond||`` (BE: the mask-weighted ``||(eps_cond - eps_uncond) * m|| / mean(m)``), at most
-``max_iters`` iterations, stopping once the loss is at or below the target; the BOS token's gradient is zeroed. The
-image is then sampled from the same seed with the optimised embedding.
+``max_iters`` iterations, stopping once the loss is at or below the target; the BOS token's gradient is zeroed (a
+family without a start token, PixArt-alpha's T5: no row is held, ``TextToImage.start_tokens``). The image is then
+sampled from the same seed with the optimised embedding. SDXL's pooled embedding is a row of its context
+(benchmark/models/sdxl.py) and is optimised with the token states (the papers' code is SD v1's and has none).
 
 Two protocols (docs/protocols.md):
 - ``per_image`` (default): each generation gets its own embedding and its own early stop, so a result depends on its
@@ -98,7 +100,8 @@ def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Ten
     x = model.scheduler.scale_model_input(latents, t)
     with torch.no_grad():
         eps_uncond = model.noise_prediction(x, t, uncond)
-    bos = cond[:, :1].detach().float()
+    start = model.start_tokens  # 1 (CLIP's start token), 0 for a family without one (PixArt's T5)
+    bos = cond[:, :start].detach().float()
     emb = cond.detach().float().clone().requires_grad_(True)  # a float32 master copy: fp16 loses AdamW steps
     optimizer = torch.optim.AdamW([emb], lr=settings.lr)
     final = emb.detach().clone()
@@ -115,12 +118,12 @@ def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Ten
         if not active.any():
             break
         (grad,) = torch.autograd.grad(losses[active].sum(), emb)  # images are independent: the sum splits
-        grad[:, 0] = 0  # the BOS token stays as it is (Wen)
+        grad[:, :start] = 0  # the BOS token stays as it is (Wen)
         emb.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            emb[:, :1] = bos  # AdamW's weight decay would still shrink it
+            emb[:, :start] = bos  # AdamW's weight decay would still shrink it
         steps[active.cpu()] += 1
     final[active] = emb.detach()[active]
     return Optimised(final, torch.stack(history) if history else torch.empty(0, len(emb)), steps)
@@ -149,7 +152,7 @@ def optimise_shared_embedding(model: TextToImage, cond: torch.Tensor, uncond: to
         if history[-1] <= settings.target_loss:
             break
         (grad,) = torch.autograd.grad(loss, emb)
-        grad[:, 0] = 0  # zeroed, not restored: AdamW's weight decay still moves the start token (as theirs)
+        grad[:, :model.start_tokens] = 0  # zeroed, not restored: weight decay still moves the start token (theirs)
         emb.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -83,11 +83,14 @@ def replacement_id(model: TextToImage, token: str) -> int:
     return int(token_id)
 
 
-@MITIGATIONS.register("mask_end", label="Kim & No (end masked)", needs_mask=False, optimised=False)
+@MITIGATIONS.register("mask_end", label="Kim & No (end masked)", needs_mask=False, optimised=False,
+                      needs=("attended_padding",))
 @MITIGATIONS.register("pad_replace_mask_end", label="Kim & No (pad !, end masked)", needs_mask=False,
-                      optimised=False)
-@MITIGATIONS.register("pad_replace", label="Kim & No (pad !)", needs_mask=False, optimised=False)
-@MITIGATIONS.register("pad_mask", label="Kim & No (pad masked)", needs_mask=False, optimised=False)
+                      optimised=False, needs=("attended_padding",))
+@MITIGATIONS.register("pad_replace", label="Kim & No (pad !)", needs_mask=False, optimised=False,
+                      needs=("attended_padding",))
+@MITIGATIONS.register("pad_mask", label="Kim & No (pad masked)", needs_mask=False, optimised=False,
+                      needs=("attended_padding",))
 @torch.no_grad()
 def pad_mitigated_embedding(model: TextToImage, prompts: list[str], settings: PadMitigation) -> torch.Tensor:
     """The conditional embedding (n, tokens, dim) of ``prompts`` under ``settings``.
@@ -98,7 +101,7 @@ def pad_mitigated_embedding(model: TextToImage, prompts: list[str], settings: Pa
     encoder such as CLIP's, rows up to e are then unchanged). Raises ValueError for a token the model lacks."""
     pad_id = replacement_id(model, settings.token) if settings.replaces_pad else None
     cond = model.encode(prompts, pad_token_id=pad_id).clone()
-    tokens = cond.shape[1]
+    tokens = model.context_tokens  # rows after them are a family's conditions (SDXL's pooled embedding)
     for i, end in enumerate(model.end_token_index(prompts).tolist()):
         if settings.masks_end:
             cond[i, end] = 0

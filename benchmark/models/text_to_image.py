@@ -13,12 +13,13 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from benchmark.registry import MODEL_BUILDERS
+from benchmark.registry import MODEL_BUILDERS, MODEL_FAMILIES
 
 # Stable Diffusion v1-4's published component configs (CompVis/stable-diffusion-v1-4, */config.json).
 SD14_UNET = dict(
@@ -76,7 +77,17 @@ class TextToImage:
     ``prediction_type``: what the network outputs, ``epsilon`` (SD v1, SD 2 base) or ``v_prediction`` (SD 2.1 at
     768 px); None takes it from the scheduler's config. Whatever the network predicts, the library sees epsilon:
     :meth:`noise_prediction` converts, and ``scheduler`` is kept configured for epsilon so that DDIM's update reads
-    what every caller hands it. Raises ValueError for another prediction type (``sample``)."""
+    what every caller hands it. Raises ValueError for another prediction type (``sample``).
+
+    A model family (SD v1, SDXL, PixArt-alpha: ``benchmark/models/``, docs/models.md) is a subclass: it says how
+    prompts become the ``context`` the network reads, how the network is called, and which premises of the
+    detectors and mitigations it lacks (``lacks``: premise -> why; a registry entry's ``needs`` names the premises
+    it rests on, and an entry needing one the family lacks is "not defined" on it, never computed). ``unet`` is the
+    denoising network, a UNet or a transformer."""
+
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"  # model_index.json's _class_name when saved
+    start_tokens: ClassVar[int] = 1  # CLIP's <|startoftext|> (BERT's [CLS]): Wen's loss leaves it unchanged
+    lacks: ClassVar[dict[str, str]] = {}
 
     model_id: str
     unet: UNet2DConditionModel
@@ -164,9 +175,29 @@ class TextToImage:
     def max_length(self) -> int:
         return min(self.tokenizer.model_max_length, 512)
 
+    @property
+    def context_tokens(self) -> int:
+        """How many token states the network cross-attends to (77 on SD); ``encode`` may add condition rows."""
+        return self.max_length
+
+    def components(self) -> dict[str, object]:
+        """The pipeline folder's parts by subfolder name (None: absent), as ``save_text_to_image`` writes them."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "scheduler": self.scheduler, "vae": self.vae}
+
+    def pipeline_config(self) -> dict:
+        """The family's pipeline settings that ``model_index.json`` holds beside its components (SDXL's
+        ``force_zeros_for_empty_prompt``); read back by the family's loader."""
+        return {}
+
+    def not_defined(self, needs: tuple[str, ...]) -> str | None:
+        """Why a detector or mitigation resting on the premises ``needs`` is not defined on this family, or None."""
+        reasons = [self.lacks[n] for n in needs if n in self.lacks]
+        return "; ".join(reasons) if reasons else None
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TextToImage:
-        for module in (self.unet, self.text_encoder, self.vae):
-            if module is not None:
+        for module in self.components().values():
+            if isinstance(module, torch.nn.Module):
                 # a dtype equal to the current one is left out, and so is the keyword: diffusers warns whenever
                 # `dtype` is passed, even as None
                 cast = {"dtype": dtype} if dtype not in (None, module.dtype) else {}
@@ -229,8 +260,10 @@ def pads_with_end_token(tokenizer) -> bool:
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
-def check_pipeline_folder(source: str, required: tuple[str, ...], use_safetensors: bool, what: str) -> Path | None:
-    """A local pipeline folder, checked before any loader runs (one-line errors naming it); None for a hub id."""
+def check_pipeline_folder(source: str, required: tuple[str, ...], use_safetensors: bool, what: str,
+                          network: str = "unet") -> Path | None:
+    """A local pipeline folder, checked before any loader runs (one-line errors naming it); None for a hub id.
+    ``network``: the subfolder of the denoising network, whose weights ``use_safetensors`` asks for."""
     path = Path(source).expanduser()
     if not (path.is_absolute() or source.startswith((".", "~")) or path.exists()):
         return None
@@ -239,8 +272,8 @@ def check_pipeline_folder(source: str, required: tuple[str, ...], use_safetensor
     missing = [c for c in required if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{what} folder {source} is incomplete: missing {', '.join(missing)}/")
-    if use_safetensors and not any((path / "unet").glob("*.safetensors")):
-        raise ModelLoadError(f"{what} folder {source}: no unet/*.safetensors (set use_safetensors=false to "
+    if use_safetensors and not any((path / network).glob("*.safetensors")):
+        raise ModelLoadError(f"{what} folder {source}: no {network}/*.safetensors (set use_safetensors=false to "
                              "allow pickle weights you trust)")
     return path
 
@@ -251,9 +284,41 @@ def load_error(what: str, source: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {what} {source}: {first}")
 
 
+def pipeline_index(source: str) -> dict:
+    """A pipeline's ``model_index.json`` (local folder or hub id); empty for a folder without one (folders written
+    before the index was, e.g. by hand). Raises ModelLoadError for a missing folder or an unreachable hub id."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or source.startswith((".", "~")) or path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder not found: {source}")
+        index = path / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else {}
+    try:
+        return dict(DiffusionPipeline.load_config(source))
+    except (OSError, ValueError) as err:
+        raise load_error("model", source, err) from err
+
+
 def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str = "cpu",
                        dtype: torch.dtype = torch.float32) -> TextToImage:
-    """Load a diffusers pipeline folder (local path or hub id) component by component.
+    """Load a diffusers pipeline folder (local path or hub id) with the loader of its model family: the family
+    (``registry.MODEL_FAMILIES``) whose ``pipelines`` name the index's ``_class_name``; SD's for any other.
+    Raises ModelLoadError naming the folder or component that cannot be loaded."""
+    name = pipeline_index(source).get("_class_name")
+    family = next((f for f in MODEL_FAMILIES.entries() if name in f.pipelines), MODEL_FAMILIES["sd"])
+    return family(source, use_safetensors).to(device, dtype)
+
+
+def ddim_from_config(config: dict) -> DDIMScheduler:
+    """DDIM with the noise schedule of a pipeline's scheduler config. Settings DDIM has and the config lacks (a
+    DPM-Solver or Euler config: PixArt-alpha's, SDXL's) take SD's latent-model values, not DDIM's defaults:
+    ``clip_sample`` False (clipping x0 to [-1, 1] is for pixel models) and ``set_alpha_to_one`` False."""
+    return DDIMScheduler.from_config({"clip_sample": False, "set_alpha_to_one": False, **dict(config)})
+
+
+@MODEL_FAMILIES.register("sd", label="Stable Diffusion (v1, v2)", pipelines=("StableDiffusionPipeline",))
+def load_sd_pipeline(source: str, use_safetensors: bool = True) -> TextToImage:
+    """An SD-style pipeline component by component (float32, CPU).
 
     Loading components rather than ``StableDiffusionPipeline`` lets a pixel-space model (no VAE) or any
     transformers text encoder use the same path as SD v1-4. The scheduler is always turned into DDIM.
@@ -271,15 +336,19 @@ def load_text_to_image(source: str, *, use_safetensors: bool = True, device: str
                if has_vae else None)
     except (OSError, ValueError) as err:
         raise load_error("model", source, err) from err
-    model = TextToImage(source, unet, text_encoder.eval(), tokenizer, scheduler, vae.eval() if vae else None)
-    return model.to(device, dtype)
+    return TextToImage(source, unet, text_encoder.eval(), tokenizer, scheduler, vae.eval() if vae else None)
+
+
+NETWORK_FOLDERS = ("unet", "transformer")  # where a pipeline keeps its denoising network
 
 
 def weights_fingerprint(source: str | Path) -> str:
-    """A short hash of a local folder's UNet (config, weight file sizes and first MiB): traces of different weights
-    under one model name must not mix. Empty for a hub id or a model built in-process."""
-    unet = Path(source).expanduser() / "unet"
-    if not unet.is_dir():
+    """A short hash of a local folder's denoising network (``unet/``, or a transformer's ``transformer/``: config,
+    weight file sizes and first MiB): traces of different weights under one model name must not mix. Empty for a
+    hub id or a model built in-process."""
+    unet = next((Path(source).expanduser() / name for name in NETWORK_FOLDERS
+                 if (Path(source).expanduser() / name).is_dir()), None)
+    if unet is None:
         return ""
     digest = hashlib.sha1()
     for path in sorted(unet.iterdir()):
@@ -423,9 +492,8 @@ def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
     folder = Path(folder)
     # the scheduler as the network was trained: TextToImage keeps its own set to epsilon (noise_prediction's output)
     scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=model.prediction_type)
-    parts = {"unet": model.unet, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer,
-             "scheduler": scheduler, "vae": model.vae}
-    index = {"_class_name": "StableDiffusionPipeline"}
+    parts = {**model.components(), "scheduler": scheduler}
+    index = {"_class_name": model.pipeline_class, **model.pipeline_config()}
     for name, part in parts.items():
         if part is None:
             continue

@@ -30,7 +30,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from benchmark.models.text_to_image import TextToImage
 
-CROSS_SUFFIX = ".transformer_blocks.0.attn2"
+CROSS_SUFFIX = ".attn2"
+FIRST_BLOCK = ".transformer_blocks.0"  # left out of a layer's name: SD's attentions hold one transformer block each
 # Processors whose output the recorder reproduces exactly (the same attention, written with explicit probabilities,
 # as diffusers' AttnProcessor does); any other processor is called for the output and the probabilities are
 # computed beside it.
@@ -38,11 +39,15 @@ EXACT_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
-    """Cross-attention modules by layer name, e.g. ``down_blocks.0.attentions.0`` (SD v1-4 has 16)."""
+    """Cross-attention modules by layer name: the module path without ``.attn2``, and without the
+    ``.transformer_blocks.0`` of a UNet attention's first block, e.g. ``down_blocks.0.attentions.0`` (SD v1-4 has
+    16), ``down_blocks.1.attentions.0.transformer_blocks.1`` (SDXL's second block there; SDXL base has 70),
+    ``transformer_blocks.3`` (a diffusion transformer's fourth block; PixArt-alpha has 28). A block prefix
+    (``down_blocks.1.attentions.0``) then selects every block of that attention (``scores.select_layers``)."""
     layers = {}
     for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.endswith("attn2"):
-            layers[name.removesuffix(CROSS_SUFFIX)] = module
+        if isinstance(module, Attention) and name.endswith(CROSS_SUFFIX):
+            layers[name.removesuffix(CROSS_SUFFIX).removesuffix(FIRST_BLOCK)] = module
     return layers
 
 
