@@ -375,10 +375,11 @@ class GuardJob(TextToImageJob):
         if method is not None:
             if method not in MITIGATIONS:
                 raise ConfigError(f"guard.restart.method={method!r} is not a mitigation ({', '.join(MITIGATIONS)})")
-            if MITIGATIONS[method].optimised:
-                inference = [m for m in MITIGATIONS if not MITIGATIONS[m].optimised]
-                raise ConfigError(f"guard.restart.method={method!r} is not an inference-time mitigation "
-                                  f"({', '.join(inference)}); for an optimised one run runners.mitigate "
+            from benchmark.mitigation.padding import PAD_METHODS
+
+            if method not in PAD_METHODS:  # the guard's restart re-encodes the prompt only (runners/guard.py)
+                raise ConfigError(f"guard.restart.method={method!r} is not a padding mitigation "
+                                  f"({', '.join(PAD_METHODS)}); for any other run runners.mitigate "
                                   "prompts.select_ids=<this job's stopped_ids.txt>")
 
 
