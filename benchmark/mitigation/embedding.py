@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.core.config_types import Count, NonNegative, Positive
-from benchmark.detectors.scores import be_mask
 from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import MITIGATIONS
@@ -159,11 +158,6 @@ def optimise_shared_embedding(model: TextToImage, cond: torch.Tensor, uncond: to
         steps += 1
     losses = torch.tensor(history, dtype=torch.float32)[:, None].expand(-1, n).clone()
     return Optimised(emb.detach().expand(n, -1, -1), losses, torch.full((n,), steps, dtype=torch.long))
-
-
-def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int]) -> torch.Tensor:
-    """The BE mask (n, h, w) at the latent resolution, from stored final-step end-token maps."""
-    return torch.from_numpy(be_mask(end_maps, layers, size)).float()
 
 
 def optimised_embedding(settings: MitigationSettings) -> tuple[Intervention, list[Optimised]]:

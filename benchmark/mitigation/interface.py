@@ -196,3 +196,35 @@ def settings_for(method: str, strengths: Sequence[float] | None, knobs: dict | N
     if not values:
         raise ValueError(f"mitigation {method}: no strengths ({entry.strength}) given and none registered")
     return [Mitigation.of(method, **knobs, **{entry.strength: value}) for value in values]
+
+
+def method_settings(mitigation: dict) -> list[Mitigation]:
+    """Every setting of the ``mitigation`` config section (a dict as ``config.Mitigation`` validates it), in the
+    order of ``methods``: per method its strengths (``strengths.<method>``, else the older key its registration
+    names, ``strengths_key``: ``target_losses`` for wen/be, ``pad_fractions`` for pad_mask; else its registered
+    defaults) and its knobs (the older keys of ``config_knobs``, then ``knobs.<method>``). Raises ValueError naming
+    the method for an unknown method, knob or a bad strength."""
+    methods = mitigation["methods"]
+    unknown = [m for m in methods if m not in MITIGATIONS]
+    if unknown:
+        raise ValueError(f"mitigation.methods: {unknown[0]!r} is not a mitigation ({', '.join(MITIGATIONS)})")
+    given = mitigation.get("strengths") or {}
+    by_key: dict[str, list[str]] = {}
+    for method in methods:
+        key = MITIGATIONS[method].strengths_key
+        if key is not None and method not in given and not mitigation[key]:
+            by_key.setdefault(key, []).append(method)
+    for key, empty in by_key.items():
+        what = MITIGATIONS[empty[0]].strength.replace("_", " ")
+        raise ValueError(f"mitigation.{key}=[]: {', '.join(empty)} need{'s' if len(empty) == 1 else ''} at least "
+                         f"one {what}")
+    out = []
+    for method in methods:
+        entry = MITIGATIONS[method]
+        knobs = {knob: mitigation[key] for knob, key in entry.config_knobs.items()}
+        knobs |= (mitigation.get("knobs") or {}).get(method) or {}
+        strengths = given.get(method)
+        if strengths is None and entry.strengths_key is not None:
+            strengths = mitigation[entry.strengths_key]
+        out += settings_for(method, strengths, knobs)
+    return out

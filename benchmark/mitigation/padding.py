@@ -55,12 +55,6 @@ class PadMitigation:
         return self.method in ("pad_replace_mask_end", "mask_end")
 
     @property
-    def target_loss(self) -> float:
-        """The strength on the trade-off curves (their ``target_loss`` column): the masked fraction, 1 = full.
-        Unlike Wen's target loss, higher is stronger."""
-        return self.fraction
-
-    @property
     def tag(self) -> str:
         """Store-key part: the method, its strength and, when it pads with another token, that token (each
         character outside [A-Za-z0-9] spelled as u<hex>, so that keys stay file-name safe and distinct)."""
@@ -69,11 +63,6 @@ class PadMitigation:
         token = "".join(c if c.isascii() and c.isalnum() else f"u{ord(c):x}" for c in self.token)
         return {"pad_replace": f"padreplace-{token}", "pad_replace_mask_end": f"padreplace-{token}-maskend",
                 "mask_end": "maskend"}[self.method]
-
-
-def pad_settings(methods: list[str], fractions: list[float], token: str = "!") -> list[PadMitigation]:
-    """The settings of a sweep: ``pad_mask`` at every fraction, every other method once."""
-    return [PadMitigation(m, float(r), token) for m in methods for r in (fractions if m == "pad_mask" else [1.0])]
 
 
 def replacement_id(model: TextToImage, token: str) -> int:
