@@ -59,8 +59,9 @@ def mitigation_markdown(result: dict) -> str:
         rate["strength"] = rate.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
         wide = rate.pivot_table(index=["kind", "method", "strength"], columns="measure", values="rate",
                                 sort=False).reset_index()
-        parts += ["", f"## Memorization rate after mitigation: share of generations still copying ({rules}; "
-                  "mitigation.copy_thresholds)", "", wide.round(3).to_markdown(index=False)]
+        title = (f"## Memorization rate after mitigation: share of generations still copying ({rules}; "
+                 "mitigation.copy_thresholds)")
+        parts += ["", title, "", wide.round(3).to_markdown(index=False)]
     for similarity, rows in result.get("equal_utility", {}).items():
         if rows:
             table = pd.DataFrame(rows)
@@ -69,9 +70,9 @@ def mitigation_markdown(result: dict) -> str:
                                                 for d, lo, hi in zip(table.difference, table.ci_low, table.ci_high)]
                 table = table.drop(columns=["difference", "ci_low", "ci_high"])
             reference = result.get("config", {}).get("mitigation", {}).get("reference", "wen")
-            parts += ["", f"## {similarity} at equal utility ({result['utility']}), every method minus `{reference}`"
-                      ", interpolated along each curve (prompts resampled, paired)", "",
-                      table.round(4).to_markdown(index=False)]
+            title = (f"## {similarity} at equal utility ({result['utility']}), every method minus `{reference}`, "
+                     "interpolated along each curve (prompts resampled, paired)")
+            parts += ["", title, "", table.round(4).to_markdown(index=False)]
     cost = pd.DataFrame(result.get("cost") or [])
     if not cost.empty:
         cost["strength"] = cost.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")

@@ -258,3 +258,54 @@ def test_pareto_front_and_memorization_rate_by_hand():
     assert set(rate.threshold) == {0.5} and set(rate.measure) == {"SSCD"}
     with pytest.raises(ValueError, match="not copying measures"):
         memorization_rate(_rows(), {"CLIP": 20})
+
+
+def test_a_mitigation_registered_in_a_user_file_reaches_the_table(tmp_path, compose):
+    import json
+
+    import pandas as pd
+
+    from runners.mitigate import run
+
+    plugin = tmp_path / "my_mitigation.py"
+    plugin.write_text('''
+import torch
+from benchmark.mitigation.interface import Intervention
+from benchmark.registry import MITIGATIONS
+
+
+@MITIGATIONS.register("toy_scale", label="toy (scaled embedding)", acts_on="embedding", needs_mask=False,
+                      strength="scale", stronger="lower", strengths=(0.5,))
+def toy_scale(scale: float) -> Intervention:
+    return Intervention(embedding=lambda setup: setup.cond * scale)
+''')
+    spec = importlib.util.spec_from_file_location("my_mitigation", plugin)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    try:
+        cfg = compose("mitigate", "debug=default", "sampler.steps=3", "mitigation.methods=[wen,toy_scale]", "headline.method=wen",
+                      "mitigation.target_losses=[0.2]", "+mitigation.strengths.toy_scale=[0.5,0.9]",
+                      "mitigation.n_boot=10")
+        run(cfg, tmp_path / "job")
+    finally:
+        MITIGATIONS.unregister("toy_scale")
+    result = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert "toy_scale-scale0.5" in result["settings"] and "toy_scale-scale0.9" in result["settings"]
+    rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
+    assert sorted(rows[rows.method == "toy_scale"].strength.unique()) == [0.5, 0.9]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mitigation.methods=[wen,magic]", "mitigation.methods: 'magic' is not a mitigation"),
+    ("+mitigation.strengths.sail=[x]", "mitigation.strengths.sail.0"),
+    ("+mitigation.strengths.rna=[1]", "mitigation.strengths.rna: 'rna' is not among mitigation.methods"),
+    ("+mitigation.knobs.wen.lr=-1", "mitigation.knobs.wen.lr=-1"),
+    ("+mitigation.knobs.wen.bogus=1", "mitigation.knobs.wen.bogus"),
+])
+def test_bad_mitigation_settings_fail_before_sampling(tmp_path, compose, override, message):
+    from runners.mitigate import run
+
+    cfg = compose("mitigate", "debug=default", "mitigation.methods=[wen,be,sail]", override)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "artifacts").exists()  # nothing sampled
+
