@@ -58,9 +58,16 @@ def test_old_store_keys_are_unchanged():
         "ddim50-g7.5-512x512-eta0-float16+wen-l0.2-lr0.05-it10"
     assert key + "+be-l0.2-lr0.05-it10-mask" in sampler_key(SamplerSettings(), "float16",
                                                              Mitigation.of("be", target_loss=0.2), ["a", "b"])
-    # a new method's tag carries every knob, so another knob value is another store key
+    # a new method's tag carries every knob, so another knob value is another store key, and stays short enough
+    # for the store's 80-character folder names (a cut key would let two settings share traces)
     assert Mitigation.of("rna", repeats=2).tag == "rna-repeats2"
-    assert Mitigation.of("sail", threshold=8.2).tag != Mitigation.of("sail", threshold=8.2, lr=0.1).tag
+    assert Mitigation.of("sail", threshold=8.2).tag.startswith("sail-threshold8.2-k")
+    for name in MITIGATIONS:
+        setting = _one_setting(name)
+        assert len(sampler_key(SamplerSettings(), "bfloat16", setting, ["a"])) <= 80, setting.tag
+        for knob, value in setting.values.items():
+            if knob != setting.entry.strength and isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert Mitigation.of(name, **{**setting.values, knob: value + 1}).tag != setting.tag, (name, knob)
 
 
 def test_settings_from_the_config_section():

@@ -22,6 +22,7 @@ registration).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class Mitigation:
 
     ``strength``: the value of the method's strength knob (None for a method without one); ``tag`` the store-key
     part: the method's own ``tag(knobs)`` where it registered one (methods keyed before this interface), else
-    ``<method>-<knob><value>...`` over every knob in signature order."""
+    ``<method>-<strength knob><value>-k<hash of the other knobs' values>`` (short: the store cuts key parts at
+    80 characters)."""
 
     method: str
     knobs: tuple[tuple[str, Any], ...] = ()
@@ -139,7 +141,15 @@ class Mitigation:
     def tag(self) -> str:
         if self.entry.tag is not None:
             return self.entry.tag(self.values)
-        return "-".join([self.method] + [f"{k}{_key_value(v)}" for k, v in self.knobs])
+        # the store cuts each key part at 80 characters (traces.slug): spelling every knob out could make two
+        # settings share a folder, so the knobs besides the strength enter as one hash (their values are in each
+        # trace's metadata and the job's methods table)
+        strength = self.entry.strength
+        parts = [self.method] + ([f"{strength}{_key_value(self.values[strength])}"] if strength else [])
+        others = [(k, v) for k, v in self.knobs if k != strength]
+        if others:
+            parts.append("k" + hashlib.sha1(repr(others).encode()).hexdigest()[:8])
+        return "-".join(parts)
 
     def intervention(self) -> Intervention:
         """A fresh :class:`Intervention` of this setting (its ``stats`` are the next batch's)."""
