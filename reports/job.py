@@ -45,7 +45,8 @@ def mitigation_markdown(result: dict) -> str:
     methods = result.get("methods") or []
     if methods:
         table = pd.DataFrame(methods).assign(
-            strength=lambda t: [f"{s} ({d} = stronger)" if s else "-" for s, d in zip(t.strength, t.stronger)],
+            strength=lambda t: [f"{s} ({d} = stronger)" if isinstance(s, str) else "-"
+                                for s, d in zip(t.strength, t.stronger)],
             knobs=lambda t: [", ".join(f"{k}={v}" for k, v in knobs.items()) or "-" for knobs in t.knobs])
         parts += ["", "## Methods", "", table[["method", "label", "acts_on", "strength", "knobs"]]
                   .to_markdown(index=False)]
@@ -64,7 +65,7 @@ def mitigation_markdown(result: dict) -> str:
         parts += ["", title, "", wide.round(3).to_markdown(index=False)]
     for similarity, rows in result.get("equal_utility", {}).items():
         if rows:
-            table = pd.DataFrame(rows)
+            table = pd.DataFrame(rows).dropna(subset=[similarity])  # a method read only where its curve reaches
             if "ci_low" in table:
                 table["difference [95% CI]"] = [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if pd.notna(d) else "-"
                                                 for d, lo, hi in zip(table.difference, table.ci_low, table.ci_high)]
