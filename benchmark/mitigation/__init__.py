@@ -1,1 +1,5 @@
-"""Mitigation: every inference-time mitigation and the privacy-utility trade-off."""
+"""Mitigation: every inference-time mitigation and the privacy-utility trade-off.
+
+``interface`` (the registered factories' ``Intervention`` hooks and a setting's store tag), one module per kind of
+method: ``embedding`` (Wen et al., BE), ``padding`` (Kim & No), ``prompt_text`` (Somepalli et al.), ``initial_noise``
+(SAIL, Han et al.); ``tradeoff`` (sampling, measures, curves, equal utility, memorization rate)."""
