@@ -37,19 +37,52 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
 
 
 def mitigation_markdown(result: MitigationResult) -> str:
-    points = pd.DataFrame(result.curves)
-    points["target_loss"] = points.target_loss.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+    """The mitigation job's report: its methods (what each acts on, its strength and direction), the trade-off
+    points (Pareto front marked), the memorization rate after mitigation, the equal-utility table of every method
+    against the reference with bootstrap intervals, and the cost in extra UNet evaluations per image."""
+    points = pd.DataFrame(result.curves).rename(columns={"target_loss": "strength"})  # older folders
+    points["strength"] = points.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
     parts = [f"# Mitigation: {result.model} on {result.prompt_set}",
              (f"{result.n_prompts} memorized prompts, {result.n_generations} generations "
               f"({result.sampled_now} sampled in this job, {result.sampling_seconds} s). Method `none` = "
-              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."
-              + (f" Model family: {result.family}." if result.family else "")),
-             "", "## Trade-off points: mean per kind, method and target loss", "",
-             points.round(4).to_markdown(index=False)]
+              "unmitigated." + (f" Model family: {result.family}." if result.family else ""))]
+    methods = result.methods or []
+    if methods:
+        table = pd.DataFrame(methods).assign(
+            strength=lambda t: [f"{s} ({d} = stronger)" if isinstance(s, str) else "-"
+                                for s, d in zip(t.strength, t.stronger)],
+            knobs=lambda t: [", ".join(f"{k}={v}" for k, v in knobs.items()) or "-" for knobs in t.knobs])
+        parts += ["", "## Methods", "", table[["method", "label", "acts_on", "strength", "knobs"]]
+                  .to_markdown(index=False)]
+    parts += ["", "## Trade-off points: mean per kind, method and strength"
+              + (" (`pareto`: on the front of copying vs utility)" if "pareto" in points else ""), "",
+              points.round(4).to_markdown(index=False)]
+    rate = pd.DataFrame(result.memorization_rate or [])
+    if not rate.empty:
+        rules = ", ".join(f"{m} {'<' if m == 'train_rmse' else '>'} {t:g}"
+                          for m, t in rate[["measure", "threshold"]].drop_duplicates().itertuples(index=False))
+        rate["strength"] = rate.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+        wide = rate.pivot_table(index=["kind", "method", "strength"], columns="measure", values="rate",
+                                sort=False).reset_index()
+        title = (f"## Memorization rate after mitigation: share of generations still copying ({rules}; "
+                 "mitigation.copy_thresholds)")
+        parts += ["", title, "", wide.round(3).to_markdown(index=False)]
     for similarity, rows in result.equal_utility.items():
         if rows:
-            parts += ["", f"## {similarity} at equal utility ({result.utility}), interpolated along each curve", "",
-                      pd.DataFrame(rows).round(4).to_markdown(index=False)]
+            table = pd.DataFrame(rows).dropna(subset=[similarity])  # a method read only where its curve reaches
+            if "ci_low" in table:
+                table["difference [95% CI]"] = [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if pd.notna(d) else "-"
+                                                for d, lo, hi in zip(table.difference, table.ci_low, table.ci_high)]
+                table = table.drop(columns=["difference", "ci_low", "ci_high"])
+            reference = (result.config.get("mitigation") or {}).get("reference", "wen")
+            title = (f"## {similarity} at equal utility ({result.utility}), every method minus `{reference}`, "
+                     "interpolated along each curve (prompts resampled, paired)")
+            parts += ["", title, "", table.round(4).to_markdown(index=False)]
+    cost = pd.DataFrame(result.cost or [])
+    if not cost.empty:
+        cost["strength"] = cost.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+        parts += ["", "## Cost: extra UNet evaluations per image (plain sampling: 2 x steps)", "",
+                  cost.round(2).to_markdown(index=False)]
     return "\n".join(str(p) for p in parts) + "\n"
 
 

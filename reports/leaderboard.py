@@ -210,9 +210,13 @@ def intensity_section(r: Inputs) -> Section:
 def mitigation_section(r: Inputs) -> Section:
     points = mitigation_points(r.jobs)
     figure = ""
-    if not points.empty and points.utility.notna().all() and set(plots._SIMILARITIES) & set(points):
-        figure = html._img(plots.tradeoff_figure(points), "trade-off curves",
-                           "Similarity to the training image vs utility; ours beside the paper's Fig. 6/7.")
+    for (model, prompt_set), part in (points.groupby(["model", "prompt_set"], sort=True) if not points.empty else ()):
+        # one figure per model and prompt set: their measures and scales are their own
+        part = part.dropna(axis=1, how="all")
+        if part.utility.notna().all() and set(plots._SIMILARITIES) & set(part):
+            figure += html._img(plots.tradeoff_figure(part), f"trade-off curves: {model} on {prompt_set}",
+                                f"{model} on {prompt_set}: similarity to the training image vs utility, every "
+                                "method's curve, the Pareto front ringed; ours beside the paper's Fig. 6/7.")
     return table_section("mitigation", "Mitigation trade-off (Fig. 6/7)", "mitigation", points, figures=figure,
                          digits=4)
 

@@ -17,7 +17,6 @@ from transformers.utils import logging as transformers_logging
 from benchmark.core.devices import pick_device
 from benchmark.jobs import keys
 from benchmark.jobs.config import ConfigError, check_job
-from benchmark.jobs.keys import trace_sampler_key  # noqa: F401  (the mitigation runner imports it from here)
 from benchmark.jobs.results import JobResult
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.tracking import Tracker
@@ -54,12 +53,6 @@ def write_result(result: JobResult, folder: Path, tracker: Tracker) -> None:
         tables["generations"] = result.table
     tracker.save(*attached)
     tracker.log(result.scalars(), images={p.stem: p for p in attached if p.suffix == ".png"}, **tables)
-
-
-def model_key(m: DictConfig) -> str:
-    """:func:`benchmark.jobs.keys.model_key` of a model config (the mitigation runner's; the other jobs call the
-    library's)."""
-    return keys.model_key(m.name, m.source)
 
 
 def check_config(config: dict) -> None:

@@ -219,13 +219,17 @@ class DetectionResult(JobResult):
 class MitigationResult(JobResult):
     """A mitigation job: baseline and mitigated generations of memorized prompts.
 
-    ``curves``: ``benchmark.mitigation.tradeoff.curves`` (mean per kind, method and target loss);
-    ``equal_utility``: similarity name -> records of ``tradeoff.at_equal_utility``; ``utility``: the utility
-    measure the curves compare at (CLIP, caption_rmse or None); ``settings``: each mitigation setting's tag. The
-    table: every generation's measures (``mitigation.csv``)."""
+    ``curves``: ``benchmark.mitigation.tradeoff.curves`` (mean per kind, method and strength; ``pareto`` marks the
+    front of copying vs utility); ``equal_utility``: copying measure -> records of ``tradeoff.at_equal_utility``
+    (every method against ``mitigation.reference``, bootstrap intervals); ``utility``: the utility measure the
+    curves compare at (CLIP, caption_rmse or None); ``settings``: each mitigation setting's tag;
+    ``memorization_rate``: records of ``tradeoff.memorization_rate``; ``methods``: each method's label, what it
+    acts on, its strength knob and direction, its knobs; ``cost``: extra UNet evaluations per image, per method
+    and strength. The table: every generation's measures (``mitigation.csv``)."""
 
     task: ClassVar[str] = "mitigate"
     model: str
+    family: str | None = field(default=None, metadata=_OPTIONAL)  # None: written before families
     family: str | None = field(default=None, metadata=_OPTIONAL)  # TextToImage.family; None: written before
     prompt_set: str
     n_prompts: int | None = None
@@ -237,6 +241,9 @@ class MitigationResult(JobResult):
     settings: list[str] = field(default_factory=list)
     curves: Records
     equal_utility: dict[str, Records] = field(default_factory=dict)
+    memorization_rate: Records = field(default_factory=list)
+    methods: Records = field(default_factory=list)
+    cost: Records = field(default_factory=list)
 
     def summary(self) -> dict:
         return {"task": self.task, **super().summary()}  # the mitigation job has always written its task here
