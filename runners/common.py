@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from benchmark.core.devices import pick_device
-from benchmark.jobs import keys
 from benchmark.jobs.config import ConfigError, check_job
 from benchmark.jobs.results import JobResult
 from benchmark.store import job_folder as jobfolder

@@ -265,16 +265,16 @@ def test_mitigation_runs_on_each_twin_and_refuses_padding_methods_on_pixart(tmp_
 
 
 def test_sdxl_store_key_carries_the_second_encoder_and_the_unconditional_rule(tmp_path, compose):
-    from runners.common import model_key
+    from benchmark.jobs.keys import model_key
 
     folder = save_text_to_image(tiny_sdxl(), tmp_path / "pipeline")
     cfg = compose("detect", "model=sdxl", f"model.source={folder}")
-    before = model_key(cfg.model)
+    before = model_key(cfg.model.name, cfg.model.source)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
-    flipped = model_key(cfg.model)
+    flipped = model_key(cfg.model.name, cfg.model.source)
     save_text_to_image(tiny_sdxl(seed=3), tmp_path / "other")
     other = next((tmp_path / "other" / "text_encoder_2").glob("*.safetensors"))
     target = next((folder / "text_encoder_2").glob("*.safetensors"))
     target.write_bytes(other.read_bytes())
-    assert len({before, flipped, model_key(cfg.model)}) == 3
+    assert len({before, flipped, model_key(cfg.model.name, cfg.model.source)}) == 3

@@ -226,16 +226,14 @@ def test_a_folders_prediction_type_is_part_of_its_store_key(tmp_path):
     """The same UNet files with another declared prediction type mean another output: another model key."""
     import shutil
 
-    from omegaconf import OmegaConf
-
-    from runners.common import model_key
+    from benchmark.jobs.keys import model_key
 
     eps = save_text_to_image(tiny_sd2(), tmp_path / "eps")
     v = tmp_path / "v"
     shutil.copytree(eps, v)
     config = json.loads((v / "scheduler" / "scheduler_config.json").read_text())
     (v / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
-    keys = [model_key(OmegaConf.create({"name": "sd-2-1", "source": str(f)})) for f in (eps, v)]
+    keys = [model_key("sd-2-1", str(f)) for f in (eps, v)]
     assert keys[0] != keys[1] and keys[0].split("+")[0] == keys[1].split("+")[0]  # the UNet part is the same
 
 

@@ -119,7 +119,7 @@ def _stat(stats: dict, name: str, i: int) -> float | None:
 
 def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int]) -> torch.Tensor:
     """The BE mask (n, h, w) at the latent resolution, from stored final-step end-token maps."""
-    return torch.from_numpy(S.be_mask(end_maps, layers, size)).float()
+    return torch.from_numpy(scores.be_mask(end_maps, layers, size)).float()
 
 
 def mask_key_layers(model: TextToImage, layers: list[str]) -> list[str] | None:
