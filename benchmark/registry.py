@@ -1,5 +1,5 @@
-"""Registries of the benchmark's extension axes: detectors, localizers, mitigations, similarity measures, caption
-renderers, prompt sources and model builders.
+"""Registries of the benchmark's extension axes: detectors, localizers, mitigations, rephrasers, similarity
+measures, caption renderers, prompt sources and model builders.
 
 Metadata sits on the function it describes, as in lm-evaluation-harness's ``register_metric``: a decorator names
 the entry and says how to use it, and the scorer, the reports and the contract tests iterate the registry. A new
@@ -27,6 +27,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "prompt source": ("benchmark.data.prompts", "benchmark.data.prompt_files"),
     "model builder": ("benchmark.models.text_to_image",),
     "job": ("benchmark.jobs.config",),
+    "rephraser": ("benchmark.mitigation.prompt_search",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
 # is iterated.
@@ -35,6 +36,7 @@ PLUGINS: dict[str, dict[str, str]] = {
     "prompt source": {"testbed": "benchmark.testbed.plugin"},
     "model builder": {"testbed": "benchmark.testbed.plugin"},
     "job": {"train_testbed": "benchmark.testbed.job"},
+    "rephraser": {"testbed": "benchmark.testbed.plugin"},
 }
 
 
@@ -186,6 +188,12 @@ MITIGATIONS = Registry("mitigation")
 """Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
 (True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes the
 embedding directly, ``benchmark.mitigation.padding``)."""
+
+REPHRASERS = Registry("rephraser")
+"""Prompt rephrasers for PRSS's semantic search (``benchmark.mitigation.prompt_search``): ``fn(prompt, count,
+**knobs) -> list[str]``, at most ``count`` rephrasings of ``prompt`` (the prompt itself not among them), the same
+list for the same arguments (deterministic). The official search reads rephrasings an LLM wrote beforehand
+(docs/protocols.md)."""
 
 SIMILARITIES = Registry("similarity measure")
 """Image-to-training-image similarity: ``fn(image, reference[, mask]) -> float``. Metadata: ``needs_mask``."""

@@ -59,7 +59,8 @@ def official_attention(attn, hidden, context, prompt_length, c1):
     w = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
     w[1::2, :, :, 0] = w[1::2, :, :, 0] * c1
     out = (w.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, attn.inner_dim)
-    return attn.to_out[1](attn.to_out[0](out)), F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None, None])
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None, None])
+    return attn.to_out[1](attn.to_out[0](out)), sdpa
 
 
 @torch.no_grad()
