@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from benchmark.mitigation.guidance import (
-    NO_MINIMUM_STEP, OFFICIAL, TransitionGuidance, dynamic_transition_reached, opposite_transition_step,
-    probe_transition_steps, static_scale, transition_scales,
+    NO_MINIMUM_STEP,
+    OFFICIAL,
+    TransitionGuidance,
+    dynamic_transition_reached,
+    opposite_transition_step,
+    probe_transition_steps,
+    static_scale,
+    transition_scales,
 )
 from benchmark.sampling.capture import SamplerSettings, encode_prompts, initial_noise
 

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from benchmark.mitigation.neurons import (
-    ActivationStatistics, NeMoSettings, activation_statistics, deactivated, find_neurons, max_pairwise_ssim,
-    ms_ssim, neuron_counts, noise_differences, outlier_neurons, value_activations, value_layers,
+    ActivationStatistics,
+    NeMoSettings,
+    activation_statistics,
+    deactivated,
+    find_neurons,
+    max_pairwise_ssim,
+    ms_ssim,
+    neuron_counts,
+    noise_differences,
+    outlier_neurons,
+    value_layers,
 )
 from benchmark.sampling.capture import SamplerSettings, initial_noise
 
@@ -69,9 +78,8 @@ def test_deactivation(tiny_model):
     assert torch.equal(off[..., [0, 3]], torch.zeros(2, 5, 2)) and torch.equal(off[..., 1:3], plain[..., 1:3])
     assert torch.allclose(half[..., 3], plain[..., 3] * 0.5)
     assert torch.equal(to_v(x), plain)  # hooks removed
-    with pytest.raises(ValueError, match="no value neuron"):
-        with deactivated(tiny_model, {name: [to_v.out_features]}):
-            pass
+    with pytest.raises(ValueError, match="no value neuron"), deactivated(tiny_model, {name: [to_v.out_features]}):
+        pass
 
 
 @torch.no_grad()

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from benchmark.mitigation.prompt_search import (
-    PRSSSettings, listed_rephrasings, reanchored_eps, search_embeddings, semantic_search,
+    PRSSSettings,
+    listed_rephrasings,
+    reanchored_eps,
+    search_embeddings,
+    semantic_search,
 )
 from benchmark.registry import REPHRASERS
 from benchmark.sampling.capture import SamplerSettings, initial_noise

@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.mitigation.attention import (
-    RenSettings, kept_tokens, ren_attention, ren_attention_probs, require_cross_attention,
+    RenSettings,
+    kept_tokens,
+    ren_attention,
+    ren_attention_probs,
+    require_cross_attention,
 )
 from benchmark.sampling.capture import SamplerSettings, cross_attention_layers, sample_with_capture
 
@@ -65,7 +69,7 @@ def official_attention(attn, hidden, context, prompt_length, c1):
 
 @torch.no_grad()
 def test_processor_equals_official_formula(tiny_model):
-    name, attn = next(iter(cross_attention_layers(tiny_model.unet).items()))
+    attn = next(iter(cross_attention_layers(tiny_model.unet).values()))
     torch.manual_seed(0)
     hidden = torch.randn(2, 16, attn.to_q.in_features)
     prompt = PROMPTS[1]

@@ -197,7 +197,8 @@ def noise_differences(model: TextToImage, prompt: str, seeds: list[int], sampler
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel: int = 11) -> torch.Tensor:
     """(n,) multi-scale SSIM of image pairs (n, c, h, w), torchmetrics' with three scales weighted 0.33 each and a
-    Gaussian window of ``kernel`` taps (11, sigma 1.5: the official call). Raises ValueError naming NeMo when the images are too small for the kernel at 3 scales."""
+    Gaussian window of ``kernel`` taps (11, sigma 1.5: the official call). Raises ValueError naming NeMo when the
+    images are too small for the kernel at 3 scales."""
     from torchmetrics.functional import multiscale_structural_similarity_index_measure
 
     need = (kernel - 1) * 2 ** (len(SSIM_BETAS) - 1)
