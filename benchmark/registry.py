@@ -184,10 +184,50 @@ prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}``
 ``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
 ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
 
-MITIGATIONS = Registry("mitigation")
-"""Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
-(True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes the
-embedding directly, ``benchmark.mitigation.padding``)."""
+# What a mitigation acts on, which way its strength knob is stronger, and what it may require of a model (the tests
+# of each requirement: benchmark.mitigation.interface.REQUIREMENTS).
+MITIGATION_ACTS_ON = ("prompt", "embedding", "latents", "guidance", "modules")
+MITIGATION_STRONGER = ("higher", "lower")
+MITIGATION_REQUIRES = ("cross_attention", "tokenizer", "text_encoder")
+
+
+def _check_mitigation(name: str, fn: Callable, meta: dict) -> dict:
+    import inspect
+
+    acts_on = meta.get("acts_on")
+    if acts_on not in MITIGATION_ACTS_ON:
+        raise ValueError(f"mitigation {name!r}: acts_on={acts_on!r} is not one of {', '.join(MITIGATION_ACTS_ON)}")
+    if "needs_mask" not in meta:
+        raise ValueError(f"mitigation {name!r}: say needs_mask=True/False (whether it reads the BE mask)")
+    params = {p: v for p, v in inspect.signature(fn).parameters.items()
+              if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
+    strength = meta.get("strength")
+    # every knob has its official default; the strength may lack one (Wen's scripts give no default target loss)
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p != strength]
+    if missing:
+        raise ValueError(f"mitigation {name!r}: knob(s) {missing} need a default (the official one)")
+    if strength is not None and strength not in params:
+        raise ValueError(f"mitigation {name!r}: strength={strength!r} is not a knob of {fn.__name__}{list(params)}")
+    if strength is not None and meta.get("stronger") not in MITIGATION_STRONGER:
+        raise ValueError(f"mitigation {name!r}: say stronger='higher' or 'lower' for its strength {strength!r}")
+    unknown = [r for r in meta.get("requires", ()) if r not in MITIGATION_REQUIRES]
+    if unknown:
+        raise ValueError(f"mitigation {name!r}: unknown requirement(s) {unknown} (known: "
+                         f"{', '.join(MITIGATION_REQUIRES)})")
+    return {"strength": None, "stronger": None, "requires": (), "tag": None, "strengths": (), "config_knobs": {},
+            "strengths_key": None, **meta, "knobs": {p: None if v.default is inspect.Parameter.empty else v.default
+                                                      for p, v in params.items()}}
+
+
+MITIGATIONS = Registry("mitigation", _check_mitigation)
+"""Inference-time mitigations: ``fn(**knobs) -> benchmark.mitigation.interface.Intervention``, a factory whose
+keyword parameters are the method's knobs, each defaulting to the official value. Metadata: ``acts_on`` (one of
+:data:`MITIGATION_ACTS_ON`), ``needs_mask`` (whether it reads the generation's BE mask), ``strength`` (the knob
+that moves it along its trade-off curve, or None) and ``stronger`` ("higher" | "lower"), ``strengths`` (default
+values of the strength), ``requires`` (of :data:`MITIGATION_REQUIRES`, checked on the model before sampling),
+``tag`` (``tag(knobs) -> str``, the store-key part, for methods keyed before the interface), ``strengths_key`` and
+``config_knobs`` (the mitigation config's older keys that hold its strengths and knobs: ``target_losses``, ``lr``...).
+Derived: ``knobs`` (knob -> default). See ``benchmark.mitigation.interface``."""
 
 REPHRASERS = Registry("rephraser")
 """Prompt rephrasers for PRSS's semantic search (``benchmark.mitigation.prompt_search``): ``fn(prompt, count,

@@ -34,7 +34,7 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
 
 def mitigation_markdown(result: dict) -> str:
     points = pd.DataFrame(result["curves"])
-    points["target_loss"] = points.target_loss.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+    points["strength"] = points.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
     parts = [f"# Mitigation: {result['model']} on {result['prompt_set']}",
              (f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
               f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "

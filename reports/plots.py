@@ -186,7 +186,7 @@ def tradeoff_figure(points: pd.DataFrame) -> str:
     for row, kind in zip(axes, kinds):
         part = points[points.kind == kind]
         for (job, method), curve in part.groupby(["job", "method"], sort=True):
-            curve = curve.sort_values("target_loss", na_position="last")
+            curve = curve.sort_values("strength", na_position="last")
             label = f"ours {method}" + (f" ({job})" if part.job.nunique() > 1 else "")
             row[0].plot(curve[utility], curve[similarity], "*" if method == "none" else "o-", ms=9 if method ==
                         "none" else 5, label=label)

@@ -250,8 +250,9 @@ def job_generations(job: Job) -> pd.DataFrame | None:
 # --------------------------------------------------------------------------------------------------- mitigation, DDPM
 
 def mitigation_points(jobs: list[Job]) -> pd.DataFrame:
-    """Every mitigation job's trade-off points (kind x method x target loss), labelled by job."""
-    frames = [pd.DataFrame(job.result["curves"]).assign(job=job.label, model=job.result["model"],
+    """Every mitigation job's trade-off points (kind x method x strength), labelled by job."""
+    # folders written before the strength axis had its own name call it target_loss
+    frames = [pd.DataFrame(job.result["curves"]).rename(columns={"target_loss": "strength"}).assign(job=job.label, model=job.result["model"],
                                                         prompt_set=job.result["prompt_set"],
                                                         utility=job.result["utility"])
               for job in jobs if job.task == "mitigate"]

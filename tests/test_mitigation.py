@@ -107,7 +107,7 @@ def test_mitigation_job_on_the_testbed_lowers_similarity_and_reruns_from_the_sto
     assert result["n_prompts"] == 20 and result["sampled_now"] == 20 * 5 and result["utility"] == "caption_rmse"
     rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
     assert {"S", "LS", "train_rmse", "caption_rmse", "D1"} <= set(rows.columns)
-    mean = rows.groupby(["method", "target_loss"], dropna=False)[["D1", "train_rmse"]].mean()
+    mean = rows.groupby(["method", "strength"], dropna=False)[["D1", "train_rmse"]].mean()
     base = rows[rows.method == "none"][["D1", "train_rmse"]].mean()
     for method in ("wen", "be"):
         strongest = mean.loc[(method, 0.1)]

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding, pad_settings
+from benchmark.mitigation.interface import settings_for
+from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding
 
 PROMPTS = ["Mothers influence on her young hippo", "an astronaut riding a horse, oil painting"]
 L = 77
@@ -55,9 +56,9 @@ def test_pad_replace_pads_with_the_token_and_changes_only_the_padding(tiny_model
 
 
 def test_settings_keys_and_bad_input(tiny_model):
-    sweep = pad_settings(["pad_mask", "pad_replace_mask_end"], [0.4, 0.7])
+    sweep = settings_for("pad_mask", [0.4, 0.7]) + settings_for("pad_replace_mask_end", None)
     assert [s.tag for s in sweep] == ["padmask-r0.4", "padmask-r0.7", "padreplace-u21-maskend"]
-    assert [s.target_loss for s in sweep] == [0.4, 0.7, 1.0]
+    assert [s.strength for s in sweep] == [0.4, 0.7, None]  # the masked fraction; the replacement has none
     assert PadMitigation("pad_replace", token="?").tag != PadMitigation("pad_replace").tag
     with pytest.raises(ValueError, match="unknown padding mitigation 'pad_zero'"):
         PadMitigation("pad_zero")
@@ -88,8 +89,8 @@ def test_pad_mitigation_runs_through_the_mitigation_job(tmp_path):
     assert result["settings"] == ["padmask-r0.5", "padmask-r1", "padreplace-u21-maskend"]
     assert result["n_prompts"] == 2 and result["sampled_now"] == 2 * (1 + 3)  # 2 prompts x 1 seed x 4
     rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
-    assert sorted(rows.groupby(["method", "target_loss"]).size().index.tolist()) == [
-        ("pad_mask", 0.5), ("pad_mask", 1.0), ("pad_replace_mask_end", 1.0)]
+    assert sorted(rows[rows.method != "none"].fillna({"strength": -1}).groupby(["method", "strength"]).size().index.tolist()) == [
+        ("pad_mask", 0.5), ("pad_mask", 1.0), ("pad_replace_mask_end", -1)]
     assert (rows.iterations == 0).all()
     store = TraceStore(tmp_path / "artifacts" / "traces")
     folders = {p.parent for p in store.root.rglob("seed0.safetensors")}

@@ -165,7 +165,7 @@ def test_one_row_per_configuration_latest_run_wins(jobs, tmp_path):
         (root / name / ".hydra").mkdir()
         (root / name / ".hydra" / "config.yaml").write_text("task: mitigate\nmitigation:\n  n_images: 1\n")
     points = pd.read_csv(write_report([root], tmp_path / "report2")["mitigation.csv"])
-    assert points.job.nunique() == 1 and not points.duplicated(["kind", "method", "target_loss"]).any()
+    assert points.job.nunique() == 1 and not points.duplicated(["kind", "method", "strength"]).any()
 
 
 def test_failed_unfinished_and_superseded_jobs_are_counted_and_listed(jobs, tmp_path):

@@ -44,14 +44,7 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmark.models.text_to_image import TextToImage
-from benchmark.sampling.capture import (
-    SamplerSettings,
-    ddim_step,
-    encode_prompts,
-    initial_noise,
-    prompts_per_image,
-    step_generators,
-)
+from benchmark.sampling.capture import SamplerSettings, ddim_step, encode_prompts, prepare_sampling, prompts_per_image
 
 # official defaults, named where they come from
 SAIL_STEPS = 1  # sharpness_memorization_diffusion/detect_mem.py --hvp_sampling_num
@@ -212,11 +205,6 @@ def _check_model(model: TextToImage, seeds: list[int], settings: SamplerSettings
         raise ValueError(f"sampler steps must be >= 1, got {settings.steps}")
 
 
-def _context(model: TextToImage, prompt: str | Sequence[str], n: int) -> torch.Tensor:
-    # each distinct prompt encoded on its own (capture.encode_prompts), as the sampler does for the traces
-    return torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, prompts_per_image(prompt, n))])
-
-
 def _guided_step(model: TextToImage, eps: torch.Tensor, t, latents: torch.Tensor, settings: SamplerSettings,
                  generators: list[torch.Generator] | None) -> torch.Tensor:
     eps_u, eps_c = eps.chunk(2)
@@ -243,14 +231,12 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
     _check_model(model, seeds, settings)
     if not 1 <= k <= settings.steps:
         raise ValueError(f"SAIL steps k={k} must be in 1..{settings.steps}")
-    context = _context(model, prompt, len(seeds))
-    latents = initial_noise(model, seeds, settings, prompt_index)
-    generators = step_generators(settings, seeds, prompt_index)
+    setup = prepare_sampling(model, prompt, seeds, settings, prompt_index=prompt_index)
+    context, latents, generators = setup.context, setup.latents, setup.generators
     scheduler = model.scheduler
-    scheduler.set_timesteps(settings.steps, device=model.device)
     eps_fn = eps_predictor(model.unet)
     total = torch.zeros(len(seeds))
-    for i, t in enumerate(scheduler.timesteps[:k]):
+    for i, t in enumerate(setup.timesteps[:k]):
         x = scheduler.scale_model_input(latents, t)
         values, eps = sail_step(eps_fn, x, t, context, sigma_at(scheduler, t))
         total += values.cpu()
@@ -270,14 +256,14 @@ def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int]
     ``prompt_index``: as in :func:`sail`.
     Raises ValueError for an empty seed list, a timestep index outside the schedule, or a non-epsilon model."""
     _check_model(model, seeds, settings)
-    scheduler = model.scheduler
-    scheduler.set_timesteps(settings.steps, device=model.device)
-    low = scheduler.timesteps[_step_index(low_noise_index, len(scheduler.timesteps), "low-noise timestep index")]
-    context = _context(model, prompt, len(seeds))
-    latents = initial_noise(model, seeds, settings, prompt_index)
+    _step_index(low_noise_index, settings.steps, "low-noise timestep index")  # before any encoding
+    setup = prepare_sampling(model, prompt, seeds, settings, prompt_index=prompt_index)
+    scheduler, timesteps = model.scheduler, setup.timesteps
+    low = timesteps[_step_index(low_noise_index, len(timesteps), "low-noise timestep index")]
+    context, latents = setup.context, setup.latents
     eps_fn = eps_predictor(model.unet)
     pair = torch.cat([latents, latents])
-    first = scheduler.timesteps[0]
+    first = timesteps[0]
     eps_first = eps_fn(scheduler.scale_model_input(pair, first), first, context)
     eps_low = eps_fn(scheduler.scale_model_input(pair, low), low, context)
     norm, alignment = anisotropy_terms(eps_first, eps_low)
@@ -303,21 +289,19 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
     Raises ValueError for an empty seed list, a step outside the schedule, probes < 1, an unknown probe seeding or
     a non-epsilon model."""
     _check_model(model, seeds, settings)
-    scheduler = model.scheduler
-    scheduler.set_timesteps(settings.steps, device=model.device)
-    index = _step_index(step, len(scheduler.timesteps), "curvature step")
+    index = _step_index(step, settings.steps, "curvature step")
     shape = model.latent_shape(settings.height, settings.width)
     v = rademacher_probes(seeds, probes, shape, probe_seed, probe_seeding, model.device)
     n = len(seeds)
-    context = _context(model, prompt, n)
+    scheduler = model.scheduler
     eps_fn = eps_predictor(model.unet)
     with torch.no_grad():
-        latents = initial_noise(model, seeds, settings, prompt_index)
-        generators = step_generators(settings, seeds, prompt_index)
-        for t in scheduler.timesteps[:index]:
+        setup = prepare_sampling(model, prompt, seeds, settings, prompt_index=prompt_index)
+        context, latents, generators = setup.context, setup.latents, setup.generators
+        for t in setup.timesteps[:index]:
             eps = eps_fn(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, context)
             latents = _guided_step(model, eps, t, latents, settings, generators)
-    t = scheduler.timesteps[index]
+    t = setup.timesteps[index]
     if baseline is None:
         def difference(y):
             eps_u, eps_c = eps_fn(scheduler.scale_model_input(torch.cat([y, y]), t), t, context).chunk(2)

@@ -34,11 +34,9 @@ from benchmark.sampling.capture import (
     capture,
     cross_attention_layers,
     ddim_cfg_step,
-    encode_prompts,
-    initial_noise,
+    prepare_sampling,
     prompts_per_image,
     sample_with_capture,
-    step_generators,
     to_host,
 )
 from benchmark.store.job_folder import Job
@@ -138,17 +136,12 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     if not 0 <= rule.step < settings.steps - 1:
         raise ValueError(f"stop step {rule.step} must be before the last of {settings.steps} steps (0-based)")
     S.select_layers(list(cross_attention_layers(model.unet)), list(rule.layers))  # raises on an unknown layer
-    device, scheduler = model.device, model.scheduler
-    cond = encode_prompts(model, prompts)
-    uncond = model.encode([""]).expand(n, -1, -1)
-    latents = initial_noise(model, seeds, settings, prompt_index)
-    generators = step_generators(settings, seeds, prompt_index)
-    scheduler.set_timesteps(settings.steps)
-    steps = scheduler.timesteps.tolist()
-    timesteps = scheduler.timesteps.to(device)
-    rec = Recording(n, model.end_token_index(prompts).to(device), tuple(latents.shape[-2:]),
-                     frozenset({rule.step}), rule.step)
-    context = torch.cat([uncond, cond])
+    device = model.device
+    setup = prepare_sampling(model, prompts, seeds, settings, prompt_index=prompt_index)
+    cond, uncond, latents, generators = setup.cond, setup.uncond, setup.latents, setup.generators
+    steps, timesteps = setup.steps, setup.timesteps
+    rec = Recording(n, setup.end_index.to(device), tuple(latents.shape[-2:]), frozenset({rule.step}), rule.step)
+    context = setup.context
     delta_sq = []
     with capture(model.unet, rec):
         for i in range(rule.step + 1):

@@ -199,6 +199,13 @@ class Early(Section):
 
 
 class Mitigation(Section):
+    """Which registered mitigations run, at which strengths and knobs (``benchmark.jobs.mitigation.method_settings``).
+    ``target_losses``, ``lr``, ``max_iters``, ``mask_norm``, ``protocol``: Wen's / BE's strengths and knobs;
+    ``pad_fractions`` / ``pad_replacement``: Kim & No's; ``strengths.<method>`` / ``knobs.<method>``: any method's
+    (typed by its factory's signature). ``copy_thresholds``: a generation still copies when its measure is past the
+    threshold (``tradeoff.memorization_rate``); ``reference``: the method the equal-utility table compares every
+    other against, with ``n_boot`` bootstrap replicates."""
+
     methods: Annotated[list[Name], Field(min_length=1)]
     target_losses: list[NonNegative]
     lr: Positive
@@ -210,6 +217,11 @@ class Mitigation(Section):
     mask_layers: Name
     kinds: Annotated[list[Literal["global", "local", "memorized"]], Field(min_length=1)] | None = None
     n_images: PositiveInt | None = None
+    strengths: dict[Name, Annotated[list[Any], Field(min_length=1)]] = {}
+    knobs: dict[Name, dict[str, Any]] = {}
+    copy_thresholds: dict[Literal["SSCD", "S", "LS", "train_rmse"], float] = {}
+    reference: Name = "wen"
+    n_boot: Count = 1000
 
 
 class Similarity(Section):
@@ -336,6 +348,7 @@ class MitigateJob(TextToImageJob):
 
     def check(self) -> None:
         super().check()
+        from benchmark.mitigation.interface import method_settings
         from benchmark.registry import MITIGATIONS
 
         mit = self.mitigation
@@ -345,11 +358,24 @@ class MitigateJob(TextToImageJob):
         twice = sorted({m for m in mit.methods if mit.methods.count(m) > 1})
         if twice:
             raise ConfigError(f"mitigation.methods names {twice[0]!r} twice")
-        optimised = [m for m in mit.methods if MITIGATIONS[m].optimised]
-        if optimised and not mit.target_losses:
-            raise ConfigError(f"mitigation.target_losses=[]: {', '.join(optimised)} need at least one target loss")
-        if "pad_mask" in mit.methods and not mit.pad_fractions:
-            raise ConfigError("mitigation.pad_fractions=[]: pad_mask needs at least one fraction")
+        for where, table in (("strengths", mit.strengths), ("knobs", mit.knobs)):
+            stray = [m for m in table if m not in mit.methods]
+            if stray:
+                raise ConfigError(f"mitigation.{where}.{stray[0]}: {stray[0]!r} is not among mitigation.methods "
+                                  f"{mit.methods}")
+        errors = []
+        for method in mit.methods:  # knob and strength types from the method's factory signature
+            entry = MITIGATIONS[method]
+            knobs = tuple(entry.knobs)
+            strength = () if entry.strength is None else (entry.strength,)
+            errors += _errors(argument_model(entry.fn, strength), mit.knobs.get(method, {}),
+                              f"mitigation.knobs.{method}")
+            for i, value in enumerate(mit.strengths.get(method, [])):
+                only = argument_model(entry.fn, tuple(k for k in knobs if k not in strength))
+                errors += _errors(only, {entry.strength or "strength": value}, f"mitigation.strengths.{method}.{i}")
+        if errors:
+            raise ConfigError(errors[0])
+        self.library_check(method_settings, mit.model_dump())
         self.layer_set("mitigation.mask_layers", mit.mask_layers)
         if self.headline.method not in mit.methods:
             raise ConfigError(f"headline.method={self.headline.method!r} is not among mitigation.methods "
@@ -375,10 +401,11 @@ class GuardJob(TextToImageJob):
         if method is not None:
             if method not in MITIGATIONS:
                 raise ConfigError(f"guard.restart.method={method!r} is not a mitigation ({', '.join(MITIGATIONS)})")
-            if MITIGATIONS[method].optimised:
-                inference = [m for m in MITIGATIONS if not MITIGATIONS[m].optimised]
-                raise ConfigError(f"guard.restart.method={method!r} is not an inference-time mitigation "
-                                  f"({', '.join(inference)}); for an optimised one run runners.mitigate "
+            from benchmark.mitigation.padding import PAD_METHODS
+
+            if method not in PAD_METHODS:  # the guard's restart re-encodes the prompt only (runners/guard.py)
+                raise ConfigError(f"guard.restart.method={method!r} is not a padding mitigation "
+                                  f"({', '.join(PAD_METHODS)}); for any other run runners.mitigate "
                                   "prompts.select_ids=<this job's stopped_ids.txt>")
 
 

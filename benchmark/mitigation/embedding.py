@@ -16,16 +16,19 @@ Two protocols (docs/protocols.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.detectors.scores import be_mask
+from benchmark.core.config_types import Count, NonNegative, Positive
+from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import MITIGATIONS
-from benchmark.sampling.capture import CapturedBatch, SamplerSettings, initial_noise, sample_with_capture
+from benchmark.sampling.capture import CapturedBatch, SamplerSettings, SamplingSetup, sample_with_capture
 
+METHODS = ("wen", "be")  # "wen": plain magnitude; "be": BE-masked magnitude
 MASK_NORMS = ("per_image", "batch")
 PROTOCOLS = ("per_image", "official")
 OFFICIAL_N_IMAGES = 4  # --num_images_per_prompt default of Wen's inference_mem.py (and BE's)
@@ -45,10 +48,10 @@ class MitigationSettings:
     protocol: str = "per_image"
 
     def __post_init__(self):
-        optimised = [name for name in MITIGATIONS if MITIGATIONS[name].optimised]
-        if self.method not in optimised:
+        if self.method not in METHODS:
+            others = ", ".join(n for n in MITIGATIONS if n not in METHODS)
             raise ValueError(f"unknown mitigation method {self.method!r} for embedding optimisation; choose from "
-                             f"{', '.join(optimised)} (other mitigations: {', '.join(n for n in MITIGATIONS if n not in optimised)})")
+                             f"{', '.join(METHODS)} (other mitigations: {others})")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
         if self.protocol not in PROTOCOLS:
@@ -65,8 +68,6 @@ class MitigationSettings:
         return f"{self.method}{norm}-l{self.target_loss:g}-lr{self.lr:g}-it{self.max_iters}"
 
 
-@MITIGATIONS.register("be", label="BE (masked magnitude)", needs_mask=True, optimised=True)
-@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False, optimised=True)  # the lower decorator registers first
 def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_norm: str = "per_image") -> torch.Tensor:
     """Per image (n,): ``||delta||`` or ``||delta * m|| / mean(m)``; delta (n, c, h, w), mask (n, h, w)."""
     if mask is None:
@@ -159,9 +160,58 @@ def optimise_shared_embedding(model: TextToImage, cond: torch.Tensor, uncond: to
     return Optimised(emb.detach().expand(n, -1, -1), losses, torch.full((n,), steps, dtype=torch.long))
 
 
-def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int]) -> torch.Tensor:
-    """The BE mask (n, h, w) at the latent resolution, from stored final-step end-token maps."""
-    return torch.from_numpy(be_mask(end_maps, layers, size)).float()
+def optimised_embedding(settings: MitigationSettings) -> tuple[Intervention, list[Optimised]]:
+    """The intervention of Wen's / BE's optimisation: its embedding hook optimises ``setup.cond`` at the first
+    timestep from ``setup.latents`` (per image, or one embedding shared by the batch under the official protocol),
+    with BE's ``setup.mask`` (n, h, w; resized bilinearly to the latent size). Also returns a list that receives
+    each call's :class:`Optimised`. The hook raises ValueError when the mask does not match the method."""
+    results: list[Optimised] = []
+    intervention = Intervention()
+
+    def embedding(setup: SamplingSetup) -> torch.Tensor:
+        mask = setup.mask
+        if (mask is None) == MITIGATIONS[settings.method].needs_mask:
+            raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
+        if mask is not None:
+            size = tuple(setup.latents.shape[-2:])
+            if tuple(mask.shape[-2:]) != size:
+                mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+            mask = mask.to(setup.model.device, torch.float32)
+        optimise = optimise_shared_embedding if settings.protocol == "official" else optimise_embedding
+        with torch.enable_grad():
+            opt = optimise(setup.model, setup.cond, setup.uncond, setup.latents, setup.timesteps[0], settings, mask)
+        results.append(opt)
+        losses = opt.losses.numpy()
+        intervention.stats = {"loss_first": losses[0] if len(losses) else np.full(setup.n, np.nan),
+                              "loss_last": losses[-1] if len(losses) else np.full(setup.n, np.nan),
+                              "iterations": opt.iterations.numpy()}
+        return opt.embedding
+
+    intervention.embedding = embedding
+    return intervention, results
+
+
+def _factory(method: str):
+    def factory(target_loss: NonNegative, lr: Positive = 0.05, max_iters: Count = 10,
+                mask_norm: Literal["per_image", "batch"] = "per_image",
+                protocol: Literal["per_image", "official"] = "per_image") -> Intervention:
+        return optimised_embedding(MitigationSettings(method, float(target_loss), lr, max_iters, mask_norm,
+                                                      protocol))[0]
+    factory.__name__ = factory.__qualname__ = f"{method}_optimised_embedding"
+    return factory
+
+
+def _tag(method: str):
+    return lambda k: MitigationSettings(method, float(k["target_loss"]), k["lr"], k["max_iters"], k["mask_norm"],
+                                        k["protocol"]).tag
+
+
+# The config's older keys of these two methods: target_losses (their strengths) and the shared optimiser settings.
+_CONFIG = {"lr": "lr", "max_iters": "max_iters", "mask_norm": "mask_norm", "protocol": "protocol"}
+for _method, _label, _mask in (("wen", "Wen (magnitude)", False), ("be", "BE (masked magnitude)", True)):
+    MITIGATIONS.register(_method, label=_label, acts_on="embedding", needs_mask=_mask, strength="target_loss",
+                         stronger="lower", tag=_tag(_method), strengths_key="target_losses",
+                         config_knobs=_CONFIG)(_factory(_method))
 
 
 def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: SamplerSettings,
@@ -170,20 +220,7 @@ def mitigate(model: TextToImage, prompt: str, seeds: list[int], sampler: Sampler
     """Optimise the embedding at the first step (per image, or one shared by ``seeds`` under the official protocol),
     then sample (with traces) from the same initial noise. ``mask`` (n, h, w) is BE's; ``prompt_index`` is needed
     by the sampler's official seeding. Raises ValueError when the mask does not match the method."""
-    if (mask is None) == MITIGATIONS[settings.method].needs_mask:
-        raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
-    n = len(seeds)
-    cond = model.encode([prompt]).expand(n, -1, -1)
-    uncond = model.encode([""]).expand(n, -1, -1)
-    latents = initial_noise(model, seeds, sampler, prompt_index)
-    model.scheduler.set_timesteps(sampler.steps, device=model.device)
-    t0 = model.scheduler.timesteps[0]
-    if mask is not None:
-        size = tuple(latents.shape[-2:])
-        if tuple(mask.shape[-2:]) != size:
-            mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        mask = mask.to(model.device, torch.float32)
-    optimise = optimise_shared_embedding if settings.protocol == "official" else optimise_embedding
-    with torch.enable_grad():
-        opt = optimise(model, cond, uncond, latents, t0, settings, mask)
-    return sample_with_capture(model, prompt, seeds, sampler, cond=opt.embedding, prompt_index=prompt_index), opt
+    intervention, results = optimised_embedding(settings)
+    batch = sample_with_capture(model, prompt, seeds, sampler, prompt_index=prompt_index, intervention=intervention,
+                                mask=mask)
+    return batch, results[0]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.core.config_types import Name, OpenFraction
+from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import MITIGATIONS
 
@@ -53,12 +55,6 @@ class PadMitigation:
         return self.method in ("pad_replace_mask_end", "mask_end")
 
     @property
-    def target_loss(self) -> float:
-        """The strength on the trade-off curves (their ``target_loss`` column): the masked fraction, 1 = full.
-        Unlike Wen's target loss, higher is stronger."""
-        return self.fraction
-
-    @property
     def tag(self) -> str:
         """Store-key part: the method, its strength and, when it pads with another token, that token (each
         character outside [A-Za-z0-9] spelled as u<hex>, so that keys stay file-name safe and distinct)."""
@@ -67,11 +63,6 @@ class PadMitigation:
         token = "".join(c if c.isascii() and c.isalnum() else f"u{ord(c):x}" for c in self.token)
         return {"pad_replace": f"padreplace-{token}", "pad_replace_mask_end": f"padreplace-{token}-maskend",
                 "mask_end": "maskend"}[self.method]
-
-
-def pad_settings(methods: list[str], fractions: list[float], token: str = "!") -> list[PadMitigation]:
-    """The settings of a sweep: ``pad_mask`` at every fraction, every other method once."""
-    return [PadMitigation(m, float(r), token) for m in methods for r in (fractions if m == "pad_mask" else [1.0])]
 
 
 def replacement_id(model: TextToImage, token: str) -> int:
@@ -83,11 +74,6 @@ def replacement_id(model: TextToImage, token: str) -> int:
     return int(token_id)
 
 
-@MITIGATIONS.register("mask_end", label="Kim & No (end masked)", needs_mask=False, optimised=False)
-@MITIGATIONS.register("pad_replace_mask_end", label="Kim & No (pad !, end masked)", needs_mask=False,
-                      optimised=False)
-@MITIGATIONS.register("pad_replace", label="Kim & No (pad !)", needs_mask=False, optimised=False)
-@MITIGATIONS.register("pad_mask", label="Kim & No (pad masked)", needs_mask=False, optimised=False)
 @torch.no_grad()
 def pad_mitigated_embedding(model: TextToImage, prompts: list[str], settings: PadMitigation) -> torch.Tensor:
     """The conditional embedding (n, tokens, dim) of ``prompts`` under ``settings``.
@@ -106,3 +92,43 @@ def pad_mitigated_embedding(model: TextToImage, prompts: list[str], settings: Pa
             padding = tokens - (end + 1)
             cond[i, end + 1:end + 1 + int(min(padding, padding * settings.fraction))] = 0
     return cond
+
+
+def padding_intervention(settings: PadMitigation) -> Intervention:
+    """The intervention of one padding setting: the conditional embedding of the setup's prompts replaced by
+    :func:`pad_mitigated_embedding` (nothing optimised, no extra UNet evaluation)."""
+    check = (lambda model: replacement_id(model, settings.token)) if settings.replaces_pad else None
+    return Intervention(embedding=lambda setup: pad_mitigated_embedding(setup.model, setup.prompts, settings),
+                        check=check)
+
+
+_PAD = {"acts_on": "embedding", "needs_mask": False, "requires": ("tokenizer", "text_encoder")}
+
+
+@MITIGATIONS.register("pad_mask", label="Kim & No (pad masked)", strength="fraction", stronger="higher",
+                      strengths_key="pad_fractions", tag=lambda k: PadMitigation("pad_mask", k["fraction"]).tag, **_PAD)
+def pad_mask(fraction: OpenFraction) -> Intervention:
+    """``--pad_masked_by_ratio r``: the first floor(r * P) padding embeddings set to zero (r = 0.7, 0.4 in the
+    official run_mitigation.sh)."""
+    return padding_intervention(PadMitigation("pad_mask", float(fraction)))
+
+
+@MITIGATIONS.register("pad_replace", label="Kim & No (pad !)", config_knobs={"token": "pad_replacement"},
+                      tag=lambda k: PadMitigation("pad_replace", token=k["token"]).tag, **_PAD)
+def pad_replace(token: Name = "!") -> Intervention:
+    """``--pad_token_fix``: padding with ``token`` instead of the end token."""
+    return padding_intervention(PadMitigation("pad_replace", token=token))
+
+
+@MITIGATIONS.register("pad_replace_mask_end", label="Kim & No (pad !, end masked)",
+                      config_knobs={"token": "pad_replacement"},
+                      tag=lambda k: PadMitigation("pad_replace_mask_end", token=k["token"]).tag, **_PAD)
+def pad_replace_mask_end(token: Name = "!") -> Intervention:
+    """``--pad_token_fix_and_eot_masked`` (the paper's main method): padding with ``token``, end token zeroed."""
+    return padding_intervention(PadMitigation("pad_replace_mask_end", token=token))
+
+
+@MITIGATIONS.register("mask_end", label="Kim & No (end masked)", tag=lambda k: PadMitigation("mask_end").tag, **_PAD)
+def mask_end() -> Intervention:
+    """``--eot_masked`` (a Section 3.2 ablation): only the end-of-text embedding zeroed."""
+    return padding_intervention(PadMitigation("mask_end"))

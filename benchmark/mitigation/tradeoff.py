@@ -1,31 +1,33 @@
-"""Privacy vs utility of mitigation: regenerate prompts under each method and target loss, and measure.
+"""Privacy vs utility of mitigation: regenerate prompts under each mitigation setting, and measure.
 
 Every generation (unmitigated baseline included) is a stored trace + image, keyed by a sampler name that carries
-the mitigation setting, so a rerun samples nothing twice. Measures per generation:
+the mitigation setting (``interface.Mitigation.tag``), so a rerun samples nothing twice. Measures per generation:
 - similarity to the prompt's training image, where known: ``S``, ``LS`` (with the generation's own BE mask),
   ``train_rmse`` (RMSE on [0, 1], inside the planted region for local memorization), ``SSCD`` when configured;
 - utility: ``CLIP`` score when configured; ``caption_rmse``: RMSE to the scene the caption names, where a registered
-  caption renderer can draw it (the testbed's data recipe; lower = more faithful), which needs no downloaded network.
-Methods: Wen's and BE's optimisation (benchmark/mitigation/embedding.py; strength = target loss, lower is stronger) and Kim &
-No's padding mitigations (benchmark/mitigation/padding.py; strength = masked fraction, higher is stronger), both in the
-``target_loss`` column.
+  caption renderer can draw it (the testbed's data recipe; lower = more faithful), which needs no downloaded network;
+- cost: ``extra_unet_evals``, the UNet evaluations per image beyond plain sampling's 2 x steps (one CFG batch row
+  counts one).
+Every registered method runs through the one interface (``benchmark.mitigation.interface``); its strength sits in
+the ``strength`` column, named and directed per method by its registration (``strength``, ``stronger``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 
 from benchmark.detectors import scores as S
 from benchmark.detectors.detection import Generation, generate
 from benchmark.localization.evaluation import Truth, rmse
 from benchmark.measures.similarity import SSCD, CLIPScore, pixel_LS, pixel_S
-from benchmark.mitigation.embedding import MitigationSettings, latent_mask, mitigate
-from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding, replacement_id
+from benchmark.mitigation.interface import Mitigation
 from benchmark.models.text_to_image import TextToImage
-from benchmark.registry import CAPTION_RENDERERS, MITIGATIONS
+from benchmark.registry import CAPTION_RENDERERS
 from benchmark.sampling.capture import SamplerSettings, cross_attention_layers, sample_with_capture
 from benchmark.sampling.missing import mitigation_suffix, sample_missing
 from benchmark.store.traces import TraceKey, TraceStore, traces_from_batch
@@ -40,22 +42,41 @@ class Measures:
     clip: CLIPScore | None = None
 
 
-def mitigated_key(key: TraceKey, settings: MitigationSettings | PadMitigation, mask_layers: list[str] | None = None) -> TraceKey:
+def mitigated_key(key: TraceKey, settings: Mitigation, mask_layers: list[str] | None = None) -> TraceKey:
     """The baseline key with the mitigation setting added to its sampler (``sampling.sampler_key``'s format);
     ``mask_layers`` None = every cross-attention layer (the default keeps the keys of earlier stores)."""
     return replace(key, sampler=key.sampler + mitigation_suffix(settings, mask_layers))
 
 
+@contextmanager
+def counting_unet_rows(unet: torch.nn.Module) -> Iterator[list[int]]:
+    """Count the batch rows of every UNet forward pass inside the block (``count[0]``): one CFG step of n images is
+    2n rows, an optimisation step on n images n rows."""
+    count = [0]
+
+    def pre_hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        count[0] += int(sample.shape[0])
+
+    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: SamplerSettings, store: TraceStore,
-                   settings: list[MitigationSettings | PadMitigation], layers: list[str], batch_size: int = 8,
+                   settings: list[Mitigation], layers: list[str], batch_size: int = 8,
                    progress: Callable[[Iterable], Iterable] = iter) -> int:
     """Sample every missing baseline and mitigated generation; return how many images were sampled now.
 
-    Mitigated generations are sampled one prompt per batch: with ``mask_norm="batch"`` a result depends on the
-    images optimised together, and those stay the seeds of one prompt, as before."""
-    for mit in settings:  # a replacement token the model lacks fails before any sampling
-        if isinstance(mit, PadMitigation) and mit.replaces_pad:
-            replacement_id(model, mit.token)
+    Every setting is checked on the model first (``Mitigation.check_model``: what it requires, a token the
+    tokenizer lacks), so a method that cannot run fails before any sampling. Mitigated generations are sampled one
+    prompt per batch: with BE's ``mask_norm="batch"`` a result depends on the images optimised together, and those
+    stay the seeds of one prompt, as before. A method that reads the BE mask gets the unmitigated generation's
+    (same seed, read from its stored trace: no extra pass)."""
+    for mit in settings:
+        mit.check_model(model)
     sampled = generate(model, baseline, sampler, store, batch_size, progress)
     mask_layers = mask_key_layers(model, layers)
     for mit in settings:
@@ -65,31 +86,40 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
         def sample_batch(items, mit=mit, base_key=base_key):
             gen, seeds = items[0][0], [seed for _, seed in items]
             mask = None
-            if MITIGATIONS[mit.method].needs_mask:  # the unmitigated generation's mask, same seed: no extra pass
+            if mit.needs_mask:
                 traces = [store.read(base_key[gen.key], s) for s in seeds]
                 maps = {k: np.stack([t.end_maps[k] for t in traces]) for k in traces[0].end_maps}
                 mask = latent_mask(maps, layers, traces[0].delta_sq.shape[-2:])
-            if isinstance(mit, PadMitigation):  # Kim & No: a changed embedding, nothing optimised
-                cond = pad_mitigated_embedding(model, [gen.prompt.text], mit).expand(len(seeds), -1, -1)
-                batch, opt = sample_with_capture(model, gen.prompt.text, seeds, sampler, cond=cond,
-                                                 prompt_index=gen.index), None
-            else:
-                batch, opt = mitigate(model, gen.prompt.text, seeds, sampler, mit, mask, gen.index)
+            intervention = mit.intervention()
+            with counting_unet_rows(model.unet) as rows:
+                batch = sample_with_capture(model, gen.prompt.text, seeds, sampler, prompt_index=gen.index,
+                                            intervention=intervention, mask=mask)
             meta = {"prompt_id": gen.prompt.id, "prompt": gen.prompt.text, "model": gen.key.model,
-                    "sampler": asdict(sampler), "prompt_set": gen.key.prompt_set, "mitigation": asdict(mit),
-                    "mask_layers": list(layers) if MITIGATIONS[mit.method].needs_mask else None}
+                    "sampler": asdict(sampler), "prompt_set": gen.key.prompt_set,
+                    "mitigation": {"method": mit.method, **mit.values},
+                    "mask_layers": list(layers) if mit.needs_mask else None}
             traces = traces_from_batch(batch, meta, seeds)
+            stats = intervention.stats
+            extra = rows[0] / len(seeds) - 2 * sampler.steps
             for i, trace in enumerate(traces):
-                losses = opt.losses[:, i] if opt else []
-                trace.meta |= {"loss_first": float(losses[0]) if len(losses) else None,
-                               "loss_last": float(losses[-1]) if len(losses) else None,
-                               "iterations": int(opt.iterations[i]) if opt else 0}
+                trace.meta |= {"loss_first": _stat(stats, "loss_first", i), "loss_last": _stat(stats, "loss_last", i),
+                               "iterations": int(_stat(stats, "iterations", i) or 0), "extra_unet_evals": extra}
             return list(zip(traces, batch.images))
 
-        # the official protocol shares one embedding by the prompt's whole batch: it is mitigated at once
+        # Wen's/BE's official protocol shares one embedding by a prompt's whole batch: it is mitigated at once
         sampled += sample_missing(store, mitigated, sample_batch, batch_size, progress, across_prompts=False,
-                                  whole_prompt=getattr(mit, "protocol", None) == "official")
+                                  whole_prompt=mit.values.get("protocol") == "official")
     return sampled
+
+
+def _stat(stats: dict, name: str, i: int) -> float | None:
+    value = stats.get(name)
+    return None if value is None or not np.isfinite(value[i]) else float(value[i])
+
+
+def latent_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """The BE mask (n, h, w) at the latent resolution, from stored final-step end-token maps."""
+    return torch.from_numpy(S.be_mask(end_maps, layers, size)).float()
 
 
 def mask_key_layers(model: TextToImage, layers: list[str]) -> list[str] | None:
@@ -118,9 +148,9 @@ def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], tru
     return out
 
 
-def measure_all(store: TraceStore, baseline: list[Generation], settings: list[MitigationSettings | PadMitigation],
+def measure_all(store: TraceStore, baseline: list[Generation], settings: list[Mitigation],
                 truth: dict[str, Truth], measures: Measures, mask_layers: list[str] | None = None) -> pd.DataFrame:
-    """One row per (method, target loss, prompt, seed), the unmitigated baseline as method ``none``;
+    """One row per (setting, prompt, seed), the unmitigated baseline as method ``none`` (strength NaN);
     ``mask_layers`` as in :func:`mitigated_key` (``mask_key_layers``)."""
     rows = []
     for mit in [None] + list(settings):
@@ -129,50 +159,121 @@ def measure_all(store: TraceStore, baseline: list[Generation], settings: list[Mi
             for seed in gen.seeds:
                 trace = store.read(key, seed)
                 image = store.read_image(key, seed).transpose(2, 0, 1)
+                strength = None if mit is None else mit.strength
                 rows.append({
                     "method": BASELINE if mit is None else mit.method,
-                    "target_loss": np.nan if mit is None else mit.target_loss,
+                    "strength": np.nan if strength is None else strength,
                     "prompt_id": gen.prompt.id, "kind": gen.prompt.kind, "seed": seed,
                     "D1": float(np.sqrt(trace.delta_sq[0].sum())),
                     "iterations": trace.meta.get("iterations", 0),
+                    "extra_unet_evals": float(trace.meta.get("extra_unet_evals", 0.0)),
                     **measure(image, gen.prompt.text, trace.end_maps, truth.get(gen.prompt.id), measures)})
     return pd.DataFrame(rows)
 
 
+KEYS = ("kind", "method", "strength")
+# Which way each measure points: similarities to the training image (higher = more copying) and distances to it
+# (lower = more copying); utilities (higher = better) and distances to the caption's scene (lower = better).
+COPYING = {"SSCD": "higher", "S": "higher", "LS": "higher", "train_rmse": "lower"}
+UTILITY = {"CLIP": "higher", "caption_rmse": "lower"}
+
+
 def curves(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean of every measure per (kind, method, target loss): the points of the trade-off curves."""
-    measures = [c for c in rows.columns if c not in ("method", "target_loss", "prompt_id", "kind", "seed")]
-    table = rows.assign(target_loss=rows.target_loss.fillna(-1))
-    out = table.groupby(["kind", "method", "target_loss"])[measures].mean().reset_index()
-    out["n"] = table.groupby(["kind", "method", "target_loss"]).size().to_numpy()
-    out["target_loss"] = out.target_loss.where(out.target_loss >= 0)
+    """Mean of every measure per (kind, method, strength): the points of the trade-off curves; ``n`` generations."""
+    measures = [c for c in rows.columns if c not in KEYS + ("prompt_id", "seed")]
+    groups = rows.groupby(list(KEYS), dropna=False, sort=True)
+    out = groups[measures].mean().reset_index()
+    out["n"] = groups.size().to_numpy()
     return out
 
 
-def at_equal_utility(points: pd.DataFrame, utility: str, similarity: str, methods: tuple[str, str] = ("wen", "be"),
-                     n: int = 5) -> pd.DataFrame:
-    """Each method's similarity at ``n`` utility levels both curves reach, interpolated linearly along each curve
-    (baseline point included, sorted by utility); ``difference`` = second method minus first."""
-    rows = []
-    for kind, group in points.groupby("kind"):
-        base = group[group.method == BASELINE]
-        lines = {}
-        for m in methods:
-            curve = pd.concat([base, group[group.method == m]]).dropna(subset=[utility, similarity])
-            if len(curve) < 2:
-                break
-            curve = curve.sort_values(utility, kind="stable")  # equal utilities: in the points' order
-            lines[m] = (curve[utility].to_numpy(), curve[similarity].to_numpy())
-        if len(lines) < 2:
+def pareto_front(points: pd.DataFrame, utility: str, copying: str) -> pd.Series:
+    """Per kind, whether each point is on the Pareto front of (less copying, more utility): no other point of the
+    same kind is at least as good on both and better on one. Directions: :data:`COPYING`, :data:`UTILITY`."""
+    sign_c = -1.0 if COPYING[copying] == "higher" else 1.0  # larger = less copying
+    sign_u = 1.0 if UTILITY[utility] == "higher" else -1.0  # larger = more utility
+    front = pd.Series(False, index=points.index)
+    for _, part in points.dropna(subset=[utility, copying]).groupby("kind"):
+        c, u = sign_c * part[copying].to_numpy(), sign_u * part[utility].to_numpy()
+        for i, index in enumerate(part.index):
+            dominated = ((c >= c[i]) & (u >= u[i]) & ((c > c[i]) | (u > u[i]))).any()
+            front[index] = not dominated
+    return front
+
+
+def memorization_rate(rows: pd.DataFrame, thresholds: dict[str, float]) -> pd.DataFrame:
+    """Per (kind, method, strength) and measure of ``thresholds``: the share of generations still copying, i.e.
+    above the threshold for a similarity (SSCD, S, LS), below it for a distance (train_rmse). Columns ``measure``,
+    ``threshold``, ``rate``, ``n``. Measures the rows lack are skipped; an unknown measure raises ValueError."""
+    unknown = [m for m in thresholds if m not in COPYING]
+    if unknown:
+        raise ValueError(f"copy thresholds for {unknown}: not copying measures ({', '.join(COPYING)})")
+    out = []
+    for measure, threshold in thresholds.items():
+        if measure not in rows:
             continue
-        lo = max(x.min() for x, _ in lines.values())
-        hi = min(x.max() for x, _ in lines.values())
-        if lo >= hi:
+        values = rows.dropna(subset=[measure])
+        copies = values[measure] > threshold if COPYING[measure] == "higher" else values[measure] < threshold
+        groups = values.assign(copies=copies).groupby(list(KEYS), dropna=False, sort=True).copies
+        table = groups.agg(rate="mean", n="size").reset_index()
+        out.append(table.assign(measure=measure, threshold=float(threshold)))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, reference: str, n: int = 5,
+                     n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Every method's ``similarity`` at ``n`` utility levels along the ``reference`` method's curve, with a
+    paired bootstrap 95% interval of its difference to the reference.
+
+    A curve = the baseline point plus the method's points (means over generations), sorted by utility and
+    interpolated linearly; the levels span the utility range the reference's curve reaches; a method is read only
+    at levels inside its own curve's range (else NaN). ``difference`` = method minus reference; its interval
+    resamples prompts with replacement (every method ran on the same prompts and seeds, so the resample is
+    shared: paired), recomputing every curve, ``n_boot`` times (seeded; percentile interval). Columns: ``kind``,
+    the utility, ``method``, the similarity, ``difference``, ``ci_low``, ``ci_high``. Empty when the reference
+    did not run or the measures are missing."""
+    if utility not in rows or similarity not in rows or reference not in set(rows.method):
+        return pd.DataFrame()
+    rng = np.random.default_rng(seed)
+    out = []
+    for kind, part in rows.dropna(subset=[utility, similarity]).groupby("kind", sort=True):
+        prompts = sorted(part.prompt_id.unique())
+        per_prompt = part.groupby(["method", "strength", "prompt_id"], dropna=False)[[utility, similarity]].mean()
+        points = {}  # (method, strength) -> (prompts, 2) array of per-prompt means
+        for (method, strength), group in per_prompt.groupby(level=[0, 1], dropna=False):
+            table = group.droplevel([0, 1]).reindex(prompts)
+            if table.isna().any().any():
+                continue  # a setting with some prompts unmeasured is left out of the paired comparison
+            points[(method, strength)] = table.to_numpy()
+        methods = [m for m in dict.fromkeys(k[0] for k in points) if m != BASELINE]
+        if reference not in methods or not any(m == BASELINE for m, _ in points):
             continue
-        for u in np.linspace(lo, hi, n):
-            row = {"kind": kind, utility: u}
-            for m, (x, y) in lines.items():
-                row[m] = float(np.interp(u, x, y))
-            row["difference"] = row[methods[1]] - row[methods[0]]
-            rows.append(row)
-    return pd.DataFrame(rows)
+        draws = [np.arange(len(prompts))] + [rng.integers(0, len(prompts), len(prompts)) for _ in range(n_boot)]
+        curves_by_draw = [{m: _curve(points, m, idx) for m in methods} for idx in draws]
+        lo, hi = curves_by_draw[0][reference][0].min(), curves_by_draw[0][reference][0].max()
+        if not lo < hi:
+            continue
+        for level in np.linspace(lo, hi, n):
+            values = np.array([[_read(c[m], level) for m in methods] for c in curves_by_draw])  # (draws, methods)
+            ref = values[:, methods.index(reference)]
+            for j, method in enumerate(methods):
+                diff = values[:, j] - ref
+                boot = diff[1:][np.isfinite(diff[1:])]
+                low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+                out.append({"kind": kind, utility: float(level), "method": method, similarity: values[0, j],
+                            "difference": diff[0], "ci_low": float(low), "ci_high": float(high)})
+    return pd.DataFrame(out)
+
+
+def _curve(points: dict, method: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    chosen = [v for (m, s), v in points.items() if m in (method, BASELINE)]
+    means = np.array([v[idx].mean(0) for v in chosen])  # (points, 2): utility, similarity
+    order = np.argsort(means[:, 0], kind="stable")
+    return means[order, 0], means[order, 1]
+
+
+def _read(curve: tuple[np.ndarray, np.ndarray], level: float) -> float:
+    x, y = curve
+    if not x.min() <= level <= x.max():
+        return np.nan
+    return float(np.interp(level, x, y))

@@ -20,8 +20,8 @@ attention against 77 tokens is cheap, so computing its probabilities explicitly 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -297,15 +297,18 @@ def guided_eps(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, co
 
 
 def ddim_cfg_step(model: TextToImage, latents: torch.Tensor, t: int, t_device: torch.Tensor, context: torch.Tensor,
-                  settings: SamplerSettings, generators: Sequence[torch.Generator] | None = None
+                  settings: SamplerSettings, generators: Sequence[torch.Generator] | None = None,
+                  guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step with classifier-free guidance: (the next latents, ``eps_cond - eps_uncond``), both (n, c, h, w).
     ``t``: the timestep as a host int (the scheduler's table lookup), ``t_device`` the same on the device (the
-    UNet's input); ``generators``: one per row, for the variance noise when eta > 0 (``ddim_step``)."""
+    UNet's input); ``generators``: one per row, for the variance noise when eta > 0 (``ddim_step``); ``guidance``:
+    ``(eps_uncond, eps_cond) -> eps`` in place of ``eps_uncond + settings.guidance * (eps_cond - eps_uncond)`` (a
+    mitigation that guides per step)."""
     eps_uncond, eps_cond = guided_eps(model.unet, latents, t_device, context)
     delta = eps_cond - eps_uncond
-    return ddim_step(model.scheduler, eps_uncond + settings.guidance * delta, t, latents, settings.eta,
-                     generators), delta
+    eps = eps_uncond + settings.guidance * delta if guidance is None else guidance(eps_uncond, eps_cond)
+    return ddim_step(model.scheduler, eps, t, latents, settings.eta, generators), delta
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -316,24 +319,52 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-@torch.no_grad()
-def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
-                        record: bool = True, decode: bool = True, cond: torch.Tensor | None = None,
-                        token_maps: bool = False, prompt_index: int | Sequence[int] | None = None
-                        ) -> CapturedBatch | torch.Tensor:
-    """Sample ``len(seeds)`` images; with ``record`` return their traces, else only the latents (on the device).
+@dataclass
+class SamplingSetup:
+    """Everything one sampling loop starts from (``prepare_sampling``), one row per image.
 
-    ``prompt``: one prompt for every image, or one per image (``prompt[i]`` with ``seeds[i]``). ``cond`` (n, tokens,
-    dim) replaces the prompts' encoding, e.g. by a mitigated embedding per image; ``token_maps`` also records the
-    final-step map of every token, not only the end token's; ``prompt_index`` (one, or one per image) is needed by
-    ``settings.seeding == "official"`` (``initial_noise``). Raises ValueError when the prompts do not match the
-    seeds."""
+    ``cond``/``uncond`` (n, tokens, dim) on the model's device in its dtype; ``latents`` (n, c, h, w) the initial
+    noise; ``steps`` the DDIM timesteps as host ints (the scheduler's table lookups), ``timesteps`` the same on the
+    device (the UNet's input); ``generators`` one per image for DDIM's variance noise (None when eta == 0);
+    ``end_index`` (n,) the first end token per image; ``mask`` (n, h, w) a BE mask at the latent size for a
+    mitigation that reads one (``benchmark.mitigation.interface``), else None."""
+
+    model: TextToImage
+    prompts: list[str]
+    seeds: list[int]
+    settings: SamplerSettings
+    prompt_index: int | Sequence[int] | None
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    latents: torch.Tensor
+    generators: list[torch.Generator] | None
+    steps: list[int]
+    timesteps: torch.Tensor
+    end_index: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The CFG batch's text conditioning (2n, tokens, dim), diffusers' order: unconditional half first."""
+        return torch.cat([self.uncond, self.cond])
+
+
+def prepare_sampling(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
+                     cond: torch.Tensor | None = None, prompt_index: int | Sequence[int] | None = None
+                     ) -> SamplingSetup:
+    """The one sampling set-up: prompts per image, their encodings (each distinct prompt alone), the initial noise
+    and step-noise generators (``initial_noise``, ``step_generators``), the DDIM timesteps and the end-token
+    indices. ``cond`` (n, tokens, dim) replaces the prompts' encoding. Raises ValueError as ``prompts_per_image``
+    and ``initial_noise`` do."""
     n = len(seeds)
     prompts = prompts_per_image(prompt, n)
     device = model.device
     cond = encode_prompts(model, prompts) if cond is None else cond.to(device, model.dtype)
     uncond = model.encode([""]).expand(n, -1, -1)
-    context = torch.cat([uncond, cond])  # diffusers' order: unconditional half first
     latents = initial_noise(model, seeds, settings, prompt_index)
     generators = step_generators(settings, seeds, prompt_index)
     scheduler = model.scheduler
@@ -342,20 +373,51 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
     scheduler.set_timesteps(settings.steps)
     steps = scheduler.timesteps.tolist()
     timesteps = scheduler.timesteps.to(device)
-    end_index = model.end_token_index(prompts)
-    rec = Recording(n, end_index.to(device), tuple(latents.shape[-2:]),
+    return SamplingSetup(model, prompts, list(seeds), settings, prompt_index, cond, uncond, latents, generators,
+                         steps, timesteps, model.end_token_index(prompts))
+
+
+@torch.no_grad()
+def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
+                        record: bool = True, decode: bool = True, cond: torch.Tensor | None = None,
+                        token_maps: bool = False, prompt_index: int | Sequence[int] | None = None,
+                        intervention=None, mask: torch.Tensor | None = None) -> CapturedBatch | torch.Tensor:
+    """Sample ``len(seeds)`` images; with ``record`` return their traces, else only the latents (on the device).
+
+    ``prompt``: one prompt for every image, or one per image (``prompt[i]`` with ``seeds[i]``). ``cond`` (n, tokens,
+    dim) replaces the prompts' encoding, e.g. by a mitigated embedding per image; ``token_maps`` also records the
+    final-step map of every token, not only the end token's; ``prompt_index`` (one, or one per image) is needed by
+    ``settings.seeding == "official"`` (``initial_noise``). ``intervention``: a mitigation's hooks
+    (``benchmark.mitigation.interface.Intervention``), applied in this one loop, so a mitigated generation is traced
+    as any other; ``mask`` (n, h, w) the BE mask it reads, if any. Raises ValueError when the prompts do not match
+    the seeds."""
+    n = len(seeds)
+    prompts = prompts_per_image(prompt, n)
+    if intervention is not None and intervention.prompts is not None:
+        prompts = intervention.prompts(prompts, list(seeds), prompt_index)
+    setup = prepare_sampling(model, prompts, seeds, settings, cond, prompt_index)
+    setup.mask = mask
+    if intervention is not None:
+        intervention.prepare(setup)
+    latents, steps, timesteps = setup.latents, setup.steps, setup.timesteps
+    context = setup.context
+    rec = Recording(n, setup.end_index.to(model.device), tuple(latents.shape[-2:]),
                     frozenset(settings.end_map_steps) | {len(steps) - 1}, len(steps) - 1, token_maps
                     ) if record else None
+    guide = None if intervention is None else intervention.guidance_for(setup)
     delta_sq = []
-    with capture(model.unet, rec):
+    # a mitigation's modules first: capture's recorders then wrap the processors it installed
+    with (nullcontext() if intervention is None else intervention.installed(setup)), capture(model.unet, rec):
         for i, t in enumerate(steps):
             if rec is not None:
                 rec.start_step(i)
-            latents, delta = ddim_cfg_step(model, latents, t, timesteps[i], context, settings, generators)
+            latents, delta = ddim_cfg_step(model, latents, t, timesteps[i], context, settings, setup.generators,
+                                           None if guide is None else lambda u, c, i=i, t=t: guide(i, t, u, c))
             if record:
                 delta_sq.append(delta.float().pow(2).sum(1))
     if not record:
         return latents
+    end_index = setup.end_index
     final = rec.end_maps.pop(len(steps) - 1)
     layers = list(final)
     parts = [torch.stack(delta_sq, 1), latents, *final.values(), *(torch.stack(rec.token_attn[k], 1) for k in layers),
