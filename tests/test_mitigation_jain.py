@@ -86,3 +86,58 @@ def test_probe_equals_official(tiny_model):
     context = torch.cat([tiny_model.encode([""]).expand(2, -1, -1), encode_prompts(tiny_model, prompts)])
     got = probe_transition_steps(tiny_model, latents, context, settings.steps, 7.5)
     assert got.tolist() == official_probe(tiny_model, latents, context, settings.steps, 7.5)
+
+
+def official_loop(model, prompt, latents, steps, scale_of):
+    """The official scripts' loop re-expressed for one image: CFG batch, the scale chosen from the step, the
+    timestep and the magnitudes so far (DDIM instead of their DPM-Solver)."""
+    model.scheduler.set_timesteps(steps)
+    ctx = torch.cat([model.encode([""]), model.encode([prompt])])
+    diffs = []
+    for j, t in enumerate(model.scheduler.timesteps):
+        u, c = model.unet(torch.cat([latents, latents]), t, encoder_hidden_states=ctx).sample.chunk(2)
+        diffs.append(torch.norm(u - c).item())
+        g = scale_of(j, int(t), diffs)
+        latents = model.scheduler.step(u + g * (c - u), t, latents).prev_sample
+    return latents
+
+
+def dtp_scale(j, t, d):
+    hit = any(d[k] > d[k - 1] and d[k - 2] > d[k - 1] for k in range(2, len(d)))
+    return 7.5 if hit else 1.0
+
+
+@torch.no_grad()
+def test_registered_rules_equal_official_loops(tiny_model, same_up_to_float_order):
+    from benchmark.mitigation.interface import Mitigation
+    from benchmark.sampling.capture import sample_with_capture
+
+    settings = SamplerSettings(steps=10, height=8, width=8)
+    prompts = ["a red circle", "a photo of a cat"]
+    latents = initial_noise(tiny_model, [0, 1], settings)
+    cases = {
+        "jain_stp": lambda j, t, d: 0.0 if t > 500 else 7.5,
+        "jain_stp_og": lambda j, t, d: -2.0 if t > 650 else 7.5,
+        "jain_dtp": dtp_scale,
+    }
+    for method, rule in cases.items():
+        setting = Mitigation.of(method)
+        got = sample_with_capture(tiny_model, prompts, [0, 1], settings, intervention=setting.intervention())
+        for i, p in enumerate(prompts):
+            want = official_loop(tiny_model, p, latents[i:i + 1], settings.steps, rule)
+            same_up_to_float_order(got.latents[i:i + 1], want, rel=1e-6)
+    # opposite + dynamic: the probe's step, then -7.5 before it and 7.5 from it on
+    intervention = Mitigation.of("jain_dtp_og").intervention()
+    got = sample_with_capture(tiny_model, prompts, [0, 1], settings, intervention=intervention)
+    context = torch.cat([tiny_model.encode([""]).expand(2, -1, -1), encode_prompts(tiny_model, prompts)])
+    tp = official_probe(tiny_model, latents, context, settings.steps, 7.5)
+    assert intervention.stats["transition_step"].tolist() == tp
+    for i, p in enumerate(prompts):
+        want = official_loop(tiny_model, p, latents[i:i + 1], settings.steps,
+                             lambda j, t, d, i=i: 7.5 if j >= tp[i] else -7.5)
+        same_up_to_float_order(got.latents[i:i + 1], want, rel=1e-6)
+    plain = sample_with_capture(tiny_model, prompts, [0, 1], settings, record=False)
+    assert (got.latents - plain).abs().max() > 1e-2 * plain.abs().max()  # the rules change the images
+    assert Mitigation.of("jain_stp").tag == "jain-stp500-b0-a7.5" and Mitigation.of("jain_stp").strength == 500
+    with pytest.raises(ValueError, match="transition_t must be in"):
+        Mitigation.of("jain_stp", transition_t=2000)

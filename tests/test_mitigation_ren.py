@@ -104,3 +104,23 @@ def test_sampling_under_ren(tiny_model):
         alone = sample_with_capture(tiny_model, PROMPTS[1:], [1], SETTINGS, record=False)
     assert torch.allclose(alone.cpu(), mitigated.latents[1:], atol=1e-5)
     assert {k: m.processor for k, m in cross_attention_layers(tiny_model.unet).items()} == originals
+
+
+@torch.no_grad()
+def test_registered_on_the_interface(tiny_model):
+    from benchmark.mitigation.interface import Mitigation, settings_for
+    from benchmark.registry import MITIGATIONS
+
+    entry = MITIGATIONS["ren"]
+    assert (entry.acts_on, entry.strength, entry.stronger) == ("modules", "c1", "higher")
+    setting = Mitigation.of("ren")
+    assert setting.tag == "ren-c1.25" and setting.strength == 1.25
+    assert [s.tag for s in settings_for("ren", [1.0, 1.5])] == ["ren-c1", "ren-c1.5"]
+    with pytest.raises(ValueError, match="ren: c1 must be finite"):
+        Mitigation.of("ren", c1=float("inf"))
+    # through the one sampling loop: the same latents as the processor installed by hand
+    with ren_attention(tiny_model, PROMPTS, RenSettings()):
+        by_hand = sample_with_capture(tiny_model, PROMPTS, [0, 1], SETTINGS, record=False)
+    batch = sample_with_capture(tiny_model, PROMPTS, [0, 1], SETTINGS, intervention=setting.intervention())
+    assert torch.allclose(batch.latents, by_hand.cpu(), atol=1e-6)
+    assert batch.token_attn and batch.delta_sq.shape[1] == SETTINGS.steps

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
+from benchmark.registry import MITIGATIONS
 from benchmark.sampling.capture import check_recordable, cross_attention_layers
 
 
@@ -139,3 +141,13 @@ def ren_attention(model: TextToImage, prompts: list[str], settings: RenSettings)
     finally:
         for name, module in layers.items():
             module.set_processor(originals[name])
+
+
+@MITIGATIONS.register("ren", label="Ren et al. (attention re-weighting)", acts_on="modules", needs_mask=False,
+                      strength="c1", stronger="higher", strengths=(1.25,), requires=("cross_attention", "tokenizer"),
+                      tag=lambda k: RenSettings(**k).tag)
+def ren(c1: float = 1.25, mask_summary: bool = True, mask_end: bool = False) -> Intervention:
+    """Ren et al.'s mitigation (``--miti_mem --cross_attn_mask --c1 1.25``): every cross-attention layer re-weighted
+    at every step for the sampled prompts (:func:`ren_attention`); no extra UNet evaluation."""
+    settings = RenSettings(float(c1), bool(mask_summary), bool(mask_end))
+    return Intervention(modules=lambda setup: ren_attention(setup.model, setup.prompts, settings))

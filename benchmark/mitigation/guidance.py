@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from scipy.signal import argrelextrema
 
+from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
-from benchmark.sampling.capture import ddim_step, guided_eps
+from benchmark.registry import MITIGATIONS
+from benchmark.sampling.capture import SamplingSetup, ddim_step, guided_eps
 
 RULES = ("static", "dynamic", "opposite_dynamic")
 NO_MINIMUM_STEP = 5  # generate_test_dataset-opposite_guidance.py: the transition step when the probe has no minimum
@@ -152,3 +154,73 @@ def transition_scales(settings: TransitionGuidance, step: int, t: int, magnitude
     if transition_steps is None:
         raise ValueError("mitigation jain (opposite_dynamic): needs the probe's transition steps")
     return torch.where(transition_steps <= step, settings.after, -settings.after).float()
+
+
+def transition_intervention(settings: TransitionGuidance) -> Intervention:
+    """The guidance hook of ``settings``: each step's prediction ``eps_u + s (eps_c - eps_u)`` with the rule's
+    scale per image. ``dynamic`` keeps each image's guidance magnitudes of the steps so far (a fresh intervention
+    per sampling call); ``opposite_dynamic`` runs its probe before the loop (outside capture, so the trace holds the
+    generation alone) from the same initial noise, which it leaves unchanged. Reports ``transition_step`` per image
+    in ``stats`` (the static rule: the first step at or below ``transition_t``)."""
+    state: dict = {"magnitudes": []}
+    out = Intervention()
+
+    def probe(setup: SamplingSetup) -> torch.Tensor:
+        steps = probe_transition_steps(setup.model, setup.latents, setup.context, len(setup.steps), settings.after)
+        state["transition"] = steps.to(setup.latents.device)
+        out.stats["transition_step"] = steps.numpy().astype(np.float64)
+        return setup.latents
+
+    def guidance(setup: SamplingSetup, step: int, t: int, eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+        delta = eps_c - eps_u
+        if settings.rule == "dynamic":
+            state["magnitudes"].append(delta.flatten(1).float().norm(dim=1))
+        magnitudes = torch.stack(state["magnitudes"]) if state["magnitudes"] else None
+        scale = transition_scales(settings, step, t, magnitudes, state.get("transition"))
+        if settings.rule == "static" and "transition_step" not in out.stats and scale == settings.after:
+            out.stats["transition_step"] = np.full(len(eps_u), float(step))
+        if settings.rule == "dynamic":
+            first = out.stats.setdefault("transition_step", np.full(len(eps_u), np.nan))
+            first[np.isnan(first) & (scale == settings.after).cpu().numpy()] = step
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(delta.device, delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
+        return eps_u + scale * delta
+
+    out.guidance = guidance
+    if settings.rule == "opposite_dynamic":
+        out.latents = probe
+    return out
+
+
+_JAIN = {"acts_on": "guidance", "needs_mask": False}
+
+
+@MITIGATIONS.register("jain_stp", label="Jain et al. (static transition)", strength="transition_t",
+                      stronger="lower", strengths=(500,), tag=lambda k: TransitionGuidance("static", **k).tag, **_JAIN)
+def jain_stp(transition_t: int = 500, before: float = 0.0, after: float = 7.5) -> Intervention:
+    """Static transition point (generate_test_dataset_stp.py, README: 0 before timestep 500, 7.5 after)."""
+    return transition_intervention(TransitionGuidance("static", float(before), float(after), int(transition_t)))
+
+
+@MITIGATIONS.register("jain_stp_og", label="Jain et al. (opposite guidance, static transition)",
+                      strength="transition_t", stronger="lower", strengths=(650,),
+                      tag=lambda k: TransitionGuidance("static", **k).tag, **_JAIN)
+def jain_stp_og(transition_t: int = 650, before: float = -2.0, after: float = 7.5) -> Intervention:
+    """Opposite guidance with a static transition point (README: -2 before timestep 650, 7.5 after)."""
+    return transition_intervention(TransitionGuidance("static", float(before), float(after), int(transition_t)))
+
+
+@MITIGATIONS.register("jain_dtp", label="Jain et al. (dynamic transition)",
+                      tag=lambda k: TransitionGuidance("dynamic", **k).tag, **_JAIN)
+def jain_dtp(before: float = 1.0, after: float = 7.5) -> Intervention:
+    """Dynamic transition point (generate_test_dataset_dtp.py: 1 before the transition, 7.5 from it on); the
+    official has no strength knob."""
+    return transition_intervention(TransitionGuidance("dynamic", float(before), float(after)))
+
+
+@MITIGATIONS.register("jain_dtp_og", label="Jain et al. (opposite guidance, dynamic transition)",
+                      tag=lambda k: TransitionGuidance("opposite_dynamic", **k).tag, **_JAIN)
+def jain_dtp_og(after: float = 7.5) -> Intervention:
+    """Opposite guidance with a dynamic transition point (generate_test_dataset-opposite_guidance.py: a probe pass
+    with -7.5, then -7.5 before its transition step and 7.5 from it on): one extra guided pass per image."""
+    return transition_intervention(TransitionGuidance("opposite_dynamic", after=float(after)))
