@@ -15,6 +15,7 @@ from benchmark.mitigation.neurons import (
     neuron_counts,
     noise_differences,
     outlier_neurons,
+    value_activations,
     value_layers,
 )
 from benchmark.sampling.capture import SamplerSettings, initial_noise
@@ -141,3 +142,47 @@ def test_search_by_hand():
     # not memorized: no seed is like another, no neurons
     free = find_neurons(lambda n: scattered, acts, stats, NeMoSettings(ssim_kernel=3, samples=4))
     assert free.refined == {"A": [], "B": []} and free.evaluations == 1
+
+
+@torch.no_grad()
+def test_registered_on_the_interface(tiny_model, tmp_path, same_up_to_float_order):
+    from benchmark.mitigation.interface import Mitigation
+    from benchmark.sampling.capture import sample_with_capture
+
+    with pytest.raises(ValueError, match="mitigation nemo-f0-statsnone: needs activation statistics"):
+        Mitigation.of("nemo").check_model(tiny_model)
+    with pytest.raises(ValueError, match="mitigation nemo.*no activation statistics at"):
+        Mitigation.of("nemo", statistics=str(tmp_path / "none.safetensors")).check_model(tiny_model)
+    path = activation_statistics(tiny_model, PROMPTS, source="four").save(tmp_path / "stats.safetensors")
+    # every seed looked at, two rounds (theta 5, 4.75) and a target the random model's neurons never reach: the
+    # refinement then keeps what changes the differences at all
+    knobs = dict(statistics=str(path), samples=2, ssim_kernel=3, pairwise_threshold=0.0, initial_threshold=0.99,
+                 refinement_threshold=0.99, min_theta=4.75, initial_k=1)
+    setting = Mitigation.of("nemo", **knobs)
+    setting.check_model(tiny_model)
+    assert setting.tag.startswith("nemo-f0-stats") and "samples2" in setting.tag and setting.strength == 0.0
+    sampler = SamplerSettings(steps=2, height=32, width=32)
+    stats = ActivationStatistics.load(path)
+    settings = NeMoSettings(**{k: v for k, v in knobs.items() if k != "statistics"})
+    p = PROMPTS[1]
+    intervention = setting.intervention()
+    got = sample_with_capture(tiny_model, p, [0, 1], sampler, intervention=intervention)
+    counts = intervention.stats["neurons"]
+    assert counts.shape == (2,) and counts.min() > 0 and counts[0] == counts[1]
+    assert sum(intervention.stats[f"neurons/{k}"] for k in value_layers(tiny_model.unet)).tolist() == counts.tolist()
+    # the official: the search, then its neurons' to_v outputs zeroed in place for the whole CFG batch
+    acts = {k: v[0] for k, v in value_activations(tiny_model, [p]).items()}
+    found = find_neurons(lambda n: noise_differences(tiny_model, p, [1, 2], sampler, n), acts, stats, settings)
+    assert sum(map(len, found.refined.values())) == counts[0]
+    handles = []
+    for layer, idx in found.refined.items():
+        def hook(module, args, out, idx=idx):
+            out[:, :, idx] *= 0.0
+            return out
+        handles.append(value_layers(tiny_model.unet)[layer].register_forward_hook(hook))
+    want = sample_with_capture(tiny_model, p, [0, 1], sampler).latents  # recorded too: the same attention kernel
+    for h in handles:
+        h.remove()
+    same_up_to_float_order(got.latents, want, rel=1e-6)
+    plain = sample_with_capture(tiny_model, p, [0, 1], sampler).latents
+    assert (got.latents - plain).abs().max() > 1e-3

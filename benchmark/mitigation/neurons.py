@@ -33,17 +33,27 @@ cannot take 3 scales of kernel 11.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
-from benchmark.sampling.capture import SamplerSettings, cross_attention_layers, ddim_step, initial_noise
+from benchmark.registry import MITIGATIONS
+from benchmark.sampling.capture import (
+    SamplerSettings,
+    SamplingSetup,
+    cross_attention_layers,
+    ddim_step,
+    initial_noise,
+)
 
 VALUE_BLOCKS = ("down_blocks.", "mid_block.")  # the official value layers: the down path and the middle block
 SSIM_BETAS = (0.33, 0.33, 0.33)  # utils/activation_detection.py: three scales, equal weights
@@ -199,7 +209,7 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel: int = 11) -> torch.Tensor:
     """(n,) multi-scale SSIM of image pairs (n, c, h, w), torchmetrics' with three scales weighted 0.33 each and a
     Gaussian window of ``kernel`` taps (11, sigma 1.5: the official call). Raises ValueError naming NeMo when the
     images are too small for the kernel at 3 scales."""
-    from torchmetrics.functional import multiscale_structural_similarity_index_measure
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
     need = (kernel - 1) * 2 ** (len(SSIM_BETAS) - 1)
     if min(a.shape[-2:]) <= need:
@@ -303,3 +313,115 @@ def find_neurons(difference: Callable[[Neurons | None], torch.Tensor], activatio
                 refined[layer] = trial[layer]
     refined_ssim = max_ssim(vanilla, diff(refined)[looked_at])
     return NeuronSearch(blocked, refined, ssim, refined_ssim, looked_at, count[0], rounds)
+
+
+@contextmanager
+def deactivated_per_image(model: TextToImage, neurons: list[Neurons], factor: float = 0.0) -> Iterator[None]:
+    """As :func:`deactivated` for a CFG batch of n images (2n rows, unconditional half first) where image i has its
+    own ``neurons[i]`` (rows i and n + i), as the official deactivates a prompt's neurons in both halves. Raises
+    ValueError when a call's batch is not 2n rows."""
+    layers = value_layers(model.unet)
+    n = len(neurons)
+    multipliers = {}
+    for layer, to_v in layers.items():
+        m = torch.ones(2 * n, to_v.out_features)
+        for i, chosen in enumerate(neurons):
+            idx = chosen.get(layer, [])
+            if any(not 0 <= j < to_v.out_features for j in idx):
+                raise ValueError(f"mitigation nemo: no value neuron {layer}{idx}")
+            m[[i, n + i]] = m[[i, n + i]].index_fill(1, torch.tensor(idx, dtype=torch.long), factor)
+        if (m != 1).any():
+            multipliers[layer] = m
+
+    def hook_for(m):
+        def scale(module, args, out):
+            if out.shape[0] != len(m):
+                raise ValueError(f"mitigation nemo: deactivation set for {n} images met a batch of {out.shape[0]} rows")
+            return out * m.to(out.device, out.dtype)[:, None, :]
+        return scale
+
+    handles = [layers[layer].register_forward_hook(hook_for(m)) for layer, m in multipliers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def statistics_digest(path: str) -> str:
+    """A short digest of a statistics file's bytes (its store-key part: other statistics, other neurons); "none"
+    without a file."""
+    if not path or not Path(path).is_file():
+        return "none"
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def _nemo_tag(knobs: dict) -> str:
+    settings = NeMoSettings(**{k: v for k, v in knobs.items() if k != "statistics"})
+    default = NeMoSettings()
+    changed = "".join(f"-{f.name}{getattr(settings, f.name):g}" for f in fields(NeMoSettings)
+                      if f.name != "factor" and getattr(settings, f.name) != getattr(default, f.name))
+    return f"nemo-f{settings.factor:g}-stats{statistics_digest(knobs['statistics'])}{changed}"
+
+
+def nemo_intervention(statistics: str, settings: NeMoSettings) -> Intervention:
+    """NeMo for one sampling call: before the loop (outside capture), the neurons of each distinct prompt are
+    searched (:func:`find_neurons`, on ``settings.samples`` seeds from ``settings.seed`` and the call's step count);
+    during it they are deactivated in their images' rows (:func:`deactivated_per_image`). ``stats``: ``neurons`` (the
+    count per image) and ``neurons/<layer>``; the search's UNet evaluations count as the method's cost."""
+    out = Intervention()
+    found: dict[str, Neurons] = {}
+
+    def load(model: TextToImage) -> ActivationStatistics:
+        if not statistics:
+            raise ValueError("needs activation statistics over non-memorized prompts (knobs.nemo.statistics=<file>, "
+                             "written by benchmark.mitigation.neurons.activation_statistics)")
+        try:
+            stats = ActivationStatistics.load(statistics)
+        except FileNotFoundError as err:
+            raise ValueError(str(err).removeprefix("mitigation nemo: ")) from None
+        stats.check(model)
+        return stats
+
+    def check(model: TextToImage) -> None:
+        load(model)
+
+    def search(setup: SamplingSetup) -> torch.Tensor:
+        model = setup.model
+        stats = load(model)
+        sampler = replace(setup.settings, seeding="per_image", eta=0.0, end_map_steps=())
+        seeds = list(range(settings.seed, settings.seed + settings.samples))
+        for prompt in dict.fromkeys(setup.prompts):
+            acts = {k: v[0] for k, v in value_activations(model, [prompt]).items()}
+            result = find_neurons(lambda neurons, p=prompt: noise_differences(model, p, seeds, sampler, neurons,
+                                                                               settings.factor),
+                                  acts, stats, settings)
+            found[prompt] = result.refined
+        per_image = [found[p] for p in setup.prompts]
+        out.stats["neurons"] = np.array([sum(neuron_counts(x).values()) for x in per_image], dtype=np.float64)
+        for layer in value_layers(model.unet):
+            out.stats[f"neurons/{layer}"] = np.array([len(x.get(layer, [])) for x in per_image], dtype=np.float64)
+        return setup.latents
+
+    out.check = check
+    out.latents = search
+    out.modules = lambda setup: deactivated_per_image(setup.model, [found[p] for p in setup.prompts],
+                                                      settings.factor)
+    return out
+
+
+@MITIGATIONS.register("nemo", label="NeMo (memorization neurons deactivated)", acts_on="modules", needs_mask=False,
+                      strength="factor", stronger="lower", strengths=(0.0,),
+                      requires=("cross_attention", "text_encoder"), tag=_nemo_tag)
+def nemo(factor: float = 0.0, statistics: str = "", samples: int = 10, seed: int = 1,
+         pairwise_threshold: float = 0.428, initial_threshold: float = 0.428, refinement_threshold: float = 0.428,
+         initial_theta: float = 5.0, theta_step: float = 0.25, min_theta: float = 1.0, initial_k: int = 0,
+         ssim_kernel: int = 11) -> Intervention:
+    """NeMo with the official defaults (3_detect_memorized_neurons.py, 4_generate_images.py --refined_neurons);
+    ``statistics``: a file of :class:`ActivationStatistics` for this model (no default: the method fails before
+    sampling without one)."""
+    settings = NeMoSettings(samples=samples, seed=seed, pairwise_threshold=pairwise_threshold,
+                            initial_threshold=initial_threshold, refinement_threshold=refinement_threshold,
+                            initial_theta=initial_theta, theta_step=theta_step, min_theta=min_theta,
+                            initial_k=initial_k, factor=factor, ssim_kernel=ssim_kernel)
+    return nemo_intervention(statistics, settings)
