@@ -156,8 +156,8 @@ def test_registered_on_the_interface(tiny_model, tmp_path, same_up_to_float_orde
     path = activation_statistics(tiny_model, PROMPTS, source="four").save(tmp_path / "stats.safetensors")
     # every seed looked at, two rounds (theta 5, 4.75) and a target the random model's neurons never reach: the
     # refinement then keeps what changes the differences at all
-    knobs = dict(statistics=str(path), samples=2, ssim_kernel=3, pairwise_threshold=0.0, initial_threshold=0.99,
-                 refinement_threshold=0.99, min_theta=4.75, initial_k=1)
+    knobs = {"statistics": str(path), "samples": 2, "ssim_kernel": 3, "pairwise_threshold": 0.0,
+             "initial_threshold": 0.99, "refinement_threshold": 0.99, "min_theta": 4.75, "initial_k": 1}
     setting = Mitigation.of("nemo", **knobs)
     setting.check_model(tiny_model)
     assert setting.tag.startswith("nemo-f0-stats") and "samples2" in setting.tag and setting.strength == 0.0
