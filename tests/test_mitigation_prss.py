@@ -128,3 +128,68 @@ def test_search_equals_official(tiny_model):
         assert got.result.magnitudes[:len(mags), i].tolist() == pytest.approx(mags, abs=1e-6)
     assert got.prompts == [[p, *r][j] for (p, r), (j, _) in zip(zip(prompts, rephrasings), expected)]
     assert torch.equal(got.original[1], tiny_model.encode([prompts[1]])[0])
+
+
+def official_generation(model, chosen_text, prompt, latents, steps, g, triggered, l_pr, thres):
+    """inference_mem.py: pipe(prompt_embeds=searched, original_prompt_embeds=prompt's, m_trigger, l_target_pr,
+    mag_thres_pr) for one image, from the same initial noise."""
+    uncond = model.encode([""])
+    mod = torch.cat([uncond, model.encode([chosen_text])])
+    orig = torch.cat([uncond, model.encode([prompt])])
+    model.scheduler.set_timesteps(steps)
+    for t in model.scheduler.timesteps:
+        u, m = model.unet(torch.cat([latents, latents]), t, encoder_hidden_states=mod).sample.chunk(2)
+        if triggered:
+            _, o = model.unet(torch.cat([latents, latents]), t, encoder_hidden_states=orig).sample.chunk(2)
+            eps = official_pr(u, m, o, g, l_pr, thres)
+        else:
+            eps = u + g * (m - u)
+        latents = model.scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def test_registered_equals_official(tiny_model, tmp_path, same_up_to_float_order):
+    from benchmark.mitigation.interface import Mitigation
+    from benchmark.sampling.capture import sample_with_capture
+
+    with pytest.raises(ValueError, match="mitigation prss-.*rephraser listed needs rephraser_file"):
+        Mitigation.of("prss").check_model(tiny_model)
+    prompts = ["a red circle", "a photo of a cat"]
+    rows = [{"caption": "a red circle", "caption1": "one red circle", "caption2": "a circle, red"},
+            {"caption": "a photo of a cat", "caption1": "a cat photo"}]
+    path = tmp_path / "withss.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    sampler = SamplerSettings(steps=4, height=8, width=8)
+    latents = initial_noise(tiny_model, [0, 1], sampler)
+    tiny_model.scheduler.set_timesteps(sampler.steps)
+    t = tiny_model.scheduler.timesteps[0]
+    cands = [[r[k] for k in r if k != "caption"] for r in rows]
+    mags = [official_search(tiny_model, p, [], latents[i:i + 1], t, 0.0)[1][0] for i, p in enumerate(prompts)]
+    # image 0 above the search target (triggered), image 1 below; re-anchoring thresholds within the magnitudes
+    target = (mags[0] + mags[1]) / 2 if mags[0] > mags[1] else None
+    if target is None:
+        prompts, rows, cands, latents = prompts[::-1], rows[::-1], cands[::-1], latents.flip(0)
+        mags, target = mags[::-1], (mags[0] + mags[1]) / 2
+    knobs = {"l_target_ss": target, "l_target_pr": 0.5 * min(mags), "mag_thres_pr": 2.0 * max(mags),
+             "rephraser_file": str(path)}
+    setting = Mitigation.of("prss", **knobs)
+    assert setting.tag.startswith("prss-ss") and "-f" in setting.tag
+    seeds = [0, 1] if prompts[0] == "a red circle" else [1, 0]
+    triggered = []
+    for i, p in enumerate(prompts):  # one prompt per call, as the mitigation job samples
+        intervention = setting.intervention()
+        got = sample_with_capture(tiny_model, p, seeds[i:i + 1], sampler, record=False, intervention=intervention)
+        triggered += intervention.stats["triggered"].tolist()
+        j, _ = official_search(tiny_model, p, cands[i], latents[i:i + 1], t, target)
+        want = official_generation(tiny_model, [p, *cands[i]][j], p, latents[i:i + 1], sampler.steps, sampler.guidance,
+                                   i == 0, knobs["l_target_pr"], knobs["mag_thres_pr"])
+        same_up_to_float_order(got, want, rel=1e-6)
+    assert triggered == [1.0, 0.0]
+    # traced: the re-anchoring's extra evaluations are not recorded
+    intervention = setting.intervention()
+    traced = sample_with_capture(tiny_model, prompts, seeds, sampler, intervention=intervention)
+    assert all(v.shape[1] == sampler.steps for v in traced.token_attn.values())
+    assert intervention.stats["triggered"].tolist() == [1.0, 0.0]
+    plain = sample_with_capture(tiny_model, prompts, seeds, sampler)
+    assert (traced.latents[0] - plain.latents[0]).abs().max() > 1e-3

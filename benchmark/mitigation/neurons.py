@@ -33,7 +33,6 @@ cannot take 3 scales of kernel 11.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,6 +53,7 @@ from benchmark.sampling.capture import (
     ddim_step,
     initial_noise,
 )
+from benchmark.store.job_folder import file_fingerprint
 
 VALUE_BLOCKS = ("down_blocks.", "mid_block.")  # the official value layers: the down path and the middle block
 SSIM_BETAS = (0.33, 0.33, 0.33)  # utils/activation_detection.py: three scales, equal weights
@@ -349,11 +349,9 @@ def deactivated_per_image(model: TextToImage, neurons: list[Neurons], factor: fl
 
 
 def statistics_digest(path: str) -> str:
-    """A short digest of a statistics file's bytes (its store-key part: other statistics, other neurons); "none"
+    """The statistics file's content fingerprint (its store-key part: other statistics, other neurons); "none"
     without a file."""
-    if not path or not Path(path).is_file():
-        return "none"
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return file_fingerprint(path) if path and Path(path).is_file() else "none"
 
 
 def _nemo_tag(knobs: dict) -> str:

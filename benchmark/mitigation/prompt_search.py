@@ -25,16 +25,22 @@ file; the testbed plug-in registers ``testbed``, rephrasings its grammar allows.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmark.mitigation.embedding import magnitude_loss
-from benchmark.registry import REPHRASERS
+from benchmark.mitigation.interface import Intervention
+from benchmark.registry import MITIGATIONS, REPHRASERS
+from benchmark.sampling.capture import SamplingSetup, ddim_cfg_step, recording_paused, step_generators
+from benchmark.store.job_folder import file_fingerprint
 
 OFFICIAL_CANDIDATES = 25  # caption1 .. caption25 per prompt in the official data file
 
@@ -190,3 +196,116 @@ def listed_rephrasings(prompt: str, count: int, file: str | None = None) -> list
     if not Path(file).is_file():
         raise FileNotFoundError(f"rephraser listed: no file {file}")
     return _listed_file(str(Path(file).resolve())).get(prompt, [])[:count]
+
+
+def rephraser_knobs(name: str, file: str) -> dict:
+    """The keyword arguments PRSS passes to rephraser ``name``: ``file`` to one that reads a file (``listed``).
+    Raises ValueError naming the method when such a rephraser gets no file or a missing one."""
+    if "file" not in inspect.signature(REPHRASERS[name].fn).parameters:
+        return {}
+    if not file or not Path(file).is_file():
+        raise ValueError(f"rephraser {name} needs rephraser_file=<a JSONL of caption, caption1..captionK rows>, "
+                         f"got {file!r}")
+    return {"file": file}
+
+
+def prss_intervention(settings: PRSSSettings, rephraser_file: str = "") -> Intervention:
+    """PRSS for one sampling call. Before the loop (outside capture): each image's search from its initial noise,
+    after ``target_step`` plain guided steps (:func:`search_embeddings`, with the call's BE mask when the method
+    reads one); the images are then sampled from the same noise with the chosen embeddings. In the loop, when
+    ``l_target_pr`` is set, the triggered images' steps are re-anchored (:func:`reanchored_eps`) on the original
+    prompt's prediction, one more conditional UNet evaluation per step that capture does not record. ``stats``:
+    ``triggered``, ``chosen`` (0: the prompt itself) per image.
+
+    The guidance hook gets no latents, so a forward pre-hook on the UNet keeps the unconditional half of the
+    step's CFG input (the latents) for the original prompt's evaluation."""
+    out = Intervention()
+    state: dict = {}
+
+    def check(model) -> None:
+        rephraser_knobs(settings.rephraser, rephraser_file)
+
+    def search(setup: SamplingSetup) -> torch.Tensor:
+        model = setup.model
+        knobs = rephraser_knobs(settings.rephraser, rephraser_file)
+        rephrasings = [REPHRASERS[settings.rephraser](p, settings.count, **knobs) for p in setup.prompts]
+        if settings.target_step >= len(setup.steps):
+            raise ValueError(f"mitigation prss: target_step {settings.target_step} outside the {len(setup.steps)} "
+                             "steps")
+        latents = setup.latents
+        generators = step_generators(setup.settings, setup.seeds, setup.prompt_index)  # fresh: the loop's stay
+        for i in range(settings.target_step):
+            latents, _ = ddim_cfg_step(model, latents, setup.steps[i], setup.timesteps[i], setup.context,
+                                       setup.settings, generators)
+        t = setup.timesteps[settings.target_step]
+        found = search_embeddings(model, setup.prompts, rephrasings, latents, t, settings, setup.mask)
+        state["found"] = found
+        out.stats["triggered"] = found.result.triggered.numpy().astype(np.float64)
+        out.stats["chosen"] = found.result.chosen.numpy().astype(np.float64)
+        return found.embedding
+
+    def guidance(setup: SamplingSetup, step: int, t: int, eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+        g = setup.settings.guidance
+        eps = eps_u + g * (eps_c - eps_u)
+        found = state["found"]
+        rows = found.result.triggered.nonzero().flatten().tolist()
+        if settings.l_target_pr is None or not rows:
+            return eps
+        x = setup.model.scheduler.scale_model_input(state["latents"][rows], t)
+        with recording_paused(setup.model.unet):
+            state["own_call"] = True
+            try:
+                eps_o = setup.model.unet(x, torch.tensor(t, device=x.device),
+                                         encoder_hidden_states=found.original[rows].to(x.device, x.dtype)).sample
+            finally:
+                state["own_call"] = False
+        eps = eps.clone()
+        eps[rows] = reanchored_eps(eps_u[rows], eps_c[rows], eps_o, g, settings.l_target_pr, settings.mag_thres_pr)
+        return eps
+
+    @contextmanager
+    def keep_latents(setup: SamplingSetup):
+        def pre_hook(module, args, kwargs):
+            if not state.get("own_call"):
+                sample = args[0] if args else kwargs["sample"]
+                state["latents"] = sample[:len(sample) // 2]  # the CFG batch repeats the latents: [x, x]
+        handle = setup.model.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    out.check = check
+    out.embedding = search
+    out.guidance = guidance
+    if settings.l_target_pr is not None:
+        out.modules = keep_latents
+    return out
+
+
+def _prss_tag(method: str) -> Callable[[dict], str]:
+    def tag(knobs: dict) -> str:
+        settings = PRSSSettings(**{k: v for k, v in knobs.items() if k != "rephraser_file"})
+        file = knobs["rephraser_file"]
+        digest = f"-f{file_fingerprint(file)}" if file and Path(file).is_file() else ""
+        return f"{method}{settings.tag.removeprefix('prss')}{digest}"
+    return tag
+
+
+def _prss_factory(method: str) -> Callable[..., Intervention]:
+    def factory(l_target_ss: float = 1.0, l_target_pr: float | None = 3.0, mag_thres_pr: float = 5.0,
+                target_step: int = 0, rephraser: str = "listed", rephraser_file: str = "",
+                count: int = OFFICIAL_CANDIDATES) -> Intervention:
+        """PRSS with the official defaults (inference_mem.py README: --l_target_ss 1 --l_target_pr 3
+        --mag_thres_pr 5 --optim_target_steps 0); ``l_target_pr`` None: the search alone."""
+        return prss_intervention(PRSSSettings(l_target_ss, l_target_pr, mag_thres_pr, target_step, rephraser, count),
+                                 rephraser_file)
+    factory.__name__ = factory.__qualname__ = method
+    return factory
+
+
+for _method, _label, _mask in (("prss", "PRSS (search + re-anchoring)", False),
+                               ("prss_be", "PRSS + BE (masked magnitude)", True)):
+    MITIGATIONS.register(_method, label=_label, acts_on="embedding", needs_mask=_mask, strength="l_target_ss",
+                         stronger="lower", strengths=(1.0,), requires=("tokenizer", "text_encoder"),
+                         tag=_prss_tag(_method))(_prss_factory(_method))
