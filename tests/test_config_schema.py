@@ -32,6 +32,8 @@ CONFIGS = [
 MAY_BE_NEGATIVE = {
     "extra.anisotropy.low_noise_index": "a Python index into the timesteps (official -3)",
     "extra.curvature.step": "a Python index into the steps (official -1, the last)",
+    "mitigation.copy_thresholds.SSCD": "a cosine, in [-1, 1]",
+    "mitigation.copy_thresholds.S": "-RMS on the 0-255 scale, <= 0",
 }
 MAY_BE_EMPTY_LIST = {
     "sampler.end_map_steps": "no earlier steps' maps recorded",

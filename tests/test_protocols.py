@@ -124,12 +124,13 @@ def test_official_mitigation_samples_from_the_official_noise(tiny_model):
 
 
 def test_official_mitigation_runs_a_prompts_batch_at_once_and_reruns_from_the_store(tiny_model, tmp_path):
+    from benchmark.mitigation.interface import Mitigation
     from benchmark.mitigation.tradeoff import mitigated_key, run_mitigation
 
     prompts = PromptSet("p", [Prompt("a", PROMPT, True, "global")])
     store = TraceStore(tmp_path)
     gens = plan(prompts, "tiny", sampler_key(OFFICIAL, "float32"), [0, 1, 2])
-    settings = [MitigationSettings("wen", 0.0, max_iters=1, protocol="official")]
+    settings = [Mitigation.of("wen", target_loss=0.0, max_iters=1, protocol="official")]
     # batch_size 1 is ignored by the official protocol: the three images share one embedding and one loss
     assert run_mitigation(tiny_model, gens, OFFICIAL, store, settings, ["*"], batch_size=1) == 6
     traces = [store.read(mitigated_key(gens[0].key, settings[0]), s) for s in (0, 1, 2)]

@@ -198,6 +198,19 @@ class Early(Section):
     n_boot: Count
 
 
+class CopyThresholds(Section):
+    """Where a generation counts as a copy (``tradeoff.memorization_rate``): SSCD above (a cosine, in [-1, 1]), S /
+    LS above (-RMS on 0-255, <= 0), train_rmse below (on [0, 1]); None = not counted on that measure."""
+
+    SSCD: Annotated[float, Field(ge=-1, le=1)] | None = None
+    S: Annotated[float, Field(le=0)] | None = None
+    LS: Annotated[float, Field(le=0)] | None = None
+    train_rmse: Annotated[float, Field(ge=0, le=1)] | None = None
+
+    def values(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class Mitigation(Section):
     """Which registered mitigations run, at which strengths and knobs (``benchmark.jobs.mitigation.method_settings``).
     ``target_losses``, ``lr``, ``max_iters``, ``mask_norm``, ``protocol``: Wen's / BE's strengths and knobs;
@@ -219,7 +232,7 @@ class Mitigation(Section):
     n_images: PositiveInt | None = None
     strengths: dict[Name, Annotated[list[Any], Field(min_length=1)]] = {}
     knobs: dict[Name, dict[str, Any]] = {}
-    copy_thresholds: dict[Literal["SSCD", "S", "LS", "train_rmse"], float] = {}
+    copy_thresholds: CopyThresholds = CopyThresholds()
     reference: Name = "wen"
     n_boot: Count = 1000
 

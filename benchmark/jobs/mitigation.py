@@ -95,7 +95,7 @@ def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
         points["pareto"] = tradeoff.pareto_front(points, utility, copying[0])
     equal = {name: tradeoff.at_equal_utility(rows, utility, name, mit.reference, n_boot=mit.n_boot)
              .to_dict(orient="records") for name in copying if utility}
-    rate = tradeoff.memorization_rate(rows, dict(mit.copy_thresholds))
+    rate = tradeoff.memorization_rate(rows, mit.copy_thresholds.values())
     return MitigationResult(
         config=config, sampler_settings=sampler_record(sampler, job.sampler.seed, m.dtype), n_images=n_images,
         model=m.name, prompt_set=full.name, n_prompts=len(prompt_set), n_generations=len(rows),

@@ -41,7 +41,7 @@ REQUIREMENTS: dict[str, tuple[Callable[[TextToImage], bool], str]] = {
 }
 """What a method may require of a model (``registry.MITIGATION_REQUIRES``): name -> (test, what errors call it)."""
 
-PromptHook = Callable[[list[str], list[int], "int | Sequence[int] | None"], list[str]]
+PromptHook = Callable[[TextToImage, list[str], list[int], "int | Sequence[int] | None"], list[str]]
 TensorHook = Callable[[SamplingSetup], torch.Tensor]
 GuidanceHook = Callable[[SamplingSetup, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 ModulesHook = Callable[[SamplingSetup], AbstractContextManager]
@@ -51,9 +51,10 @@ ModulesHook = Callable[[SamplingSetup], AbstractContextManager]
 class Intervention:
     """The hooks of one mitigation setting; each optional, applied in this order by ``sample_with_capture``:
 
-    - ``prompts(prompts, seeds, prompt_index) -> prompts``: the text of image i rewritten (before encoding; the
-      trace's end token is then the rewritten prompt's); seeded per generation by the hook itself;
-    - ``embedding(setup) -> cond`` (n, tokens, dim): the conditional embedding replaced;
+    - ``prompts(model, prompts, seeds, prompt_index) -> prompts``: the text of image i rewritten (before
+      encoding; the trace's end token is then the rewritten prompt's); seeded per generation by the hook itself;
+    - ``embedding(setup) -> cond`` (n, tokens, dim): the conditional embedding replaced (a hook that perturbs the
+      unconditional one too sets ``setup.uncond``);
     - ``latents(setup) -> latents`` (n, c, h, w): the initial noise replaced (``setup.cond`` is already the hook
       above's);
     - ``guidance(setup, step, t, eps_uncond, eps_cond) -> eps`` (n, c, h, w): the guided noise prediction of 0-based

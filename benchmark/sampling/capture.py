@@ -409,7 +409,7 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
     n = len(seeds)
     prompts = prompts_per_image(prompt, n)
     if intervention is not None and intervention.prompts is not None:
-        prompts = intervention.prompts(prompts, list(seeds), prompt_index)
+        prompts = intervention.prompts(model, prompts, list(seeds), prompt_index)
     setup = prepare_sampling(model, prompts, seeds, settings, cond, prompt_index)
     setup.mask = mask
     if intervention is not None:

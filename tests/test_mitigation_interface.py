@@ -1,0 +1,256 @@
+"""The one mitigation interface: every registered method through the one sampling loop, the store keys, the core
+operation of each new method by hand, config errors before any sampling, and a plug-in mitigation from a user file."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.mitigation import initial_noise as N
+from benchmark.mitigation import prompt_text as P
+from benchmark.mitigation.interface import Mitigation, method_settings, settings_for
+from benchmark.mitigation.tradeoff import counting_unet_rows
+from benchmark.registry import MITIGATIONS
+from benchmark.sampling.capture import SamplerSettings, prepare_sampling, sample_with_capture
+from benchmark.sampling.missing import sampler_key
+
+SAMPLER = SamplerSettings(steps=3, height=32, width=32)
+PROMPT = "Mothers influence on her young hippo"
+# knobs that keep the optimising methods to a few UNet calls here
+FAST = {"han_per_sample": {"max_iters": 3}, "sail": {"max_rounds": 1, "max_steps": 2, "budget": 2}}
+
+
+def _one_setting(name):
+    entry = MITIGATIONS[name]
+    strengths = None if entry.strength is None else list(entry.strengths) or [0.2]
+    return settings_for(name, strengths, FAST.get(name))[0]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model):
+    return sample_with_capture(tiny_model, PROMPT, [0, 1], SAMPLER)
+
+
+@pytest.mark.parametrize("name", MITIGATIONS.names())
+def test_every_method_runs_in_the_one_traced_loop(tiny_model, baseline, name):
+    setting = _one_setting(name)
+    setting.check_model(tiny_model)
+    mask = torch.rand(2, 4, 4) + 0.1 if setting.needs_mask else None
+    with counting_unet_rows(tiny_model.unet) as rows:
+        batch = sample_with_capture(tiny_model, PROMPT, [0, 1], SAMPLER, intervention=setting.intervention(),
+                                    mask=mask)
+    assert batch.delta_sq.shape == baseline.delta_sq.shape and torch.isfinite(batch.delta_sq).all()
+    assert set(batch.end_maps) == set(baseline.end_maps)  # traced as any generation: every detector can score it
+    assert rows[0] >= 2 * 2 * SAMPLER.steps  # at least plain sampling's CFG rows
+    assert (batch.latents - baseline.latents).abs().max() > 1e-4  # it changed the generation
+
+
+def test_old_store_keys_are_unchanged():
+    key = sampler_key(SamplerSettings(), "float16")
+    cases = [("wen", {"target_loss": 0.2}, "wen-l0.2-lr0.05-it10"),
+             ("be", {"target_loss": 0.2, "mask_norm": "batch"}, "be-batchnorm-l0.2-lr0.05-it10"),
+             ("be", {"target_loss": 1, "protocol": "official"}, "be-official-l1-lr0.05-it10"),
+             ("pad_mask", {"fraction": 0.7}, "padmask-r0.7"), ("pad_replace", {}, "padreplace-u21"),
+             ("pad_replace_mask_end", {}, "padreplace-u21-maskend"), ("mask_end", {}, "maskend")]
+    for method, knobs, tag in cases:
+        assert Mitigation.of(method, **knobs).tag == tag
+    assert sampler_key(SamplerSettings(), "float16", Mitigation.of("wen", target_loss=0.2)) == \
+        "ddim50-g7.5-512x512-eta0-float16+wen-l0.2-lr0.05-it10"
+    assert key + "+be-l0.2-lr0.05-it10-mask" in sampler_key(SamplerSettings(), "float16",
+                                                             Mitigation.of("be", target_loss=0.2), ["a", "b"])
+    # a new method's tag carries every knob, so another knob value is another store key
+    assert Mitigation.of("rna", repeats=2).tag == "rna-repeats2"
+    assert Mitigation.of("sail", threshold=8.2).tag != Mitigation.of("sail", threshold=8.2, lr=0.1).tag
+
+
+def test_settings_from_the_config_section():
+    section = {"methods": ["wen", "pad_mask", "rna", "mask_end"], "target_losses": [0.1, 0.2], "lr": 0.05,
+               "max_iters": 10, "mask_norm": "per_image", "protocol": "per_image", "pad_fractions": [0.5],
+               "pad_replacement": "!", "strengths": {"rna": [1, 3]}, "knobs": {"wen": {"max_iters": 2}}}
+    tags = [s.tag for s in method_settings(section)]
+    assert tags == ["wen-l0.1-lr0.05-it2", "wen-l0.2-lr0.05-it2", "padmask-r0.5", "rna-repeats1", "rna-repeats3",
+                    "maskend"]
+    with pytest.raises(ValueError, match="mitigation mask_end has no strength knob"):
+        method_settings({**section, "strengths": {"mask_end": [1]}})
+    with pytest.raises(ValueError, match=r"mitigation rna: unknown knob\(s\) \['bogus'\]"):
+        method_settings({**section, "knobs": {"rna": {"bogus": 1}}})
+    with pytest.raises(ValueError, match="rna: repeats must be >= 1"):
+        method_settings({**section, "strengths": {"rna": [0]}})
+
+
+def test_a_method_the_model_cannot_run_fails_naming_it(tiny_model):
+    class NoAttention:
+        model_id = "plain-unet"
+        unet = torch.nn.Linear(2, 2)
+        tokenizer = text_encoder = None
+
+    with pytest.raises(ValueError, match="mitigation rta cannot run on plain-unet: it needs a tokenizer"):
+        Mitigation.of("rta", repeats=1).check_model(NoAttention())
+    with pytest.raises(ValueError, match=r"mitigation padreplace-notatoken: .*not a token of tiny"):
+        Mitigation.of("pad_replace", token="notatoken").check_model(tiny_model)
+
+
+# --------------------------------------------------------------------------- Somepalli et al.: captions, noise
+
+def test_caption_insertions_by_hand():
+    rng = np.random.default_rng(0)
+    positions = {P.insert_word("a b c", "X", rng).split(" ").index("X") for _ in range(200)}
+    assert positions == {0, 1, 2, 3}  # uniform over the 4 gaps, both ends included
+    caption = "red circle top"
+    numbers = P.augment(caption, "rna", 4, np.random.default_rng(1)).split(" ")
+    assert len(numbers) == 7 and [w for w in numbers if not w.isdigit()] == caption.split(" ")
+    assert all(0 <= int(w) < P.NUMBER_RANGE for w in numbers if w.isdigit())
+    repeated = P.augment(caption, "cwr", 3, np.random.default_rng(2)).split(" ")
+    assert len(repeated) == 6 and set(repeated) <= set(caption.split(" "))
+    with pytest.raises(ValueError, match="unknown caption augmentation"):
+        P.augment(caption, "swap", 1, rng)
+
+
+def test_random_tokens_come_from_the_tokenizer(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    words = [P.random_token(tokenizer, np.random.default_rng(k)) for k in range(20)]
+    special = {tokenizer.decode([i]).strip() for i in tokenizer.all_special_ids}
+    assert len(set(words)) > 5 and not set(words) & special
+
+
+def test_captions_are_seeded_per_generation(tiny_model):
+    hook = Mitigation.of("rta", repeats=2).intervention().prompts
+    first = hook(tiny_model, [PROMPT, PROMPT, PROMPT], [0, 1, 0], None)
+    assert first[0] == first[2] != first[1]  # the same generation, the same rewrite; another seed, another
+    assert hook(tiny_model, [PROMPT], [1], None) == [first[1]]  # whatever else is in the batch
+    assert hook(tiny_model, [PROMPT], [1], 5) != [first[1]]  # the prompt index is part of its identity
+
+
+def test_gaussian_noise_on_both_embeddings(tiny_model):
+    setup = prepare_sampling(tiny_model, PROMPT, [0, 1], SAMPLER)
+    cond, uncond = setup.cond.clone(), setup.uncond.clone()
+    noisy = Mitigation.of("gni", lam=0.1).intervention().embedding(setup)
+    noise_c, noise_u = (noisy - cond) / 0.1, (setup.uncond - uncond) / 0.1
+    for noise in (noise_c, noise_u):
+        assert abs(float(noise.std()) - 1) < 0.1 and abs(float(noise.mean())) < 0.1
+    assert (noise_c[0] - noise_c[1]).abs().max() > 0.5  # each generation its own draw
+    same = prepare_sampling(tiny_model, PROMPT, [0, 1], SAMPLER)
+    torch.testing.assert_close(Mitigation.of("gni", lam=0.0).intervention().embedding(same), cond)
+
+
+# ------------------------------------------------------------------------------------- SAIL and Han et al.
+
+def test_sail_loss_and_acceptance_by_hand(tiny_model):
+    diff = torch.zeros(2, 4, 2, 2)
+    diff[0, 0, 0, 0] = 3.0
+    latents = torch.ones(2, 4, 2, 2)  # norm 4
+    assert N.sail_loss(diff, latents, 0.05).tolist() == pytest.approx([3.2, 0.2])
+    setup = prepare_sampling(tiny_model, PROMPT, [7], SAMPLER)
+    with torch.enable_grad():
+        latent, stats = N.sail_latent(setup, 0, 1e9, 0.05, 3, 4, 0.05, 1)  # every candidate accepted at once
+    expected = torch.randn((3, *setup.latents.shape[1:]), generator=N.candidate_generator(7, 0))[0]
+    torch.testing.assert_close(latent, expected)
+    assert stats["iterations"] == 0 and stats["rounds"] == 1
+    with torch.enable_grad():
+        latent, stats = N.sail_latent(setup, 0, -1.0, 0.05, 3, 4, 0.05, 2)  # never accepted: the best kept
+    assert stats["iterations"] == 8 and stats["rounds"] == 2 and stats["threshold"] == pytest.approx(-0.8)
+    assert stats["loss_last"] < stats["loss_first"]  # Adam lowered the proxy
+
+
+def test_han_per_sample_lowers_the_guidance_norm_per_image(tiny_model):
+    setup = prepare_sampling(tiny_model, PROMPT, [0, 1], SAMPLER)
+    with torch.enable_grad():
+        untouched, stats = N.han_per_sample_latents(setup, 1e9, 0.01, 5)
+        moved, moved_stats = N.han_per_sample_latents(setup, 0.0, 0.05, 4)
+        alone, _ = N.han_per_sample_latents(prepare_sampling(tiny_model, PROMPT, [1], SAMPLER), 0.0, 0.05, 4)
+    torch.testing.assert_close(untouched, setup.latents.float())
+    assert (stats["iterations"] == 0).all() and (moved_stats["iterations"] == 4).all()
+    assert (moved_stats["loss_last"] < moved_stats["loss_first"]).all()
+    torch.testing.assert_close(moved[1:], alone, rtol=1e-4, atol=1e-5)  # an image's result is its own
+
+
+def test_han_batch_wise_update_and_delayed_guidance_by_hand(tiny_model, monkeypatch):
+    A = torch.tensor(2.0)
+    monkeypatch.setattr(N, "guidance_difference", lambda setup, x, t, rows=None: A * x)  # eps_tilde(x) = 2x
+    setup = prepare_sampling(tiny_model, PROMPT, [0], SAMPLER)
+    x = setup.latents.float()
+    out = N.han_batch_wise_latents(setup, rho=3.0, gamma=0.5, adj_iters=1)
+    # x - gamma (A(x + rho Ax/||Ax||) - Ax) = x - gamma rho A^2 x / ||Ax||
+    torch.testing.assert_close(out, x - 0.5 * 3.0 * 4 * x / (2 * x.norm()))
+    guide = Mitigation.of("han_batch_wise", gamma=0.7, apply_cfg_step=1).intervention().guidance
+    u, c = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    assert [float(guide(setup, step, 0, u, c).mean()) for step in range(3)] == [0, 0, SAMPLER.guidance]
+
+
+# -------------------------------------------------------------------------------------- job and plug-ins
+
+def test_every_registered_method_runs_through_the_job(tmp_path, compose):
+    import json
+
+    import pandas as pd
+
+    from runners.mitigate import run
+
+    methods = MITIGATIONS.names()
+    cfg = compose("mitigate", "debug=default", "sampler.steps=3", f"mitigation.methods=[{','.join(methods)}]",
+                  "mitigation.target_losses=[0.2]", "mitigation.pad_fractions=[0.5]", "mitigation.n_boot=20",
+                  "+mitigation.knobs.han_per_sample={max_iters: 3}",
+                  "+mitigation.knobs.sail={max_rounds: 1, budget: 2}")
+    run(cfg, tmp_path / "job")
+    result = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
+    assert set(rows.method) == {"none", *methods}
+    assert {m["method"] for m in result["methods"]} == set(methods)
+    equal = pd.DataFrame(result["equal_utility"]["train_rmse"])
+    assert {"ci_low", "ci_high", "difference"} <= set(equal.columns) and set(equal.method) <= set(methods)
+    assert (equal[equal.method == "wen"].difference == 0).all()
+    assert {r["measure"] for r in result["memorization_rate"]} == {"S"}
+    cost = pd.DataFrame(result["cost"]).set_index("method").extra_unet_evals
+    assert cost["none"] == 0 and cost["rna"] == 0 and cost["wen"] > 0 and cost["sail"] > 0
+    assert "pareto" in pd.DataFrame(result["curves"])
+
+
+def test_a_mitigation_registered_in_a_user_file_reaches_the_table(tmp_path, compose):
+    import json
+
+    import pandas as pd
+
+    from runners.mitigate import run
+
+    plugin = tmp_path / "my_mitigation.py"
+    plugin.write_text('''
+import torch
+from benchmark.mitigation.interface import Intervention
+from benchmark.registry import MITIGATIONS
+
+
+@MITIGATIONS.register("toy_scale", label="toy (scaled embedding)", acts_on="embedding", needs_mask=False,
+                      strength="scale", stronger="lower", strengths=(0.5,))
+def toy_scale(scale: float) -> Intervention:
+    return Intervention(embedding=lambda setup: setup.cond * scale)
+''')
+    spec = importlib.util.spec_from_file_location("my_mitigation", plugin)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    try:
+        cfg = compose("mitigate", "debug=default", "sampler.steps=3", "mitigation.methods=[wen,toy_scale]", "headline.method=wen",
+                      "mitigation.target_losses=[0.2]", "+mitigation.strengths.toy_scale=[0.5,0.9]",
+                      "mitigation.n_boot=10")
+        run(cfg, tmp_path / "job")
+    finally:
+        MITIGATIONS.unregister("toy_scale")
+    result = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert "toy_scale-scale0.5" in result["settings"] and "toy_scale-scale0.9" in result["settings"]
+    rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
+    assert sorted(rows[rows.method == "toy_scale"].strength.unique()) == [0.5, 0.9]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mitigation.methods=[wen,magic]", "mitigation.methods: 'magic' is not a mitigation"),
+    ("+mitigation.strengths.sail=[x]", "mitigation.strengths.sail.0"),
+    ("+mitigation.strengths.rna=[1]", "mitigation.strengths.rna: 'rna' is not among mitigation.methods"),
+    ("+mitigation.knobs.wen.lr=-1", "mitigation.knobs.wen.lr=-1"),
+    ("+mitigation.knobs.wen.bogus=1", "mitigation.knobs.wen.bogus"),
+])
+def test_bad_mitigation_settings_fail_before_sampling(tmp_path, compose, override, message):
+    from runners.mitigate import run
+
+    cfg = compose("mitigate", "debug=default", "mitigation.methods=[wen,be,sail]", override)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "artifacts").exists()  # nothing sampled
+
