@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark.mitigation.embedding import magnitude_loss
+from benchmark.mitigation.embedding import magnitude_loss, mask_at_latent_size
 from benchmark.mitigation.interface import Intervention
 from benchmark.registry import MITIGATIONS, REPHRASERS
 from benchmark.sampling.capture import SamplingSetup, ddim_cfg_step, recording_paused, step_generators
@@ -186,6 +186,13 @@ def _listed_file(path: str) -> dict[str, list[str]]:
     return out
 
 
+@REPHRASERS.register("none", label="no rephrasings: the search keeps the prompt, re-anchoring alone acts")
+def no_rephrasings(prompt: str, count: int) -> list[str]:
+    """No candidates: SS can only keep the prompt (triggered when it is above the target), so PRSS becomes
+    re-anchoring alone, as the official does for a prompt whose data row lists no rephrasings."""
+    return []
+
+
 @REPHRASERS.register("listed", label="rephrasings listed in a JSONL file (the official data's format)")
 def listed_rephrasings(prompt: str, count: int, file: str | None = None) -> list[str]:
     """The first ``count`` rephrasings of ``prompt`` in ``file``, a JSONL whose rows hold ``caption`` and
@@ -209,7 +216,7 @@ def rephraser_knobs(name: str, file: str) -> dict:
     return {"file": file}
 
 
-def prss_intervention(settings: PRSSSettings, rephraser_file: str = "") -> Intervention:
+def prss_intervention(settings: PRSSSettings, rephraser_file: str = "", with_mask: bool = False) -> Intervention:
     """PRSS for one sampling call. Before the loop (outside capture): each image's search from its initial noise,
     after ``target_step`` plain guided steps (:func:`search_embeddings`, with the call's BE mask when the method
     reads one); the images are then sampled from the same noise with the chosen embeddings. In the loop, when
@@ -227,6 +234,9 @@ def prss_intervention(settings: PRSSSettings, rephraser_file: str = "") -> Inter
 
     def search(setup: SamplingSetup) -> torch.Tensor:
         model = setup.model
+        if (setup.mask is None) == with_mask:
+            raise ValueError(f"mitigation prss{'_be' if with_mask else ''}: {'needs' if with_mask else 'takes no'} "
+                             "BE mask")
         knobs = rephraser_knobs(settings.rephraser, rephraser_file)
         rephrasings = [REPHRASERS[settings.rephraser](p, settings.count, **knobs) for p in setup.prompts]
         if settings.target_step >= len(setup.steps):
@@ -238,7 +248,8 @@ def prss_intervention(settings: PRSSSettings, rephraser_file: str = "") -> Inter
             latents, _ = ddim_cfg_step(model, latents, setup.steps[i], setup.timesteps[i], setup.context,
                                        setup.settings, generators)
         t = setup.timesteps[settings.target_step]
-        found = search_embeddings(model, setup.prompts, rephrasings, latents, t, settings, setup.mask)
+        mask = mask_at_latent_size(setup)
+        found = search_embeddings(model, setup.prompts, rephrasings, latents, t, settings, mask)
         state["found"] = found
         out.stats["triggered"] = found.result.triggered.numpy().astype(np.float64)
         out.stats["chosen"] = found.result.chosen.numpy().astype(np.float64)
@@ -292,14 +303,14 @@ def _prss_tag(method: str) -> Callable[[dict], str]:
     return tag
 
 
-def _prss_factory(method: str) -> Callable[..., Intervention]:
+def _prss_factory(method: str, with_mask: bool) -> Callable[..., Intervention]:
     def factory(l_target_ss: float = 1.0, l_target_pr: float | None = 3.0, mag_thres_pr: float = 5.0,
                 target_step: int = 0, rephraser: str = "listed", rephraser_file: str = "",
                 count: int = OFFICIAL_CANDIDATES) -> Intervention:
         """PRSS with the official defaults (inference_mem.py README: --l_target_ss 1 --l_target_pr 3
         --mag_thres_pr 5 --optim_target_steps 0); ``l_target_pr`` None: the search alone."""
         return prss_intervention(PRSSSettings(l_target_ss, l_target_pr, mag_thres_pr, target_step, rephraser, count),
-                                 rephraser_file)
+                                 rephraser_file, with_mask)
     factory.__name__ = factory.__qualname__ = method
     return factory
 
@@ -308,4 +319,4 @@ for _method, _label, _mask in (("prss", "PRSS (search + re-anchoring)", False),
                                ("prss_be", "PRSS + BE (masked magnitude)", True)):
     MITIGATIONS.register(_method, label=_label, acts_on="embedding", needs_mask=_mask, strength="l_target_ss",
                          stronger="lower", strengths=(1.0,), requires=("tokenizer", "text_encoder"),
-                         tag=_prss_tag(_method))(_prss_factory(_method))
+                         tag=_prss_tag(_method))(_prss_factory(_method, _mask))
