@@ -33,18 +33,51 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
 
 
 def mitigation_markdown(result: dict) -> str:
-    points = pd.DataFrame(result["curves"])
+    """The mitigation job's report: its methods (what each acts on, its strength and direction), the trade-off
+    points (Pareto front marked), the memorization rate after mitigation, the equal-utility table of every method
+    against the reference with bootstrap intervals, and the cost in extra UNet evaluations per image."""
+    points = pd.DataFrame(result["curves"]).rename(columns={"target_loss": "strength"})  # older folders
     points["strength"] = points.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
     parts = [f"# Mitigation: {result['model']} on {result['prompt_set']}",
              (f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
               f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "
-              "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."),
-             "", "## Trade-off points: mean per kind, method and target loss", "",
-             points.round(4).to_markdown(index=False)]
+              "unmitigated.")]
+    methods = result.get("methods") or []
+    if methods:
+        table = pd.DataFrame(methods).assign(
+            strength=lambda t: [f"{s} ({d} = stronger)" if s else "-" for s, d in zip(t.strength, t.stronger)],
+            knobs=lambda t: [", ".join(f"{k}={v}" for k, v in knobs.items()) or "-" for knobs in t.knobs])
+        parts += ["", "## Methods", "", table[["method", "label", "acts_on", "strength", "knobs"]]
+                  .to_markdown(index=False)]
+    parts += ["", "## Trade-off points: mean per kind, method and strength"
+              + (" (`pareto`: on the front of copying vs utility)" if "pareto" in points else ""), "",
+              points.round(4).to_markdown(index=False)]
+    rate = pd.DataFrame(result.get("memorization_rate") or [])
+    if not rate.empty:
+        rules = ", ".join(f"{m} {'<' if m == 'train_rmse' else '>'} {t:g}"
+                          for m, t in rate[["measure", "threshold"]].drop_duplicates().itertuples(index=False))
+        rate["strength"] = rate.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+        wide = rate.pivot_table(index=["kind", "method", "strength"], columns="measure", values="rate",
+                                sort=False).reset_index()
+        title = (f"## Memorization rate after mitigation: share of generations still copying ({rules}; "
+                 "mitigation.copy_thresholds)")
+        parts += ["", title, "", wide.round(3).to_markdown(index=False)]
     for similarity, rows in result.get("equal_utility", {}).items():
         if rows:
-            parts += ["", f"## {similarity} at equal utility ({result['utility']}), interpolated along each curve", "",
-                      pd.DataFrame(rows).round(4).to_markdown(index=False)]
+            table = pd.DataFrame(rows)
+            if "ci_low" in table:
+                table["difference [95% CI]"] = [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if pd.notna(d) else "-"
+                                                for d, lo, hi in zip(table.difference, table.ci_low, table.ci_high)]
+                table = table.drop(columns=["difference", "ci_low", "ci_high"])
+            reference = result.get("config", {}).get("mitigation", {}).get("reference", "wen")
+            title = (f"## {similarity} at equal utility ({result['utility']}), every method minus `{reference}`, "
+                     "interpolated along each curve (prompts resampled, paired)")
+            parts += ["", title, "", table.round(4).to_markdown(index=False)]
+    cost = pd.DataFrame(result.get("cost") or [])
+    if not cost.empty:
+        cost["strength"] = cost.strength.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+        parts += ["", "## Cost: extra UNet evaluations per image (plain sampling: 2 x steps)", "",
+                  cost.round(2).to_markdown(index=False)]
     return "\n".join(str(p) for p in parts) + "\n"
 
 

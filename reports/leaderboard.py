@@ -166,9 +166,13 @@ def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") 
         files |= {"mitigation.md": _md(points), "mitigation.csv": points.to_csv(index=False)}
         md += ["## Mitigation trade-off (Fig. 6/7)", "", files["mitigation.md"]]
         figure = ""
-        if points.utility.notna().all() and set(plots._SIMILARITIES) & set(points):
-            figure = html._img(plots.tradeoff_figure(points), "trade-off curves",
-                               "Similarity to the training image vs utility; ours beside the paper's Fig. 6/7.")
+        for (model, prompt_set), part in points.groupby(["model", "prompt_set"], sort=True):
+            # one figure per model and prompt set: their measures and scales are their own
+            part = part.dropna(axis=1, how="all")
+            if part.utility.notna().all() and set(plots._SIMILARITIES) & set(part):
+                figure += html._img(plots.tradeoff_figure(part), f"trade-off curves: {model} on {prompt_set}",
+                                    f"{model} on {prompt_set}: similarity to the training image vs utility, every "
+                                    "method's curve, the Pareto front ringed; ours beside the paper's Fig. 6/7.")
         sections.append(("mitigation", "Mitigation trade-off (Fig. 6/7)", figure + html._table(points, 4)))
     if not ddpm.empty:
         files |= {"ddpm.md": _md(ddpm), "ddpm.csv": ddpm.to_csv(index=False)}

@@ -172,7 +172,9 @@ _SIMILARITIES = ("SSCD", "train_rmse", "S")
 
 def tradeoff_figure(points: pd.DataFrame) -> str:
     """Similarity to the training image vs utility per memorization kind (rows): ours (left; one curve per job
-    and method) and the paper's digitized Fig. 6/7 (right; SSCD vs CLIP score on SD v1-4). Each column shares its
+    and method, the Pareto front ringed where the job marked it: ``tradeoff.pareto_front``) and the paper's
+    digitized Fig. 6/7 (right; SSCD vs CLIP score on SD v1-4). Drawn once per model and prompt set
+    (``reports.leaderboard``). Each column shares its
     axes across kinds; where ours measure SSCD and CLIP score too, the paper's curves are drawn on our axes."""
     plt = _pyplot()
     ref = published("be2025_fig6_fig7_mitigation_digitized.csv")
@@ -190,6 +192,11 @@ def tradeoff_figure(points: pd.DataFrame) -> str:
             label = f"ours {method}" + (f" ({job})" if part.job.nunique() > 1 else "")
             row[0].plot(curve[utility], curve[similarity], "*" if method == "none" else "o-", ms=9 if method ==
                         "none" else 5, label=label)
+        if "pareto" in part and part.pareto.fillna(False).astype(bool).any():
+            # the front of the job's points (less copying, more utility), ringed and joined
+            front = part[part.pareto.fillna(False).astype(bool)].sort_values(utility)
+            row[0].plot(front[utility], front[similarity], "k--", lw=0.8, alpha=0.6)
+            row[0].plot(front[utility], front[similarity], "o", ms=11, mfc="none", mec="k", label="Pareto front")
         # distances (train_rmse, caption_rmse) are drawn on inverted axes: up = more similar to the training
         # image, right = more faithful to the prompt, as SSCD and CLIP score are in the paper's figures
         row[0].set(xlabel=utility + (" (axis inverted)" if utility == "caption_rmse" else ""),

@@ -15,7 +15,11 @@
   (``benchmark.detectors.jacobian``; per image, as both handle the same batch);
 - early_stop_none_ratio, early_stop_all_ratio: sampling with in-loop early stopping at step ``steps // 3`` (LD
   over the steps so far) / sampling with capture, when no image crosses the threshold (the cost of the check) and
-  when every image does (the saving; ideally (k + 1) / steps), ``benchmark.early.stopping``.
+  when every image does (the saving; ideally (k + 1) / steps), ``benchmark.early.stopping``;
+- mitigation_<name>_cost_ratio and mitigation_<name>_extra_unet_evals, for every registered mitigation at its
+  first registered strength and official knobs, on the tiny model (whatever ``--model``): a mitigated generation
+  / a plain one through the same traced loop, and the UNet evaluations per image beyond plain sampling's
+  2 x steps (``benchmark.mitigation``; a BE-masked method gets a uniform mask).
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
 
 `make bench-gpu` (``--gpu-suite``): 512 px, 50 steps, float16 and bfloat16, 16 images per call as one prompt x 16
@@ -154,6 +158,35 @@ def early_stop_ratios(model, settings: SamplerSettings, seeds: list[int], repeat
     return none_s / capture_s, all_s / capture_s
 
 
+def mitigation_costs(model: TextToImage, settings: SamplerSettings, seeds: list[int], repeats: int = 2,
+                     sync=lambda: None, knobs: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Per registered mitigation: (wall time of a mitigated generation / a plain one with capture, extra UNet
+    evaluations per image), each method at its first registered strength (0.2 for one without) with its official
+    knobs, or ``knobs[name]``."""
+    from benchmark.mitigation.interface import settings_for
+    from benchmark.mitigation.tradeoff import counting_unet_rows
+    from benchmark.registry import MITIGATIONS
+
+    plain = capture_call(model, [PROMPT] * len(seeds), seeds, settings)
+    shape = model.latent_shape(settings.height, settings.width)[-2:]
+    out = {}
+    for name in MITIGATIONS:
+        entry = MITIGATIONS[name]
+        strengths = None if entry.strength is None else list(entry.strengths)[:1] or [0.2]
+        setting = settings_for(name, strengths, (knobs or {}).get(name))[0]
+        mask = torch.ones(len(seeds), *shape) if setting.needs_mask else None
+
+        def mitigated(setting=setting, mask=mask):
+            return sample_with_capture(model, PROMPT, seeds, settings, decode=False,
+                                       intervention=setting.intervention(), mask=mask)
+
+        with counting_unet_rows(model.unet) as rows:
+            mitigated()
+        plain_s, method_s = alternate([plain, mitigated], repeats, sync)
+        out[name] = (method_s / plain_s, rows[0] / len(seeds) - 2 * settings.steps)
+    return out
+
+
 def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
     """FLOPs of the UNet over one sampling call: one CFG forward counted by FlopCounterMode, times the steps."""
     n = len(seeds)
@@ -275,6 +308,11 @@ def cpu_bench(args) -> None:
     none, every = early_stop_ratios(model, settings, seeds, args.repeats, sync)
     print(f"early_stop_none_ratio: {none:.3f}")
     print(f"early_stop_all_ratio: {every:.3f} (stop at step {settings.steps // 3} of {settings.steps})")
+    tiny = MODEL_BUILDERS["tiny"]().to(args.device, dtype)
+    tiny_settings = SamplerSettings(args.steps, 7.5, 32, 32)
+    for name, (ratio, extra) in mitigation_costs(tiny, tiny_settings, seeds, args.repeats, sync).items():
+        print(f"mitigation_{name}_cost_ratio: {ratio:.3f}")
+        print(f"mitigation_{name}_extra_unet_evals: {extra:.1f} (per image; tiny model, {args.steps} steps)")
 
 
 def main(argv: list[str] | None = None) -> None:

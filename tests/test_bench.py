@@ -48,3 +48,16 @@ def test_gpu_suite_on_cuda_at_a_reduced_size(capsys):
           "--dtypes", "float16,bfloat16", "--batch", "4", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "bfloat16_n1x16_capture_ratio: " in out and "float16_batch16_capture_tflops: " in out
+
+
+def test_mitigation_costs_are_measured_for_every_method(tiny_model):
+    from benchmark.registry import MITIGATIONS
+    from benchmark.sampling.capture import SamplerSettings
+    from runners.bench import mitigation_costs
+
+    settings = SamplerSettings(steps=2, height=32, width=32)
+    fast = {"han_per_sample": {"max_iters": 2}, "sail": {"max_rounds": 1, "budget": 2, "max_steps": 1}}
+    costs = mitigation_costs(tiny_model, settings, [0], repeats=1, knobs=fast)
+    assert set(costs) == set(MITIGATIONS.names()) and all(ratio > 0 for ratio, _ in costs.values())
+    assert costs["rna"][1] == 0 and costs["pad_mask"][1] == 0  # a changed prompt or embedding: no extra call
+    assert costs["wen"][1] > 0 and costs["sail"][1] == 4 * 2  # SAIL: two CFG calls on a budget of two candidates

@@ -6,7 +6,6 @@ builder is tested here without an edit to this file (a prompt source needs one e
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from benchmark.detectors import detection
 from benchmark.registry import (
