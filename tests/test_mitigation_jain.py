@@ -141,3 +141,16 @@ def test_registered_rules_equal_official_loops(tiny_model, same_up_to_float_orde
     assert Mitigation.of("jain_stp").tag == "jain-stp500-b0-a7.5" and Mitigation.of("jain_stp").strength == 500
     with pytest.raises(ValueError, match="transition_t must be in"):
         Mitigation.of("jain_stp", transition_t=2000)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mitigation.methods=[wen,jain_stp]", "+mitigation.strengths.jain_stp=[1000]"], "transition_t must be in"),
+    (["mitigation.methods=[wen,ren]", "+mitigation.strengths.ren=[nan]"], "mitigation.strengths.ren.0.c1=nan: must be a finite"),
+])
+def test_the_job_refuses_bad_strengths_before_sampling(tmp_path, compose, overrides, message):
+    from runners.mitigate import run
+
+    cfg = compose("mitigate", "debug=default", "headline.method=wen", *overrides)
+    with pytest.raises(ValueError, match=message):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "artifacts").exists()

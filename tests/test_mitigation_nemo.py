@@ -186,3 +186,12 @@ def test_registered_on_the_interface(tiny_model, tmp_path, same_up_to_float_orde
     same_up_to_float_order(got.latents, want, rel=1e-6)
     plain = sample_with_capture(tiny_model, p, [0, 1], sampler).latents
     assert (got.latents - plain).abs().max() > 1e-3
+
+
+def test_the_job_without_statistics_fails_before_sampling(tmp_path, compose):
+    from runners.mitigate import run
+
+    cfg = compose("mitigate", "debug=default", "mitigation.methods=[wen,nemo]", "headline.method=wen")
+    with pytest.raises(ValueError, match="mitigation nemo-f0-statsnone: needs activation statistics"):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "artifacts").exists()  # nothing sampled

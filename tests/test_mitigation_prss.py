@@ -193,3 +193,17 @@ def test_registered_equals_official(tiny_model, tmp_path, same_up_to_float_order
     assert intervention.stats["triggered"].tolist() == [1.0, 0.0]
     plain = sample_with_capture(tiny_model, prompts, seeds, sampler)
     assert (traced.latents[0] - plain.latents[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mitigation.methods=[wen,prss]"], "rephraser listed needs rephraser_file"),
+    (["mitigation.methods=[wen,prss]", "+mitigation.knobs.prss.rephraser=gpt"], "prss: unknown rephraser 'gpt'"),
+    (["mitigation.methods=[wen,prss_be]", "+mitigation.knobs.prss_be.l_target_pr=9"], "l_target_pr < mag_thres_pr"),
+])
+def test_the_job_refuses_bad_settings_before_sampling(tmp_path, compose, overrides, message):
+    from runners.mitigate import run
+
+    cfg = compose("mitigate", "debug=default", "headline.method=wen", *overrides)
+    with pytest.raises(ValueError, match=message):
+        run(cfg, tmp_path / "job")
+    assert not (tmp_path / "artifacts").exists()
