@@ -252,9 +252,9 @@ def job_generations(job: Job) -> pd.DataFrame | None:
 def mitigation_points(jobs: list[Job]) -> pd.DataFrame:
     """Every mitigation job's trade-off points (kind x method x strength), labelled by job."""
     # folders written before the strength axis had its own name call it target_loss
-    frames = [pd.DataFrame(job.result["curves"]).rename(columns={"target_loss": "strength"}).assign(job=job.label, model=job.result["model"],
-                                                        prompt_set=job.result["prompt_set"],
-                                                        utility=job.result["utility"])
+    frames = [pd.DataFrame(job.result["curves"]).rename(columns={"target_loss": "strength"}).assign(
+                  job=job.label, model=job.result["model"], prompt_set=job.result["prompt_set"],
+                  utility=job.result["utility"])
               for job in jobs if job.task == "mitigate"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -417,7 +417,7 @@ class GuardJob(TextToImageJob):
             from benchmark.mitigation.padding import PAD_METHODS
 
             if method not in PAD_METHODS:  # the guard's restart re-encodes the prompt only (runners/guard.py)
-                raise ConfigError(f"guard.restart.method={method!r} is not a padding mitigation "
+                raise ConfigError(f"guard.restart.method={method!r} is not an inference-time padding mitigation "
                                   f"({', '.join(PAD_METHODS)}); for any other run runners.mitigate "
                                   "prompts.select_ids=<this job's stopped_ids.txt>")
 

@@ -1,7 +1,7 @@
 """The one mitigation interface: a registered factory per method, returning the hooks it applies to a sampling pass.
 
-Mitigations act on different things (``registry.MITIGATION_ACTS_ON``): the prompt text (Somepalli et al.'s RTA/RNA), the conditional
-embedding (Wen et al., BE, Kim & No), the initial noise (SAIL, Han et al.), the guidance per step, or the UNet's
+Mitigations act on different things (``registry.MITIGATION_ACTS_ON``): the prompt text (Somepalli et al.'s
+RTA/RNA), the conditional embedding (Wen et al., BE, Kim & No), the initial noise (SAIL, Han et al.), the guidance per step, or the UNet's
 modules (attention processors, neurons). Each method is one factory registered in
 ``benchmark.registry.MITIGATIONS``::
 
@@ -84,7 +84,8 @@ class Intervention:
         if self.latents is not None:
             setup.latents = self.latents(setup).to(setup.model.device, setup.model.dtype)
 
-    def guidance_for(self, setup: SamplingSetup) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    def guidance_for(self, setup: SamplingSetup
+                     ) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor] | None:
         if self.guidance is None:
             return None
         return lambda step, t, eps_uncond, eps_cond: self.guidance(setup, step, t, eps_uncond, eps_cond)
