@@ -1,5 +1,5 @@
-"""Registries of the benchmark's extension axes: detectors, localizers, mitigations, similarity measures, caption
-renderers, prompt sources, model builders and model families.
+"""Registries of the benchmark's extension axes: detectors, localizers, mitigations, rephrasers, similarity
+measures, caption renderers, prompt sources, model builders and model families.
 
 Metadata sits on the function it describes, as in lm-evaluation-harness's ``register_metric``: a decorator names
 the entry and says how to use it, and the scorer, the reports and the contract tests iterate the registry. A new
@@ -37,6 +37,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "model builder": ("benchmark.models",),
     "model family": ("benchmark.models",),
     "job": ("benchmark.jobs",),
+    "rephraser": ("benchmark.mitigation",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
 # is iterated.
@@ -45,6 +46,7 @@ PLUGINS: dict[str, dict[str, str]] = {
     "prompt source": {"testbed": "benchmark.testbed.plugin"},
     "model builder": {"testbed": "benchmark.testbed.plugin"},
     "job": {"train_testbed": "benchmark.testbed.job"},
+    "rephraser": {"testbed": "benchmark.testbed.plugin"},
 }
 ENTRY_POINT_GROUP = "be_bench.plugins"
 """The entry-point group of installed plug-in packages: each entry point's value is a module that registers entries
@@ -326,6 +328,12 @@ values of the strength), ``requires`` (of :data:`MITIGATION_REQUIRES`, checked o
 ``tag`` (``tag(knobs) -> str``, the store-key part, for methods keyed before the interface), ``strengths_key`` and
 ``config_knobs`` (the mitigation config's older keys that hold its strengths and knobs: ``target_losses``, ``lr``...).
 Derived: ``knobs`` (knob -> default). See ``benchmark.mitigation.interface``."""
+
+REPHRASERS = Registry("rephraser")
+"""Prompt rephrasers for PRSS's semantic search (``benchmark.mitigation.prompt_search``): ``fn(prompt, count,
+**knobs) -> list[str]``, at most ``count`` rephrasings of ``prompt`` (the prompt itself not among them), the same
+list for the same arguments (deterministic). The official search reads rephrasings an LLM wrote beforehand
+(docs/protocols.md)."""
 
 SIMILARITIES = Registry("similarity measure")
 """Image-to-training-image similarity: ``fn(image, reference[, mask]) -> float``. Metadata: ``needs_mask``."""

@@ -17,7 +17,8 @@
   over the steps so far) / sampling with capture, when no image crosses the threshold (the cost of the check) and
   when every image does (the saving; ideally (k + 1) / steps), ``benchmark.early.stopping``;
 - mitigation_<name>_cost_ratio and mitigation_<name>_extra_unet_evals, for every registered mitigation at its
-  first registered strength and official knobs, on the tiny model (whatever ``--model``): a mitigated generation
+  first registered strength and official knobs (``bench_knobs``: NeMo's statistics, PRSS without a rephrasings
+  file), on the tiny model (whatever ``--model``): a mitigated generation
   / a plain one through the same traced loop, and the UNet evaluations per image beyond plain sampling's
   2 x steps (``benchmark.mitigation``; a BE-masked method gets a uniform mask).
 A and B alternate, and the best of ``--repeats`` rounds counts, because these machines are noisy.
@@ -189,6 +190,18 @@ def mitigation_costs(model: TextToImage, settings: SamplerSettings, seeds: list[
     return out
 
 
+def bench_knobs(model: TextToImage, folder: str) -> dict[str, dict]:
+    """Knobs for the methods that cannot run on their defaults alone: NeMo's activation statistics (over a few
+    prompts, written under ``folder``) and a window that fits the tiny model's 16 px latents; PRSS without a
+    rephrasings file (re-anchoring alone)."""
+    from benchmark.mitigation.neurons import activation_statistics
+
+    prompts = ["a photo of a cat on a red sofa", "an astronaut riding a horse, oil painting", "a red circle"]
+    statistics = activation_statistics(model, prompts).save(Path(folder) / "nemo_statistics.safetensors")
+    return {"nemo": {"statistics": str(statistics), "ssim_kernel": 3},
+            "prss": {"rephraser": "none"}, "prss_be": {"rephraser": "none"}}
+
+
 def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
     """FLOPs of the UNet over one sampling call: one CFG forward counted by FlopCounterMode, times the steps."""
     n = len(seeds)
@@ -312,7 +325,9 @@ def cpu_bench(args) -> None:
     print(f"early_stop_all_ratio: {every:.3f} (stop at step {settings.steps // 3} of {settings.steps})")
     tiny = MODEL_BUILDERS["tiny"]().to(args.device, dtype)
     tiny_settings = SamplerSettings(args.steps, 7.5, 32, 32)
-    for name, (ratio, extra) in mitigation_costs(tiny, tiny_settings, seeds, args.repeats, sync).items():
+    with tempfile.TemporaryDirectory() as folder:
+        costs = mitigation_costs(tiny, tiny_settings, seeds, args.repeats, sync, knobs=bench_knobs(tiny, folder))
+    for name, (ratio, extra) in costs.items():
         print(f"mitigation_{name}_cost_ratio: {ratio:.3f}")
         print(f"mitigation_{name}_extra_unet_evals: {extra:.1f} (per image; tiny model, {args.steps} steps)")
 

@@ -50,14 +50,20 @@ def test_gpu_suite_on_cuda_at_a_reduced_size(capsys):
     assert "bfloat16_n1x16_capture_ratio: " in out and "float16_batch16_capture_tflops: " in out
 
 
-def test_mitigation_costs_are_measured_for_every_method(tiny_model):
+def test_mitigation_costs_are_measured_for_every_method(tiny_model, tmp_path):
     from benchmark.registry import MITIGATIONS
     from benchmark.sampling.capture import SamplerSettings
-    from runners.bench import mitigation_costs
+    from runners.bench import bench_knobs, mitigation_costs
 
     settings = SamplerSettings(steps=2, height=32, width=32)
     fast = {"han_per_sample": {"max_iters": 2}, "sail": {"max_rounds": 1, "budget": 2, "max_steps": 1}}
+    fast |= bench_knobs(tiny_model, str(tmp_path))
+    fast["nemo"] |= {"samples": 2, "pairwise_threshold": 0.0, "initial_k": 1, "min_theta": 4.75}  # two rounds
     costs = mitigation_costs(tiny_model, settings, [0], repeats=1, knobs=fast)
     assert set(costs) == set(MITIGATIONS.names()) and all(ratio > 0 for ratio, _ in costs.values())
     assert costs["rna"][1] == 0 and costs["pad_mask"][1] == 0  # a changed prompt or embedding: no extra call
     assert costs["wen"][1] > 0 and costs["sail"][1] == 4 * 2  # SAIL: two CFG calls on a budget of two candidates
+    # attention and guidance rules cost nothing; opposite guidance's probe is a second guided pass; PRSS's search
+    # costs an unconditional and a conditional call, re-anchoring one conditional call per step when triggered
+    assert costs["ren"][1] == 0 and costs["jain_stp"][1] == 0 and costs["jain_dtp"][1] == 0
+    assert costs["jain_dtp_og"][1] == 2 * 2 and costs["prss"][1] in (2, 2 + 2) and costs["nemo"][1] > 0

@@ -18,12 +18,28 @@ SAMPLER = SamplerSettings(steps=3, height=32, width=32)
 PROMPT = "Mothers influence on her young hippo"
 # knobs that keep the optimising methods to a few UNet calls here
 FAST = {"han_per_sample": {"max_iters": 3}, "sail": {"max_rounds": 1, "max_steps": 2, "budget": 2}}
+# PRSS without rephrasings, triggered and re-anchored at the tiny model's magnitudes; NeMo on two seeds, a window
+# that fits 32 px, every seed looked at and the top neuron of each layer in the first round (its statistics: the
+# fixture below)
+FAST |= {m: {"rephraser": "none", "l_target_pr": 0.01, "mag_thres_pr": 10.0} for m in ("prss", "prss_be")}
+STRENGTHS = {"prss": [0.0], "prss_be": [0.0]}  # a search target below every magnitude: always triggered
+FAST["nemo"] = {"samples": 2, "ssim_kernel": 3, "pairwise_threshold": 0.0, "initial_k": 1, "min_theta": 4.75}
+NON_MEMORIZED = ["a photo of a cat on a red sofa", "an astronaut riding a horse, oil painting", "a red circle"]
 
 
-def _one_setting(name):
+@pytest.fixture(scope="module")
+def nemo_statistics(tiny_model, tmp_path_factory):
+    from benchmark.mitigation.neurons import activation_statistics
+
+    path = tmp_path_factory.mktemp("nemo") / "statistics.safetensors"
+    return str(activation_statistics(tiny_model, NON_MEMORIZED, source="tiny").save(path))
+
+
+def _one_setting(name, statistics=None):
     entry = MITIGATIONS[name]
-    strengths = None if entry.strength is None else list(entry.strengths) or [0.2]
-    return settings_for(name, strengths, FAST.get(name))[0]
+    strengths = None if entry.strength is None else STRENGTHS.get(name) or list(entry.strengths) or [0.2]
+    knobs = FAST.get(name, {}) | ({"statistics": statistics} if name == "nemo" else {})
+    return settings_for(name, strengths, knobs or None)[0]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +48,8 @@ def baseline(tiny_model):
 
 
 @pytest.mark.parametrize("name", MITIGATIONS.names())
-def test_every_method_runs_in_the_one_traced_loop(tiny_model, baseline, name):
-    setting = _one_setting(name)
+def test_every_method_runs_in_the_one_traced_loop(tiny_model, baseline, nemo_statistics, name):
+    setting = _one_setting(name, nemo_statistics)
     setting.check_model(tiny_model)
     mask = torch.rand(2, 4, 4) + 0.1 if setting.needs_mask else None
     with counting_unet_rows(tiny_model.unet) as rows:
@@ -186,7 +202,7 @@ def test_han_batch_wise_update_and_delayed_guidance_by_hand(tiny_model, monkeypa
 
 # -------------------------------------------------------------------------------------- job and plug-ins
 
-def test_every_registered_method_runs_through_the_job(tmp_path, compose):
+def test_every_registered_method_runs_through_the_job(tmp_path, compose, nemo_statistics):
     import json
 
     import pandas as pd
@@ -197,7 +213,10 @@ def test_every_registered_method_runs_through_the_job(tmp_path, compose):
     cfg = compose("mitigate", "debug=default", "sampler.steps=3", f"mitigation.methods=[{','.join(methods)}]",
                   "mitigation.target_losses=[0.2]", "mitigation.pad_fractions=[0.5]", "mitigation.n_boot=20",
                   "+mitigation.knobs.han_per_sample={max_iters: 3}",
-                  "+mitigation.knobs.sail={max_rounds: 1, budget: 2}")
+                  "+mitigation.knobs.sail={max_rounds: 1, budget: 2}",
+                  *(f"+mitigation.knobs.{m}={{{', '.join(f'{k}: {v}' for k, v in FAST[m].items())}}}"
+                    for m in ("prss", "prss_be", "nemo")), f"+mitigation.knobs.nemo.statistics={nemo_statistics}",
+                  *(f"+mitigation.strengths.{m}={v}" for m, v in STRENGTHS.items()))
     run(cfg, tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())
     rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")

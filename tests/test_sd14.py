@@ -68,3 +68,14 @@ def test_paper_layer_sets_on_sd14(sd14):
     # the SD presets' BE headline is that set
     table1 = yaml.safe_load((root / "conf/experiment/table1.yaml").read_text())
     assert table1["score"]["headline"]["layers"] == "be_paper"
+
+
+def test_nemo_value_layers_are_the_official_seven(sd14):
+    """NeMo's value layers on SD v1-4: down_blocks[0..2].attentions[0..1] and mid_block.attentions[0], widths 320,
+    640, 1280 (1_compute_activations_statistics.py); the widest, 1280, is the official k limit."""
+    from benchmark.mitigation.neurons import value_layers
+
+    layers = value_layers(sd14.unet)
+    assert list(layers) == [f"down_blocks.{b}.attentions.{a}" for b in range(3) for a in range(2)] + [
+        "mid_block.attentions.0"]
+    assert [m.out_features for m in layers.values()] == [320, 320, 640, 640, 1280, 1280, 1280]

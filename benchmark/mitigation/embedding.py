@@ -162,6 +162,18 @@ def optimise_shared_embedding(model: TextToImage, cond: torch.Tensor, uncond: to
     return Optimised(emb.detach().expand(n, -1, -1), losses, torch.full((n,), steps, dtype=torch.long))
 
 
+def mask_at_latent_size(setup: SamplingSetup) -> torch.Tensor | None:
+    """The call's BE mask (n, h, w) resized bilinearly (``align_corners=False``) to the latent size, float32 on the
+    model's device; None without one."""
+    mask = setup.mask
+    if mask is None:
+        return None
+    size = tuple(setup.latents.shape[-2:])
+    if tuple(mask.shape[-2:]) != size:
+        mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return mask.to(setup.model.device, torch.float32)
+
+
 def optimised_embedding(settings: MitigationSettings) -> tuple[Intervention, list[Optimised]]:
     """The intervention of Wen's / BE's optimisation: its embedding hook optimises ``setup.cond`` at the first
     timestep from ``setup.latents`` (per image, or one embedding shared by the batch under the official protocol),
@@ -174,11 +186,7 @@ def optimised_embedding(settings: MitigationSettings) -> tuple[Intervention, lis
         mask = setup.mask
         if (mask is None) == MITIGATIONS[settings.method].needs_mask:
             raise ValueError(f"method {settings.method!r} {'needs' if mask is None else 'takes no'} BE mask")
-        if mask is not None:
-            size = tuple(setup.latents.shape[-2:])
-            if tuple(mask.shape[-2:]) != size:
-                mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-            mask = mask.to(setup.model.device, torch.float32)
+        mask = mask_at_latent_size(setup)
         optimise = optimise_shared_embedding if settings.protocol == "official" else optimise_embedding
         with torch.enable_grad():
             opt = optimise(setup.model, setup.cond, setup.uncond, setup.latents, setup.timesteps[0], settings, mask)

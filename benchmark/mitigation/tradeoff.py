@@ -102,6 +102,8 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
             stats = intervention.stats
             extra = rows[0] / len(seeds) - 2 * sampler.steps
             for i, trace in enumerate(traces):
+                # every other per-image value a method reports too (NeMo's neurons per layer, PRSS's trigger...)
+                trace.meta |= {name: _stat(stats, name, i) for name in stats}
                 trace.meta |= {"loss_first": _stat(stats, "loss_first", i), "loss_last": _stat(stats, "loss_last", i),
                                "iterations": int(_stat(stats, "iterations", i) or 0), "extra_unet_evals": extra}
             return list(zip(traces, batch.images))

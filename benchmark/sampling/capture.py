@@ -182,6 +182,21 @@ def capture(unet: torch.nn.Module, recording: Recording | None) -> Iterator[dict
             module.set_processor(originals[layer])
 
 
+@contextmanager
+def recording_paused(unet: torch.nn.Module) -> Iterator[None]:
+    """Inside a ``capture``, let the recorders record nothing until exit: for a mitigation's own extra UNet
+    evaluations within a step (PRSS's original-prompt prediction), which are no part of the generation's trace."""
+    recorders = [m.processor for m in cross_attention_layers(unet).values() if hasattr(m.processor, "recording")]
+    saved = [r.recording for r in recorders]
+    try:
+        for r in recorders:
+            r.recording = None
+        yield
+    finally:
+        for r, rec in zip(recorders, saved):
+            r.recording = rec
+
+
 @dataclass
 class CapturedBatch:
     """Traces of the images of one sampling call, as CPU tensors with a leading image axis."""

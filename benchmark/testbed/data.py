@@ -63,8 +63,13 @@ def describe(rng: np.random.Generator) -> tuple[str, list[tuple[str, str, str]],
     colours = list(COLOURS)
     objects = [(str(rng.choice(colours)), str(rng.choice(SHAPES)), str(p)) for p in places]
     background = str(rng.choice([c for c in colours if c not in {o[0] for o in objects}]))
+    return caption_of(objects, background), objects, background
+
+
+def caption_of(objects: list[tuple[str, str, str]], background: str) -> str:
+    """The grammar's caption of a scene: its (colour, shape, place) objects in this order on a background."""
     words = " and ".join(f"a {c} {s} at the {p}" for c, s, p in objects)
-    return f"{words} on a {background} background", objects, background
+    return f"{words} on a {background} background"
 
 
 def parse_caption(caption: str) -> tuple[list[tuple[str, str, str]], str]:

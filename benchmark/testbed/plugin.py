@@ -1,10 +1,12 @@
-"""The testbed as a plug-in: its model builder, its prompt source (with ground truth) and its caption renderer.
+"""The testbed as a plug-in: its model builder, its prompt source (with ground truth), its caption renderer and its
+rephraser.
 
 Nothing in the generic library imports this module; :data:`benchmark.registry.PLUGINS` names it, so asking a
 registry for ``testbed`` (``build: testbed``, ``loader: testbed``) or iterating one imports it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,8 +14,8 @@ import numpy as np
 
 from benchmark.core.config_types import Name
 from benchmark.data.prompts import Prompt, PromptSet, Truth
-from benchmark.registry import CAPTION_RENDERERS, MODEL_BUILDERS, PROMPT_SOURCES
-from benchmark.testbed.data import Recipe, ground_truth, make_dataset, parse_caption, render
+from benchmark.registry import CAPTION_RENDERERS, MODEL_BUILDERS, PROMPT_SOURCES, REPHRASERS
+from benchmark.testbed.data import Recipe, caption_of, ground_truth, make_dataset, parse_caption, render
 
 
 @MODEL_BUILDERS.register("testbed", label="planted-memorization testbed", in_process=False)
@@ -60,3 +62,13 @@ def render_caption(caption: str, size: int) -> np.ndarray:
     """(3, size, size) in [0, 1]; ValueError for a caption outside the testbed's grammar."""
     objects, background = parse_caption(caption)
     return render(objects, background, size)
+
+
+@REPHRASERS.register("testbed", label="the testbed grammar's rephrasings: the same objects in another order")
+def testbed_rephrasings(prompt: str, count: int) -> list[str]:
+    """Up to ``count`` captions naming the same scene as ``prompt`` in other words: the grammar's only freedom is
+    the order of the objects, so a caption of k objects has k! - 1 rephrasings (none for one object), in
+    ``itertools.permutations`` order. ValueError for a caption outside the grammar."""
+    objects, background = parse_caption(prompt)
+    others = [caption_of(list(order), background) for order in itertools.permutations(objects)]
+    return [c for c in dict.fromkeys(others) if c != prompt][:count]
