@@ -82,8 +82,9 @@ def test_old_store_keys_are_unchanged():
         setting = _one_setting(name)
         assert len(sampler_key(SamplerSettings(), "bfloat16", setting, ["a"])) <= 80, setting.tag
         for knob, value in setting.values.items():
+            # + 2 keeps an odd knob odd (NeMo's SSIM kernel)
             if knob != setting.entry.strength and isinstance(value, (int, float)) and not isinstance(value, bool):
-                assert Mitigation.of(name, **{**setting.values, knob: value + 1}).tag != setting.tag, (name, knob)
+                assert Mitigation.of(name, **{**setting.values, knob: value + 2}).tag != setting.tag, (name, knob)
 
 
 def test_settings_from_the_config_section():

@@ -130,7 +130,7 @@ def probe_transition_steps(model: TextToImage, latents: torch.Tensor, context: t
     scheduler.set_timesteps(steps)
     changes = []
     for t in scheduler.timesteps.tolist():
-        eps_u, eps_c = guided_eps(model.unet, latents, torch.tensor(t, device=latents.device), context)
+        eps_u, eps_c = guided_eps(model, latents, torch.tensor(t, device=latents.device), context)
         following = ddim_step(scheduler, eps_u - guidance * (eps_c - eps_u), t, latents, 0.0, None)
         changes.append(latent_change(latents, following))
         latents = following

@@ -33,6 +33,7 @@ cannot take 3 scales of kernel 11.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -196,7 +197,7 @@ def noise_differences(model: TextToImage, prompt: str, seeds: list[int], sampler
     scheduler.set_timesteps(sampler.steps)
     with deactivated(model, neurons or {}, factor):
         for i, t in enumerate(scheduler.timesteps.tolist()):
-            eps = model.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
+            eps = model.noise_prediction(scheduler.scale_model_input(latents, t), t, cond)
             if i >= step or i == sampler.steps - 1:
                 diff = (eps - latents).float()
                 low, high = diff.amin(dim=(2, 3), keepdim=True), diff.amax(dim=(2, 3), keepdim=True)
@@ -357,9 +358,12 @@ def statistics_digest(path: str) -> str:
 def _nemo_tag(knobs: dict) -> str:
     settings = NeMoSettings(**{k: v for k, v in knobs.items() if k != "statistics"})
     default = NeMoSettings()
-    changed = "".join(f"-{f.name}{getattr(settings, f.name):g}" for f in fields(NeMoSettings)
-                      if f.name != "factor" and getattr(settings, f.name) != getattr(default, f.name))
-    return f"nemo-f{settings.factor:g}-stats{statistics_digest(knobs['statistics'])}{changed}"
+    changed = [(f.name, getattr(settings, f.name)) for f in fields(NeMoSettings)
+               if f.name != "factor" and getattr(settings, f.name) != getattr(default, f.name)]
+    # knobs off their official defaults enter as one hash: spelt out they could pass the store's 80-character key
+    # part (traces.slug) and two settings would share a folder
+    suffix = f"-k{hashlib.sha1(repr(changed).encode()).hexdigest()[:8]}" if changed else ""
+    return f"nemo-f{settings.factor:g}-stats{statistics_digest(knobs['statistics'])}{suffix}"
 
 
 def nemo_intervention(statistics: str, settings: NeMoSettings) -> Intervention:

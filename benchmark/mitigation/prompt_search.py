@@ -154,14 +154,14 @@ def search_embeddings(model, prompts: list[str], rephrasings: list[list[str]], l
     depth = max(len(x) for x in texts)
     distinct = {p: model.encode([p]) for p in dict.fromkeys(q for x in texts for q in x)}
     x = model.scheduler.scale_model_input(latents, t)
-    eps_u = model.unet(x, t, encoder_hidden_states=model.encode([""]).expand(n, -1, -1)).sample
+    eps_u = model.noise_prediction(x, t, model.encode([""]).expand(n, -1, -1))
 
     def magnitude(j: int, rows: torch.Tensor) -> torch.Tensor:
         has = [i for i in rows.tolist() if j < len(texts[i])]
         out = torch.full((len(rows),), float("inf"))
         if has:
             cond = torch.cat([distinct[texts[i][j]] for i in has])
-            eps_c = model.unet(x[has], t, encoder_hidden_states=cond).sample
+            eps_c = model.noise_prediction(x[has], t, cond)
             values = guidance_magnitude(eps_u[has], eps_c, None if mask is None else mask[has]).cpu()
             out[[rows.tolist().index(i) for i in has]] = values
         return out
@@ -266,8 +266,8 @@ def prss_intervention(settings: PRSSSettings, rephraser_file: str = "", with_mas
         with recording_paused(setup.model.unet):
             state["own_call"] = True
             try:
-                eps_o = setup.model.unet(x, torch.tensor(t, device=x.device),
-                                         encoder_hidden_states=found.original[rows].to(x.device, x.dtype)).sample
+                eps_o = setup.model.noise_prediction(x, torch.tensor(t, device=x.device),
+                                                     found.original[rows].to(x.device, x.dtype))
             finally:
                 state["own_call"] = False
         eps = eps.clone()
