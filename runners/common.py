@@ -19,9 +19,12 @@ from benchmark.jobs.config import ConfigError, check_job
 from benchmark.models.text_to_image import weights_fingerprint
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.tracking import Tracker
+from runners.help import help_text
 
 # A sweep job's folder name (conf/hydra/default.yaml): one folder inside the sweep folder whatever the values.
 OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=True)
+# --help's page (conf/hydra/help/be_bench.yaml).
+OmegaConf.register_new_resolver("help_text", help_text, replace=True)
 
 # A job's output is what its user needs: the libraries' weight-loading progress bars say nothing to act on.
 transformers_logging.disable_progress_bar()
@@ -72,6 +75,23 @@ def check_config(config: dict) -> None:
         sys.exit(2)
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """What only the command line gets wrong, checked before the config: a config meant for another runner (an
+    experiment's ``task``), or a sweep (an experiment's ``hydra.sweeper.params``) started without ``-m``, which Hydra
+    would run as one job of none of the grid's points. Either ends the run with one line on stderr (exit status 2)."""
+    hydra_cfg = HydraConfig.get()
+    runner, choice = hydra_cfg.job.config_name, hydra_cfg.runtime.choices.get("experiment")
+    what = f"experiment={choice}" if choice else "this config"
+    if cfg.task != runner:
+        print(f"config error: task={cfg.task!r}: {what} is for runners.{cfg.task}, not runners.{runner}",
+              file=sys.stderr)
+        sys.exit(2)
+    grid = hydra_cfg.sweeper.get("params") or {}
+    if grid and hydra_cfg.mode != RunMode.MULTIRUN:
+        print(f"config error: {what} is a sweep over {', '.join(grid)}: run it with -m", file=sys.stderr)
+        sys.exit(2)
+
+
 def launch_path(path: str) -> str:
     """``path`` as an absolute path, a relative one taken from the directory the command was started in (Hydra's
     ``runtime.cwd``), which ``hydra.job.chdir=true`` makes differ from the working directory; outside a Hydra run
@@ -97,6 +117,7 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
     In a sweep, a failing job leaves error.txt and returns NaN so the others go on. Paths: ``launch_paths``."""
     hydra_cfg = HydraConfig.get()
+    check_launch(cfg)
     cfg = launch_paths(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     if hydra_cfg.mode != RunMode.MULTIRUN:
