@@ -41,7 +41,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         prompt_set = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
         check_labels(prompt_set, cfg.score.headline.subset)
         settings = job.sampler.settings()
-        extra = extras.requests(cfg.capture.extra, OmegaConf.to_container(cfg.extra, resolve=True), settings)
+        extra = job.extra_requests()
         extras.check_detector(cfg.score.headline.detector, extra)
         store = TraceStore(cfg.paths.store_dir, cfg.store.dtype)
         seeds = image_seeds(settings, s.n_images)

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 RUNNERS = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUPS = yaml.safe_load((CONF / "hydra/help/be_bench.yaml").read_text())["groups"]
-# groups a user does not choose from: the shared Hydra block and paths, a runner's own part of the debug choice,
-# Hydra's own groups other than the launcher
-INTERNAL = ["hydra", "paths", "debug/*", "hydra/*"]
+# groups a user does not choose from: the shared Hydra block and paths, and every subgroup: a runner's own part of
+# a choice (debug/detect, model/detect) and Hydra's own groups (the launcher, a user choice, is described)
+INTERNAL = ["hydra", "paths", "*/*"]
 
 
 def config(task, *overrides, hydra=False):
@@ -121,7 +121,8 @@ def test_a_sweep_without_m_or_another_runners_experiment_is_refused_in_one_line(
         _main(main, monkeypatch, *args, f"paths.root={tmp_path}")
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == line
-    assert not any(tmp_path.rglob("config.yaml"))  # refused before the job folder is written
+    # refused before the job folder is written (Hydra's own .hydra/ aside)
+    assert not [p for p in tmp_path.rglob("config.yaml") if p.parent.name != ".hydra"]
 
 
 def test_each_runners_debug_preset_holds_only_what_that_runner_reads():

@@ -137,7 +137,7 @@ class TraceArrays:
         if name in self.extras:
             return self.extras[name]
         if not self.has(name):
-            raise KeyError(f"no trace field {name!r} here (extra pass not asked for? capture.extra)")
+            raise KeyError(f"no trace field {name!r} here (extra pass not asked for? extra.passes)")
         return getattr(self, name)
 
     def computed(self, fields: Iterable[str]) -> np.ndarray:
@@ -173,7 +173,7 @@ def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: lis
     """Every detector on every layer set and step window, per generation, in long format.
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
-    A detector that reads a field these traces lack (an extra pass not asked for, ``capture.extra``) is skipped;
+    A detector that reads a field these traces lack (an extra pass not asked for, ``extra.passes``) is skipped;
     one whose extra pass ran on some generations only (its ``n``) has rows for those only.
     """
     _check_windows(steps, arrays.delta_sq.shape[1])

@@ -92,7 +92,7 @@ def check_signal(signal: dict, layer_sets: dict[str, list[str]], fprs: list[floa
         raise ValueError(f"early.signal.detector {signal['detector']!r} is not one of {', '.join(SIGNALS)}")
     if signal["layers"] not in layer_sets:
         raise ValueError(f"early.signal.layers {signal['layers']!r} is not a layer set: {', '.join(layer_sets)}")
-    if int(signal.get("T", 1)) < 1:
+    if signal.get("T") is not None and int(signal["T"]) < 1:
         raise ValueError(f"early.signal.T={signal.get('T')} must be >= 1")
     bad = [f for f in fprs if not 0 <= f < 1]
     if bad:
@@ -180,18 +180,19 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
                 n_boot: int = 1000, truth: dict[str, Truth] | None = None, rule: str = "otsu") -> dict:
     """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of BE intensity,
     LD with T = 1, LD with T = k + 1 (every step so far) and LD with the signal's T, per layer set),
-    ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T}), and where ground-truth masks
-    exist ``early_localization`` (:func:`localization_by_step`) and ``localization_leaderboard`` (every localizer,
-    early-step BE on the first layer set, the oracle best word where token maps were stored, the all-ones floor and
-    the unrelated-mask control of the first layer set's BE). ``recorded``: the steps of ``sampler.end_map_steps``;
+    ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T; T None: every step so far}),
+    and where ground-truth masks exist ``early_localization`` (:func:`localization_by_step`) and
+    ``localization_leaderboard`` (every localizer, early-step BE on the first layer set, the oracle best word where
+    token maps were stored, the all-ones floor and the unrelated-mask control of the first layer set's BE). ``recorded``: the steps of ``sampler.end_map_steps``;
     the final step is always added. Without earlier steps only the leaderboard (where masks exist)."""
     steps = sorted(set(recorded) - {n_steps - 1})
+    window = n_steps if signal.get("T") is None else int(signal["T"])  # T None: every step so far
     out: dict = {}
     step_maps = (load_step_maps(store, generations, steps) if steps else {}) | {n_steps - 1: arrays.end_maps}
     if steps:
-        scores = score_by_step(arrays, step_maps, layer_sets, [int(signal["T"]), n_steps])
+        scores = score_by_step(arrays, step_maps, layer_sets, [window, n_steps])
         out["early_detection"] = detection_by_step(scores, n_boot).to_dict(orient="records")
-        out["early_stopping"] = early_stopping(scores, signal["detector"], signal["layers"], signal["T"], fprs,
+        out["early_stopping"] = early_stopping(scores, signal["detector"], signal["layers"], window, fprs,
                                                n_steps).to_dict(orient="records")
     masked = [t.mask for t in (truth or {}).values() if t.mask is not None]
     if masked:
