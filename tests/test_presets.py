@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 
 import runners.common  # noqa: F401  (registers the help_text resolver)
 from benchmark.data.prompts import load_prompt_set
-from benchmark.jobs.config import check_job
+from benchmark.early.stopping import rule_from_job
+from benchmark.jobs.config import ConfigError, check_job
+from benchmark.store import job_folder as jobfolder
 from runners import detect, help as runner_help, mitigate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +138,38 @@ def test_each_runners_debug_preset_holds_only_what_that_runner_reads():
     for folder in (CONF / "debug").iterdir():
         if folder.is_dir():
             assert f"debug/{folder.name}: ${{debug}}" in (CONF / f"{folder.name}.yaml").read_text()
+
+
+@pytest.mark.parametrize("override, line", [
+    ("capture.extra=[sail]", "capture.extra is now extra.passes: set extra.passes=[sail] instead"),
+    ("+model.extra=[sail,anisotropy]", "model.extra is now extra.passes: set extra.passes=[sail,anisotropy] instead"),
+])
+def test_an_old_key_is_refused_with_the_one_that_replaced_it(override, line, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        check_job(OmegaConf.to_container(config("detect", override, f"paths.root={tmp_path}"), resolve=True))
+    assert str(error.value) == line
+
+
+def test_extra_passes_is_the_one_key_of_the_extra_passes(tmp_path):
+    """The testbed turns on sail and anisotropy for detection only; the command line and debug still decide."""
+    root = f"paths.root={tmp_path}"
+    assert list(config("detect", root).extra.passes) == ["sail", "anisotropy"]
+    assert list(config("detect", root, "extra.passes=[curvature]").extra.passes) == ["curvature"]
+    assert list(config("detect", root, "debug=default").extra.passes) == []
+    assert list(config("detect", root, "experiment=sail_table1").extra.passes) == ["sail"]
+    for task in ("mitigate", "guard"):
+        assert "extra" not in config(task, root) and "extra" not in config(task, root).model
+
+
+def test_every_step_so_far_is_the_default_stopping_window(tmp_path):
+    """early.signal.T: null, resolved to the run's steps: min(T, k + 1) = k + 1 at every step k."""
+    assert config("detect", f"paths.root={tmp_path}").early.signal.T is None
+    (tmp_path / "metrics.json").write_text("{}")
+    rows = [{"step": 9, "fpr_target": 0.05, "threshold": 1.5}]
+    signal = {"detector": "LD", "layers": "all", "T": None}
+    job = jobfolder.Job(tmp_path, "detect", {"early": {"signal": signal}, "sampler": {"steps": 30},
+                                             "layers": {"sets": {"all": ["*"]}}}, {"early_stopping": rows})
+    rule = rule_from_job(job, 9, 0.05)
+    assert (rule.T, rule.window) == (30, 10)
+    signal["T"] = 4
+    assert rule_from_job(job, 9, 0.05).window == 4
