@@ -21,6 +21,7 @@ from reports import html, plots
 from reports.headline import Group, headline_groups
 from reports.jobs import Job, OtherJob, finished_jobs, job_folders, link, other_jobs  # noqa: F401  (job_folders: public)
 from reports.latex import escape, to_latex
+from reports.summary import report_summary
 from reports.tables import (
     PAPER,
     ddpm_summary,
@@ -251,8 +252,7 @@ def main() -> None:
     folders = list(args.folders) + ([fetch_wandb(args.wandb, args.out)] if args.wandb else [])
     if not folders:
         parser.error("give job folders and/or --wandb ENTITY/PROJECT")
-    for path in write_report(folders, args.out, args.metric).values():
-        print(path)
+    print(report_summary(write_report(folders, args.out, args.metric)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from benchmark.core.devices import pick_device
@@ -37,6 +38,17 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from
 def job_device(requested: str) -> str:
     job = HydraConfig.get().job
     return pick_device(requested, int(job.num) if job.get("num") is not None else 0)
+
+
+def progress_bar(desc: str) -> Callable:
+    """``progress`` for the library's loops: a bar over an iterable, drawn on a terminal only (a log gets none), and
+    none over nothing (a bar over an empty iterable would leave an empty line: a job that reuses every setting's
+    images would print a blank line per setting)."""
+    def bar(iterable):
+        if hasattr(iterable, "__len__") and not len(iterable):
+            return iterable
+        return tqdm(iterable, desc=desc, disable=None)
+    return bar
 
 
 def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:

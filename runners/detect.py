@@ -7,7 +7,6 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from benchmark.data.prompts import PromptSet, load_prompt_set
 from benchmark.detectors import detection
@@ -20,7 +19,8 @@ from benchmark.sampling.capture import image_seeds
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.traces import TraceStore, to_png
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
+from reports.summary import job_summary
+from runners.common import CONF, job_device, job_tracker, model_key, progress_bar, run_job, trace_sampler_key
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -50,11 +50,11 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                               seeds, by_position=settings.seeding == "official")
         start = time.perf_counter()
         sampled = detection.generate(model, plan, settings, store, s.batch_size,
-                                     progress=lambda it: tqdm(it, desc="prompts", disable=None),
+                                     progress=progress_bar("prompts"),
                                      token_maps=cfg.capture.token_maps)
         extra_start = time.perf_counter()
         extra_now = extras.compute_missing(model, plan, settings, store, extra, s.batch_size,
-                                           progress=lambda it: tqdm(it, desc="extra passes", disable=None))
+                                           progress=progress_bar("extra passes"))
         sampling_s, extra_s = time.perf_counter() - start, time.perf_counter() - extra_start
         arrays = detection.load(store, plan, extra).score_units(cfg.score.score_difference_units, model.scheduler,
                                                                 s.steps)
@@ -88,13 +88,11 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
         summary["metrics"] = metrics.to_dict(orient="records")
         jobfolder.write_results(folder, "detect", config, {**asdict(settings), "seed": s.seed, "dtype": m.dtype},
                                 s.n_images, summary, {jobfolder.TABLES["detect"]: scores})
-        report = write_job_report(folder)
+        write_job_report(folder)
         tracker.save(folder / "metrics.json", folder / "generations.csv", folder / "masks.png")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                     images={"masks": folder / "masks.png"}, metrics=metrics, generations=scores)
-        print(report.read_text())
-        print(f"{cfg.score.headline.detector} AUC ({cfg.score.headline.subset}, {cfg.score.headline.level}): "
-              f"{value:.3f} | {sampled} images sampled now, results in {folder}")
+        print(job_summary(folder))
         return value
     finally:
         tracker.finish()

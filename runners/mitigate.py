@@ -8,7 +8,6 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from benchmark.data.prompts import load_prompt_set, subset
 from benchmark.detectors import detection
@@ -24,7 +23,8 @@ from benchmark.sampling.capture import cross_attention_layers, image_seeds
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.traces import TraceStore
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, model_key, run_job, trace_sampler_key
+from reports.summary import job_summary
+from runners.common import CONF, job_device, job_tracker, model_key, progress_bar, run_job, trace_sampler_key
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -63,7 +63,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                                   seeds, by_position=sampler.seeding == "official")
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
-                                          progress=lambda it: tqdm(it, desc="prompts", disable=None))
+                                          progress=progress_bar("prompts"))
         sampling_s = time.perf_counter() - start
         rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures,
                                     tradeoff.mask_key_layers(model, layers))
@@ -78,11 +78,10 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                    "curves": points.to_dict(orient="records"), "equal_utility": equal}
         jobfolder.write_results(folder, "mitigate", config, {**asdict(sampler), "seed": s.seed, "dtype": m.dtype},
                                 n_images, summary, {jobfolder.TABLES["mitigate"]: rows})
-        report = write_job_report(folder)
+        write_job_report(folder)
         tracker.save(folder / "metrics.json", folder / "mitigation.csv")
         tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, generations=rows)
-        print(report.read_text())
-        print(f"{sampled} images sampled now, results in {folder}")
+        print(job_summary(folder))
         return value
     finally:
         tracker.finish()

@@ -173,3 +173,52 @@ def test_every_step_so_far_is_the_default_stopping_window(tmp_path):
     assert (rule.T, rule.window) == (30, 10)
     signal["T"] = 4
     assert rule_from_job(job, 9, 0.05).window == 4
+
+
+def _on_a_terminal(*command: str, cwd: Path) -> str:
+    """What ``command`` prints on a terminal (a pseudo-terminal: progress bars are drawn), stdout and stderr."""
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    leader, follower = os.openpty()
+    # a terminal of 40 rows x 120 columns (a new pseudo-terminal has 0 x 0, where tqdm draws nothing)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, cwd=cwd)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the command ended and closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert process.wait(timeout=600) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_make_runs_steps_print_a_summary_that_fits_one_screen(tmp_path):
+    """`make run`'s three steps on the debug presets, on a terminal: under 60 lines with the progress bars, the
+    answers with their intervals, where the folders and the report are; the tables stay in the files."""
+    root = f"paths.root={tmp_path}"
+    python = sys.executable
+    out = "".join(_on_a_terminal(*step, cwd=ROOT) for step in [
+        (python, "-m", "runners.detect", "debug=default", root),
+        (python, "-m", "runners.mitigate", "debug=default", root),
+        (python, "-m", "reports.leaderboard", str(tmp_path / "outputs/detect"), str(tmp_path / "outputs/mitigate"),
+         "--out", str(tmp_path / "report"))])
+    lines = out.splitlines()
+    assert len(lines) < 60, out
+    assert sum("prompts:" in line for line in lines) >= 2  # the bars were drawn (one per sampling loop)
+    assert any(line.startswith("  local: BE (LD) - Wen (D)") and "[" in line for line in lines), out  # an interval
+    folders = [tmp_path / "outputs" / task / "tiny/tiny" for task in ("detect", "mitigate")]
+    for folder in folders:
+        (job,) = folder.iterdir()
+        assert f"folder: {job} (tables: report.md)" in out and (job / "report.md").exists()
+    assert f"report: {tmp_path / 'report/leaderboard.html'}" in out
+    shown = [line.split("\r")[-1] for line in lines]  # what stays on the screen of each line (bars redraw in place)
+    assert not [line for line in shown if line.startswith("|")]  # no Markdown table on the terminal
