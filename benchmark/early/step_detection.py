@@ -183,8 +183,8 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
     ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T; T None: every step so far}),
     and where ground-truth masks exist ``early_localization`` (:func:`localization_by_step`) and
     ``localization_leaderboard`` (every localizer, early-step BE on the first layer set, the oracle best word where
-    token maps were stored, the all-ones floor and the unrelated-mask control of the first layer set's BE). ``recorded``: the steps of ``sampler.end_map_steps``;
-    the final step is always added. Without earlier steps only the leaderboard (where masks exist)."""
+    token maps were stored, the all-ones floor and the unrelated-mask control of the first layer set's BE).
+    ``recorded``: the steps of ``sampler.end_map_steps``; the final step is always added. Without earlier steps only the leaderboard (where masks exist)."""
     steps = sorted(set(recorded) - {n_steps - 1})
     window = n_steps if signal.get("T") is None else int(signal["T"])  # T None: every step so far
     out: dict = {}
