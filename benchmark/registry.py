@@ -179,13 +179,14 @@ LOCALIZERS = Registry("localizer", _check_localizer)
 EXTRA_PASSES = Registry("extra pass")
 """Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,
 prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}`` (image i: ``prompts[i]``,
-``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
-ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
+``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields``
+(field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises ValueError on bad knobs, before any
+pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
 
 MITIGATIONS = Registry("mitigation")
 """Inference-time mitigations. Metadata: ``needs_mask`` (whether it reads the generation's BE mask), ``optimised``
-(True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes the
-embedding directly, ``benchmark.mitigation.padding``)."""
+(True: a loss minimised over the prompt embedding, ``benchmark.mitigation.embedding``; False: a function that changes
+the embedding directly, ``benchmark.mitigation.padding``)."""
 
 SIMILARITIES = Registry("similarity measure")
 """Image-to-training-image similarity: ``fn(image, reference[, mask]) -> float``. Metadata: ``needs_mask``."""

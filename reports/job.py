@@ -60,7 +60,8 @@ def early_signals(det: pd.DataFrame) -> pd.DataFrame:
 
 
 def early_markdown(result: dict) -> list[str]:
-    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early/step_detection.py), where present."""
+    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early/step_detection.py), where
+    present."""
     parts = []
     if result.get("localization_leaderboard"):
         board = pd.DataFrame(result["localization_leaderboard"])
@@ -101,7 +102,8 @@ def job_markdown(folder: str | Path) -> str:
               f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s)."),
              "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",
              detection_markdown(metrics, "prompt", "auc"),
-             "", "## Detection: TPR@1%FPR at prompt level", "", detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr")]
+             "", "## Detection: TPR@1%FPR at prompt level", "",
+             detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr")]
     if result.get("localization"):
         parts += ["", "## Localization: BE mask vs ground-truth mask (local memorization)", "",
                   pd.DataFrame(result["localization"]).round(3).to_markdown(index=False)]

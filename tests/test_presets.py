@@ -15,7 +15,8 @@ from benchmark.data.prompts import load_prompt_set
 from benchmark.early.stopping import rule_from_job
 from benchmark.jobs.config import ConfigError, check_job
 from benchmark.store import job_folder as jobfolder
-from runners import detect, help as runner_help, mitigate
+from runners import detect, mitigate
+from runners import help as runner_help
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -12,6 +12,7 @@ import numpy as np
 
 from benchmark.registry import PROMPT_SOURCES
 
+
 @dataclass(frozen=True)
 class Prompt:
     id: str

@@ -92,8 +92,8 @@ class TraceArrays:
     token_attn: dict[str, np.ndarray]
     end_index: np.ndarray
     token_maps: dict[str, np.ndarray]  # layer -> (n, tokens, h, w); empty unless every trace has them
-    # fields of the extra passes asked for (``benchmark.detectors.extra_passes``): name -> (n,) or (n, h, w); NaN rows for the
-    # generations a pass was not run on (its ``n``: a prompt's first images only)
+    # fields of the extra passes asked for (``benchmark.detectors.extra_passes``): name -> (n,) or (n, h, w); NaN rows
+    # for the generations a pass was not run on (its ``n``: a prompt's first images only)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     # 1 - alpha_bar_t at the last step, the divisor that puts the score-difference map in score units; 1 = eps
     # units (``score_units``)
@@ -104,7 +104,8 @@ class TraceArrays:
         eps_u)^2, the default) or ``score`` (sum_c (s_c - s_u)^2, the curvature paper's official ``score_diff``,
         divided by 1 - alpha_bar_t of the last of ``steps`` steps of ``scheduler``). Raises ValueError otherwise."""
         if units not in SCORE_DIFFERENCE_UNITS:
-            raise ValueError(f"score.score_difference_units {units!r} is not one of {', '.join(SCORE_DIFFERENCE_UNITS)}")
+            raise ValueError(f"score.score_difference_units {units!r} is not one of "
+                             f"{', '.join(SCORE_DIFFERENCE_UNITS)}")
         scale = 1.0 if units == "eps" else J.one_minus_alpha_bar(scheduler, steps, J.CURVATURE_STEP)
         return replace(self, one_minus_alpha_bar=scale)
 
@@ -156,8 +157,8 @@ class TraceArrays:
 
 
 def load(store: TraceStore, generations: list[Generation], extra: list[X.ExtraRequest] = ()) -> TraceArrays:
-    """The stored traces of ``generations``, stacked, with the fields of the ``extra`` passes (``benchmark.detectors.extra_passes``:
-    their sidecars must be computed, ``extras.compute_missing``)."""
+    """The stored traces of ``generations``, stacked, with the fields of the ``extra`` passes
+    (``benchmark.detectors.extra_passes``: their sidecars must be computed, ``extras.compute_missing``)."""
     traces, labels = [], []
     for gen in generations:
         for seed in gen.seeds:

@@ -83,7 +83,8 @@ def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], se
                     prompt_index: list[int], gamma_norm: NonNegative = J.ANISOTROPY_GAMMA_NORM,
                     gamma_cos: NonNegative = J.ANISOTROPY_GAMMA_COS,
                     low_noise_index: int = J.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
-    """The anisotropy score and its two terms per image (official SD v1 weights 1, 2), :func:`jacobian_scores.anisotropy`."""
+    """The anisotropy score and its two terms per image (official SD v1 weights 1, 2),
+    :func:`jacobian_scores.anisotropy`."""
     return J.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
 
 

@@ -31,7 +31,8 @@ from benchmark.store.traces import TraceStore
 SIGNALS = ("BE_intensity", "LD")  # the detectors that read the BE mask, so change with the step of its maps
 
 
-def load_step_maps(store: TraceStore, generations: list[Generation], steps: list[int]) -> dict[int, dict[str, np.ndarray]]:
+def load_step_maps(store: TraceStore, generations: list[Generation],
+                   steps: list[int]) -> dict[int, dict[str, np.ndarray]]:
     """End-token maps at each 0-based step of ``steps``, stacked over the generations in ``detection.load``'s
     order: step -> layer -> (n, h_l, w_l). Raises KeyError naming the step a trace did not record."""
     stacked: dict[int, dict[str, list]] = {k: {} for k in steps}
@@ -184,7 +185,8 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
     and where ground-truth masks exist ``early_localization`` (:func:`localization_by_step`) and
     ``localization_leaderboard`` (every localizer, early-step BE on the first layer set, the oracle best word where
     token maps were stored, the all-ones floor and the unrelated-mask control of the first layer set's BE).
-    ``recorded``: the steps of ``sampler.end_map_steps``; the final step is always added. Without earlier steps only the leaderboard (where masks exist)."""
+    ``recorded``: the steps of ``sampler.end_map_steps``; the final step is always added. Without earlier steps only
+    the leaderboard (where masks exist)."""
     steps = sorted(set(recorded) - {n_steps - 1})
     window = n_steps if signal.get("T") is None else int(signal["T"])  # T None: every step so far
     out: dict = {}

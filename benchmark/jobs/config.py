@@ -80,7 +80,8 @@ class Store(Section):
 
 
 class Sampler(Section):
-    """DDIM with classifier-free guidance (``benchmark.sampling.capture.SamplerSettings``) and how many images to make."""
+    """DDIM with classifier-free guidance (``benchmark.sampling.capture.SamplerSettings``) and how many images to
+    make."""
 
     steps: PositiveInt
     guidance: NonNegative

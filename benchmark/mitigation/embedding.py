@@ -47,8 +47,9 @@ class MitigationSettings:
     def __post_init__(self):
         optimised = [name for name in MITIGATIONS if MITIGATIONS[name].optimised]
         if self.method not in optimised:
+            others = ", ".join(n for n in MITIGATIONS if n not in optimised)
             raise ValueError(f"unknown mitigation method {self.method!r} for embedding optimisation; choose from "
-                             f"{', '.join(optimised)} (other mitigations: {', '.join(n for n in MITIGATIONS if n not in optimised)})")
+                             f"{', '.join(optimised)} (other mitigations: {others})")
         if self.mask_norm not in MASK_NORMS:
             raise ValueError(f"unknown mask_norm {self.mask_norm!r}; choose from {', '.join(MASK_NORMS)}")
         if self.protocol not in PROTOCOLS:
@@ -66,7 +67,8 @@ class MitigationSettings:
 
 
 @MITIGATIONS.register("be", label="BE (masked magnitude)", needs_mask=True, optimised=True)
-@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False, optimised=True)  # the lower decorator registers first
+# the lower decorator registers first
+@MITIGATIONS.register("wen", label="Wen (magnitude)", needs_mask=False, optimised=True)
 def magnitude_loss(delta: torch.Tensor, mask: torch.Tensor | None = None, mask_norm: str = "per_image") -> torch.Tensor:
     """Per image (n,): ``||delta||`` or ``||delta * m|| / mean(m)``; delta (n, c, h, w), mask (n, h, w)."""
     if mask is None:

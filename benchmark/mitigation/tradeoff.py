@@ -6,9 +6,9 @@ the mitigation setting, so a rerun samples nothing twice. Measures per generatio
   ``train_rmse`` (RMSE on [0, 1], inside the planted region for local memorization), ``SSCD`` when configured;
 - utility: ``CLIP`` score when configured; ``caption_rmse``: RMSE to the scene the caption names, where a registered
   caption renderer can draw it (the testbed's data recipe; lower = more faithful), which needs no downloaded network.
-Methods: Wen's and BE's optimisation (benchmark/mitigation/embedding.py; strength = target loss, lower is stronger) and Kim &
-No's padding mitigations (benchmark/mitigation/padding.py; strength = masked fraction, higher is stronger), both in the
-``target_loss`` column.
+Methods: Wen's and BE's optimisation (benchmark/mitigation/embedding.py; strength = target loss, lower is stronger)
+and Kim & No's padding mitigations (benchmark/mitigation/padding.py; strength = masked fraction, higher is stronger),
+both in the ``target_loss`` column.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class Measures:
     clip: CLIPScore | None = None
 
 
-def mitigated_key(key: TraceKey, settings: MitigationSettings | PadMitigation, mask_layers: list[str] | None = None) -> TraceKey:
+def mitigated_key(key: TraceKey, settings: MitigationSettings | PadMitigation,
+                  mask_layers: list[str] | None = None) -> TraceKey:
     """The baseline key with the mitigation setting added to its sampler (``sampling.sampler_key``'s format);
     ``mask_layers`` None = every cross-attention layer (the default keeps the keys of earlier stores)."""
     return replace(key, sampler=key.sampler + mitigation_suffix(settings, mask_layers))
