@@ -100,7 +100,7 @@ def headline_layers(job: Job) -> str:
 
 
 def detection_findings(job: Job) -> list[Finding]:
-    metrics = pd.DataFrame(job.result["metrics"])
+    metrics = pd.DataFrame(job.result.metrics)
     metrics["layers"] = metrics.layers.fillna("")
     windows = sorted(t for t in metrics[metrics.detector == "D"]["T"].unique() if t)
     if not windows:
@@ -167,7 +167,7 @@ def detection_findings(job: Job) -> list[Finding]:
 
 
 def localization_findings(job: Job) -> list[Finding]:
-    rows = pd.DataFrame(job.result.get("localization", []))
+    rows = pd.DataFrame(job.result.localization or [])
     if rows.empty:
         return []
     floor = rows[rows.layers.str.startswith("all-ones")]
@@ -248,7 +248,7 @@ def _paper_mitigation_difference(kind: str) -> float | None:
 
 
 def mitigation_findings(job: Job) -> list[Finding]:
-    equal = job.result.get("equal_utility", {})
+    equal = job.result.equal_utility
     similarity = next((m for m in ("SSCD", "S", "train_rmse") if equal.get(m)), None)
     if similarity is None:
         return []
@@ -258,7 +258,7 @@ def mitigation_findings(job: Job) -> list[Finding]:
         diff = float(part.difference.mean())
         # SSCD and S are similarities (lower = better privacy), train_rmse a distance (higher = better)
         better = diff < 0 if similarity != "train_rmse" else diff > 0
-        sentence = (f"Mitigation, {kind}: at equal {job.result['utility']}, BE-masked minus Wen's {similarity} to "
+        sentence = (f"Mitigation, {kind}: at equal {job.result.utility}, BE-masked minus Wen's {similarity} to "
                     f"the training image averages {diff:+.4f} over {len(part)} utility levels "
                     f"({'BE mitigates more' if better else 'BE mitigates less'})")
         values = {f"mitigation_{kind}_{similarity}_difference": diff}
@@ -273,7 +273,7 @@ def mitigation_findings(job: Job) -> list[Finding]:
 
 
 def _size(job: Job) -> tuple:
-    return (job.result.get("n_prompts", 0), job.n_images, job.steps, str(job.folder))
+    return (getattr(job.result, "n_prompts", None) or 0, job.n_images, job.steps, str(job.folder))
 
 
 def headline_groups(jobs: list[Job]) -> list[Group]:

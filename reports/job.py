@@ -4,12 +4,12 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from benchmark.jobs.results import DetectionResult, MitigationResult, read_result
 from reports.labels import detector_label, detector_order
 
 
@@ -32,18 +32,18 @@ def detection_markdown(metrics: pd.DataFrame, level: str = "prompt", metric: str
     return wide.to_markdown()
 
 
-def mitigation_markdown(result: dict) -> str:
-    points = pd.DataFrame(result["curves"])
+def mitigation_markdown(result: MitigationResult) -> str:
+    points = pd.DataFrame(result.curves)
     points["target_loss"] = points.target_loss.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
-    parts = [f"# Mitigation: {result['model']} on {result['prompt_set']}",
-             (f"{result['n_prompts']} memorized prompts, {result['n_generations']} generations "
-              f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s). Method `none` = "
+    parts = [f"# Mitigation: {result.model} on {result.prompt_set}",
+             (f"{result.n_prompts} memorized prompts, {result.n_generations} generations "
+              f"({result.sampled_now} sampled in this job, {result.sampling_seconds} s). Method `none` = "
               "unmitigated; `wen` = Wen et al.'s embedding optimisation; `be` = the same with the BE-masked loss."),
              "", "## Trade-off points: mean per kind, method and target loss", "",
              points.round(4).to_markdown(index=False)]
-    for similarity, rows in result.get("equal_utility", {}).items():
+    for similarity, rows in result.equal_utility.items():
         if rows:
-            parts += ["", f"## {similarity} at equal utility ({result['utility']}), interpolated along each curve", "",
+            parts += ["", f"## {similarity} at equal utility ({result.utility}), interpolated along each curve", "",
                       pd.DataFrame(rows).round(4).to_markdown(index=False)]
     return "\n".join(str(p) for p in parts) + "\n"
 
@@ -59,32 +59,32 @@ def early_signals(det: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([det[(det["T"] <= 1) | (det["T"] != det.step + 1)], so_far], ignore_index=True)
 
 
-def early_markdown(result: dict) -> list[str]:
+def early_markdown(result: DetectionResult) -> list[str]:
     """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early/step_detection.py), where
     present."""
     parts = []
-    if result.get("localization_leaderboard"):
-        board = pd.DataFrame(result["localization_leaderboard"])
+    if result.localization_leaderboard:
+        board = pd.DataFrame(result.localization_leaderboard)
         for name in ("iou", "pixel_auroc"):
             board[name] = board.apply(lambda r, n=name: _fmt(r, n), axis=1)
         cols = [c for c in ("localizer", "iou", "pixel_auroc", "n", "control_iou", "control_auroc") if c in board]
         parts += ["", "## Localization leaderboard: every localizer on the same local generations [bootstrap 95% CI]",
                   "", board[cols].round(3).to_markdown(index=False)]
-    if result.get("early_detection"):
-        det = pd.DataFrame(result["early_detection"])
+    if result.early_detection:
+        det = pd.DataFrame(result.early_detection)
         det = early_signals(det[(det.level == "prompt") & (det.subset == "all")])
         wide = det.pivot_table(index="signal", columns="step", values="auc", sort=False)
         parts += ["", "## Early-step BE: detection AUC (prompt level, all) by 0-based step k of the end-token maps", "",
                   wide.round(3).to_markdown()]
-    if result.get("early_localization"):
-        loc = pd.DataFrame(result["early_localization"])
+    if result.early_localization:
+        loc = pd.DataFrame(result.early_localization)
         parts += ["", "## Early-step BE: localization by step k", "",
                   loc.pivot_table(index="layers", columns="step", values=["iou", "pixel_auroc"], sort=False)
                   .round(3).to_markdown()]
-    if result.get("early_stopping"):
-        stop = pd.DataFrame(result["early_stopping"])
+    if result.early_stopping:
+        stop = pd.DataFrame(result.early_stopping)
         stop["threshold"] = stop.threshold.map(lambda v: f"{v:.4g}")
-        signal = result["config"]["early"]["signal"] if "config" in result else {}
+        signal = result.config.get("early", {}).get("signal", {})
         title = (f"## Early stopping (simulated from the traces; signal {signal}): threshold FPR vs steps saved "
                  "vs memorized generations caught")
         parts += ["", title, "", stop.round(3).to_markdown(index=False)]
@@ -93,32 +93,34 @@ def early_markdown(result: dict) -> list[str]:
 
 def job_markdown(folder: str | Path) -> str:
     folder = Path(folder)
-    result = json.loads((folder / "metrics.json").read_text())
-    if result.get("task") == "mitigate":
+    result = read_result(folder)
+    if isinstance(result, MitigationResult):
         return mitigation_markdown(result)
-    metrics = pd.DataFrame(result["metrics"])
-    parts = [f"# {result['model']} on {result['prompt_set']}",
-             (f"{result['n_prompts']} prompts, {result['n_generations']} generations "
-              f"({result['sampled_now']} sampled in this job, {result['sampling_seconds']} s)."),
+    if not isinstance(result, DetectionResult):
+        raise TypeError(f"{folder}: a {result.task} job has no Markdown report (detection and mitigation do)")
+    metrics = pd.DataFrame(result.metrics)
+    parts = [f"# {result.model} on {result.prompt_set}",
+             (f"{result.n_prompts} prompts, {result.n_generations} generations "
+              f"({result.sampled_now} sampled in this job, {result.sampling_seconds} s)."),
              "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",
              detection_markdown(metrics, "prompt", "auc"),
              "", "## Detection: TPR@1%FPR at prompt level", "",
              detection_markdown(metrics, "prompt", "tpr_at_1pct_fpr")]
-    if result.get("localization"):
+    if result.localization:
         parts += ["", "## Localization: BE mask vs ground-truth mask (local memorization)", "",
-                  pd.DataFrame(result["localization"]).round(3).to_markdown(index=False)]
-    if result.get("token_localization"):
+                  pd.DataFrame(result.localization).round(3).to_markdown(index=False)]
+    if result.token_localization:
         parts += ["", "## Which tokens' final-step maps localize the copied region (pixel AUROC, first layer set)", "",
-                  pd.DataFrame(result["token_localization"]).round(3).to_markdown(index=False)]
+                  pd.DataFrame(result.token_localization).round(3).to_markdown(index=False)]
     parts += early_markdown(result)
-    if result.get("similarity_f1"):
+    if result.similarity_f1:
         parts += ["", "## Similarity metrics as memorization calls (BE Table 2 layout; S, LS on the 0-255 scale)", "",
-                  pd.DataFrame(result["similarity_f1"]).round(3).to_markdown(index=False)]
-    if result.get("copy_distance_median"):
+                  pd.DataFrame(result.similarity_f1).round(3).to_markdown(index=False)]
+    if result.copy_distance_median:
         parts += ["", "## Copying: median RMSE to the training image (inside the planted region for local)", ""]
-        parts += [f"- {k}: {v}" for k, v in result["copy_distance_median"].items()]
-    if result.get("local_diversity_mean"):
-        d = result["local_diversity_mean"]
+        parts += [f"- {k}: {v}" for k, v in result.copy_distance_median.items()]
+    if result.local_diversity_mean:
+        d = result.local_diversity_mean
         parts += ["", (f"Local prompts, mean pairwise RMSE among a prompt's generations: inside the region "
                        f"{d['inside']}, outside {d['outside']}.")]
     return "\n".join(str(p) for p in parts) + "\n"

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark.jobs.results import JobResult, read_result
 from benchmark.store.job_folder import CONFIG, ERROR, METRICS, SWEEP_RUN, read_job
 
 # configuration keys that never change a job's results: where files go, how it is logged, the sweep's name
@@ -31,19 +32,19 @@ def read_config(folder: Path) -> dict:
 @dataclass
 class Job:
     folder: Path
-    result: dict                       # metrics.json
+    result: JobResult                  # metrics.json, read in its type (benchmark.jobs.results.read_result)
     config: dict                       # read_config(folder)
     superseded: list[Path] = field(default_factory=list)  # earlier finished runs of the same configuration
     label: str = ""                    # short and unique among the reported jobs (see label_jobs)
 
     @property
     def task(self) -> str:
-        return self.result.get("task", "detect")
+        return self.result.task
 
     @property
     def group(self) -> str:
-        """The job group: model x prompt set."""
-        return f"{self.result.get('model', '?')} on {self.result.get('prompt_set', '?')}"
+        """The job group: model x prompt set (``?`` for a job without one: an unconditional DDPM's)."""
+        return f"{self.result.model} on {getattr(self.result, 'prompt_set', '?')}"
 
     @property
     def steps(self) -> int:
@@ -53,8 +54,8 @@ class Job:
     def n_images(self) -> int:
         """Generations per prompt, as the job recorded it (``benchmark.store.job_folder``'s ``n_images``: a mitigation
         job's resolved ``mitigation.n_images``); folders older than that field fall back to the config."""
-        if self.result.get("n_images") is not None:
-            return int(self.result["n_images"])
+        if self.result.n_images is not None:
+            return int(self.result.n_images)
         mitigation = self.config.get("mitigation", {})
         value = mitigation.get("n_images") if mitigation.get("n_images") is not None else \
             self.config.get("sampler", {}).get("n_images", -1)
@@ -145,8 +146,7 @@ def finished_jobs(paths: list[str | Path]) -> list[Job]:
     Labelled, in a stable order."""
     chains: dict[Path, Job] = {}
     for folder in job_folders(paths):
-        result = json.loads((folder / "metrics.json").read_text())
-        _keep_latest(chains, _chain(folder), Job(folder, result, read_config(folder)))
+        _keep_latest(chains, _chain(folder), Job(folder, read_result(folder), read_config(folder)))
     latest: dict[str, Job] = {}
     for job in chains.values():
         _keep_latest(latest, identity(job.task, job.config, job.folder), job)
@@ -193,8 +193,9 @@ def label_jobs(jobs: list[Job]) -> None:
     jobs would share one, the configuration keys in which they differ are appended (``score.T=[1, 5]``)."""
     for job in jobs:
         r = job.result
-        parts = [r.get("model", "?"), f"{r.get('prompt_set', '?')}"
-                 + (f" ({r['n_prompts']} prompts)" if "n_prompts" in r else "")]
+        n_prompts = getattr(r, "n_prompts", None)
+        parts = [r.model, f"{getattr(r, 'prompt_set', '?')}" + (f" ({n_prompts} prompts)" if n_prompts is not None
+                                                                 else "")]
         if job.steps > 0:
             parts.append(f"{job.steps} steps")
         if job.n_images > 0:

@@ -12,10 +12,12 @@ with no job of ours are left out. Two folders with the same configuration are on
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from benchmark.jobs.results import ResultError
 from benchmark.store.job_folder import write_config
 from reports import html, plots
 from reports.headline import Group, headline_groups
@@ -37,11 +39,6 @@ from reports.tables import (
     table2,
 )
 from reports.tables import collect as _collect
-
-# every file write_report may produce; those a new report does not produce are removed from --out
-OUTPUT_FILES = [f"{stem}.{ext}" for stem in ("leaderboard", "table1", "table2", "localization", "intensity",
-                                             "mitigation", "ddpm", "guard", "jobs") for ext in ("md", "csv")] + [
-    "table1.tex", "table2.tex", "report.md", "leaderboard.html"]
 
 
 def collect(paths: list[str | Path]) -> pd.DataFrame:
@@ -90,123 +87,209 @@ def _md(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".4g") + "\n"
 
 
+@dataclass
+class Section:
+    """One part of the report: its title, caption, figures and tables. ``html``: the page's body after the caption;
+    ``markdown``: report.md's (None: on the page only); ``files``: extension -> content of the files
+    ``<stem>.<ext>`` it writes beside the report (``formats``, declared even when the section is empty, so a
+    later report without it removes them); ``shown`` False: nothing of ours, the section and its files left out."""
+
+    anchor: str
+    title: str
+    caption: str = ""
+    html: str = ""
+    markdown: str | None = None
+    stem: str | None = None
+    formats: tuple[str, ...] = ("md", "csv")
+    files: dict[str, str] = field(default_factory=dict)
+    shown: bool = True
+
+    def file_names(self) -> list[str]:
+        return [f"{self.stem}.{ext}" for ext in self.formats] if self.stem else []
+
+
+@dataclass
+class Inputs:
+    """What the sections are built from: the reported jobs, the other folders, their detection rows."""
+
+    jobs: list[Job]
+    others: list[OtherJob]
+    out: Path
+    metric: str
+    ours: pd.DataFrame = field(init=False)
+
+    def __post_init__(self):
+        self.ours = _collect(self.jobs)
+
+    @property
+    def detect_jobs(self) -> list[Job]:
+        return [j for j in self.jobs if j.task == "detect"]
+
+
+def table_section(anchor: str, title: str, stem: str, table: pd.DataFrame, caption: str = "", figures: str = "",
+                  digits: int = 3, after: str = "", latex: bool = False) -> Section:
+    """A section of one table: ``<stem>.md`` / ``.csv`` (``.tex`` with ``latex``), the Markdown table in
+    report.md; on the page the caption, ``figures``, the table (``digits``) and ``after``. Left out when empty."""
+    if table.empty:
+        return Section(anchor, title, stem=stem, formats=("md", "csv", "tex") if latex else ("md", "csv"),
+                       shown=False)
+    files = {"md": _md(table), "csv": table.to_csv(index=False)} | ({"tex": to_latex(table)} if latex else {})
+    return Section(anchor, title, caption, figures + html._table(table, digits) + after, files["md"], stem,
+                   tuple(files), files)
+
+
+def answer_section(r: Inputs) -> Section:
+    groups = headline_groups(r.jobs)
+    return Section("answer", "The answer", html=html.headline_section(groups, {j.label: j.link(r.out) for j in r.jobs}),
+                   markdown=_markdown_findings(groups))
+
+
+def table1_section(r: Inputs) -> Section:
+    t1 = table1(r.ours)
+    title = "Table 1: detection by T and memorization type"
+    if t1.empty:
+        return Section("table1", title, stem="table1", formats=("md", "csv", "tex"), shown=False)
+    wide = {job: table1_wide(t1, job) for job in dict.fromkeys(t1.job)}
+    files = {"csv": t1.to_csv(index=False), "md": "\n".join(f"### {job}\n\n{_md(w)}" for job, w in wide.items()),
+             "tex": "\n".join(f"% {escape(job)}\n{to_latex(w)}" for job, w in wide.items())}
+    caption = (f"Each cell: ours [95% CI], then the paper's value (SD v1-4, {PAPER} Table 1) and ours - paper. "
+               "Prompt level; LD with the layer set named in the row.")
+    body = "".join(f"<h3>{html.escape(job)}</h3>{html.table1_html(t1, job)}" for job in wide)
+    return Section("table1", title, caption, body, files["md"], "table1", ("md", "csv", "tex"), files)
+
+
+def by_T_section(r: Inputs) -> Section:
+    figures = "".join(html._img(plots.auc_vs_T_figure(r.ours, job, r.metric), f"{r.metric} vs T",
+                                f"{job}: prompt level, error bars = bootstrap 95% CI; open squares = the paper")
+                      for job in dict.fromkeys(r.ours.job))
+    return Section("by-T", f"{html.METRICS.get(r.metric, r.metric)} vs T per detector", html=figures,
+                   shown=not r.ours.empty)
+
+
+def leaderboard_section(r: Inputs) -> Section:
+    board = leaderboard(r.ours)
+    title = "Leaderboard (every detector, layer set, T, subset, level)"
+    if board.empty:
+        return Section("leaderboard", title, stem="leaderboard", shown=False)
+    body = ("<p>Click a column header to sort (again to reverse); filter and group with the menus. "
+            "Default: prompt level, grouped by job in the order of the tables above.</p>"
+            + html.leaderboard_html(board))
+    markdown = "Prompt level here; every level in leaderboard.md / .csv.\n\n" + _md(board[board.level == "prompt"])
+    return Section("leaderboard", title, html=body, markdown=markdown, stem="leaderboard",
+                   files={"md": _md(board), "csv": board.to_csv(index=False)})
+
+
+def table2_section(r: Inputs) -> Section:
+    caption = ("F1 of similarity metrics as memorization calls (ours: ground-truth jobs; S, LS on the 0-255 "
+               f"scale), the paper's value ({PAPER} Table 2, SD v1-4) and ours - paper.")
+    return table_section("table2", "Table 2: similarity metrics as memorization calls", "table2", table2(r.jobs),
+                         caption, latex=True)
+
+
+def localization_section(r: Inputs) -> Section:
+    loc = localization_board(r.jobs)
+    if not loc.empty and loc.job.str.startswith("published").all():
+        loc = loc.iloc[:0]  # the published rows alone: nothing of ours to localize
+    caption = ("Every localizer, best IoU first within a job; control = the same maps of never-trained "
+               "generations scored against the planted masks (what a spatial bias alone reaches).")
+    galleries = "".join(html._img(plots.gallery_figure(j.folder / "masks.png", j.label), "mask gallery")
+                        for j in r.detect_jobs if (j.folder / "masks.png").exists())
+    return table_section("localization", "Localization: every localizer against the ground truth", "localization",
+                         loc, caption, after=f"<div class='pics'>{galleries}</div>")
+
+
+def intensity_section(r: Inputs) -> Section:
+    intensity = intensity_summary(r.jobs)
+    caption = ("BE intensity by memorization type (the paper's Fig. 5): quartiles and Tukey whiskers. "
+               "Each panel has its own scale; the order of the boxes is what compares.")
+    figure = html._img(plots.intensity_figure(intensity), "intensity box plots") if not intensity.empty else ""
+    return table_section("intensity", "BE intensity by memorization type (Fig. 5)", "intensity", intensity, caption,
+                         figure, digits=5)
+
+
+def mitigation_section(r: Inputs) -> Section:
+    points = mitigation_points(r.jobs)
+    figure = ""
+    if not points.empty and points.utility.notna().all() and set(plots._SIMILARITIES) & set(points):
+        figure = html._img(plots.tradeoff_figure(points), "trade-off curves",
+                           "Similarity to the training image vs utility; ours beside the paper's Fig. 6/7.")
+    return table_section("mitigation", "Mitigation trade-off (Fig. 6/7)", "mitigation", points, figures=figure,
+                         digits=4)
+
+
+def ddpm_section(r: Inputs) -> Section:
+    pictures = "".join(f"<h3>{html.escape(j.label)}</h3>" + html._img(plots_b64(j.folder / "copies.png"),
+                                                                     "copies: generation | nearest | copied patches")
+                       for j in r.jobs if j.task == "ddpm" and (j.folder / "copies.png").exists())
+    return table_section("ddpm", "Unconditional DDPMs: copies of training images", "ddpm", ddpm_summary(r.jobs),
+                         digits=4, after=pictures)
+
+
+def guard_section(r: Inputs) -> Section:
+    return table_section("guard", "Guarded generation: in-loop early stopping on the early bright ending", "guard",
+                         guard_summary(r.jobs), digits=4)
+
+
+def pictures_section(r: Inputs) -> Section:
+    pictures = []
+    for job in r.detect_jobs:
+        gens = job_generations(job)
+        metrics = pd.DataFrame(job.result.metrics)
+        windows = sorted(t for t in metrics["T"].unique() if t)
+        figs = [html._img(plots.heatmap_figure(r.ours, job.label, "LD", r.metric), "layer x T heat map")]
+        if gens is not None and windows:
+            figs.insert(0, html._img(plots.roc_figure(gens, metrics, job.label, windows[0]), "ROC curves"))
+        early = plots.early_figure(job.result, job.label)
+        if early:
+            figs.append(html._img(early, "early-step BE by step k"))
+        pictures.append(f"<h3>{html.escape(job.label)}</h3><div class='pics'>{''.join(figs)}</div>")
+    return Section("pictures", "ROC curves, layer x T heat maps and early-step BE per job", html="".join(pictures),
+                   shown=bool(r.detect_jobs))
+
+
+def jobs_section(r: Inputs) -> Section:
+    job_list = jobs_table(r.jobs, r.others, r.out)
+    return Section("jobs", "Jobs", html=html.jobs_html(job_list), markdown=_md(job_list), stem="jobs",
+                   files={"md": _md(job_list), "csv": job_list.to_csv(index=False)})
+
+
+def reference_section(r: Inputs) -> Section:
+    rerun = published("sail2025_detection_rerun.csv")
+    return Section("reference", "Published third-party re-run of detection (not ours)",
+                   html=f"<details><summary>{len(rerun)} published rows</summary>{html._table(rerun)}</details>")
+
+
+SECTIONS = (answer_section, table1_section, by_T_section, leaderboard_section, table2_section, localization_section,
+            intensity_section, mitigation_section, ddpm_section, guard_section, pictures_section, jobs_section,
+            reference_section)
+"""The report's sections in their order, on the page and in report.md; each builds one :class:`Section`."""
+REPORT_FILES = ("report.md", "leaderboard.html")
+
+
 def write_report(paths: list[str | Path], out: str | Path, metric: str = "auc") -> dict[str, Path]:
     """Write the report of every finished job under ``paths`` into ``out``, the failed, unfinished and superseded
-    job folders counted in the lede and listed in the jobs table; returns {file name: path}."""
+    job folders counted in the lede and listed in the jobs table; returns {file name: path}. Files of a section
+    this report leaves out are removed from ``out`` (no stale table from an earlier report)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = finished_jobs(paths)
-    links = {j.label: j.link(out) for j in jobs}
-    ours = _collect(jobs)
-    board = leaderboard(ours)
-    t1 = table1(ours)
-    t2 = table2(jobs)
-    loc = localization_board(jobs)
-    intensity = intensity_summary(jobs)
-    points = mitigation_points(jobs)
-    ddpm = ddpm_summary(jobs)
-    guarded = guard_summary(jobs)
-    groups = headline_groups(jobs)
-    detect_jobs = [j for j in jobs if j.task == "detect"]
-    others = other_jobs(paths, jobs)
-    job_list = jobs_table(jobs, others, out)
-
-    files: dict[str, str] = {"jobs.md": _md(job_list), "jobs.csv": job_list.to_csv(index=False)}
-    md = ["# be-bench report", "", _lede(jobs, others).replace("<i>", "*").replace("</i>", "*"), "",
-          "## The answer", "", _markdown_findings(groups), "## Jobs", "", _md(job_list)]
-    sections = [("answer", "The answer", html.headline_section(groups, links))]
-    if not board.empty:
-        files |= {"leaderboard.md": _md(board), "leaderboard.csv": board.to_csv(index=False)}
-    if not t1.empty:
-        files |= {"table1.csv": t1.to_csv(index=False)}
-        wide = {job: table1_wide(t1, job) for job in dict.fromkeys(t1.job)}
-        files["table1.md"] = "\n".join(f"### {job}\n\n{_md(w)}" for job, w in wide.items())
-        files["table1.tex"] = "\n".join(f"% {escape(job)}\n{to_latex(w)}" for job, w in wide.items())
-        caption = (f"Each cell: ours [95% CI], then the paper's value (SD v1-4, {PAPER} Table 1) and ours - paper. "
-                   "Prompt level; LD with the layer set named in the row.")
-        md += ["## Table 1: detection by T and memorization type", "", caption, "", files["table1.md"]]
-        sections.append(("table1", "Table 1: detection by T and memorization type",
-                         f"<p>{caption}</p>" + "".join(
-                             f"<h3>{html.escape(job)}</h3>{html.table1_html(t1, job)}" for job in wide)))
-    if not ours.empty:
-        figures = "".join(html._img(plots.auc_vs_T_figure(ours, job, metric), f"{metric} vs T",
-                                    f"{job}: prompt level, error bars = bootstrap 95% CI; open squares = the paper")
-                          for job in dict.fromkeys(ours.job))
-        sections.append(("by-T", f"{html.METRICS.get(metric, metric)} vs T per detector", figures))
-        sections.append(("leaderboard", "Leaderboard (every detector, layer set, T, subset, level)",
-                         "<p>Click a column header to sort (again to reverse); filter and group with the menus. "
-                         "Default: prompt level, grouped by job in the order of the tables above.</p>"
-                         + html.leaderboard_html(board)))
-        md += ["## Leaderboard (prompt level; every level in leaderboard.md / .csv)", "",
-               _md(board[board.level == "prompt"])]
-    if not t2.empty:
-        files |= {"table2.md": _md(t2), "table2.csv": t2.to_csv(index=False), "table2.tex": to_latex(t2)}
-        caption = ("F1 of similarity metrics as memorization calls (ours: ground-truth jobs; S, LS on the 0-255 "
-                   f"scale), the paper's value ({PAPER} Table 2, SD v1-4) and ours - paper.")
-        md += ["## Table 2: similarity metrics as memorization calls", "", caption, "", files["table2.md"]]
-        sections.append(("table2", "Table 2: similarity metrics as memorization calls",
-                         f"<p>{caption}</p>{html._table(t2)}"))
-    if not loc.empty and (~loc.job.str.startswith("published")).any():
-        files |= {"localization.md": _md(loc), "localization.csv": loc.to_csv(index=False)}
-        caption = ("Every localizer, best IoU first within a job; control = the same maps of never-trained "
-                   "generations scored against the planted masks (what a spatial bias alone reaches).")
-        galleries = "".join(html._img(plots.gallery_figure(j.folder / "masks.png", j.label), "mask gallery")
-                            for j in detect_jobs if (j.folder / "masks.png").exists())
-        md += ["## Localization", "", caption, "", files["localization.md"]]
-        sections.append(("localization", "Localization: every localizer against the ground truth",
-                         f"<p>{caption}</p>{html._table(loc)}<div class='pics'>{galleries}</div>"))
-    if not intensity.empty:
-        files |= {"intensity.md": _md(intensity), "intensity.csv": intensity.to_csv(index=False)}
-        caption = ("BE intensity by memorization type (the paper's Fig. 5): quartiles and Tukey whiskers. "
-                   "Each panel has its own scale; the order of the boxes is what compares.")
-        md += ["## BE intensity by memorization type (Fig. 5)", "", caption, "", files["intensity.md"]]
-        sections.append(("intensity", "BE intensity by memorization type (Fig. 5)",
-                         f"<p>{caption}</p>" + html._img(plots.intensity_figure(intensity), "intensity box plots")
-                         + html._table(intensity, 5)))
-    if not points.empty:
-        files |= {"mitigation.md": _md(points), "mitigation.csv": points.to_csv(index=False)}
-        md += ["## Mitigation trade-off (Fig. 6/7)", "", files["mitigation.md"]]
-        figure = ""
-        if points.utility.notna().all() and set(plots._SIMILARITIES) & set(points):
-            figure = html._img(plots.tradeoff_figure(points), "trade-off curves",
-                               "Similarity to the training image vs utility; ours beside the paper's Fig. 6/7.")
-        sections.append(("mitigation", "Mitigation trade-off (Fig. 6/7)", figure + html._table(points, 4)))
-    if not ddpm.empty:
-        files |= {"ddpm.md": _md(ddpm), "ddpm.csv": ddpm.to_csv(index=False)}
-        md += ["## Unconditional DDPMs: copies of training images", "", files["ddpm.md"]]
-        pictures = "".join(
-            f"<h3>{html.escape(j.label)}</h3>" + html._img(plots_b64(j.folder / "copies.png"),
-                                                          "copies: generation | nearest | copied patches")
-            for j in jobs if j.task == "ddpm" and (j.folder / "copies.png").exists())
-        sections.append(("ddpm", "Unconditional DDPMs: copies of training images", html._table(ddpm, 4) + pictures))
-    if not guarded.empty:
-        title = "Guarded generation: in-loop early stopping on the early bright ending"
-        files |= {"guard.md": _md(guarded), "guard.csv": guarded.to_csv(index=False)}
-        md += [f"## {title}", "", files["guard.md"]]
-        sections.append(("guard", title, html._table(guarded, 4)))
-    if detect_jobs:
-        pictures = []
-        for job in detect_jobs:
-            gens = job_generations(job)
-            metrics = pd.DataFrame(job.result["metrics"])
-            windows = sorted(t for t in metrics["T"].unique() if t)
-            figs = [html._img(plots.heatmap_figure(ours, job.label, "LD", metric), "layer x T heat map")]
-            if gens is not None and windows:
-                figs.insert(0, html._img(plots.roc_figure(gens, metrics, job.label, windows[0]), "ROC curves"))
-            early = plots.early_figure(job.result, job.label)
-            if early:
-                figs.append(html._img(early, "early-step BE by step k"))
-            pictures.append(f"<h3>{html.escape(job.label)}</h3><div class='pics'>{''.join(figs)}</div>")
-        sections.append(("pictures", "ROC curves, layer x T heat maps and early-step BE per job", "".join(pictures)))
-    sections.append(("jobs", "Jobs", html.jobs_html(job_list)))
-    rerun = published("sail2025_detection_rerun.csv")
-    sections.append(("reference", "Published third-party re-run of detection (not ours)",
-                     f"<details><summary>{len(rerun)} published rows</summary>{html._table(rerun)}</details>"))
+    inputs = Inputs(jobs, other_jobs(paths, jobs), out, metric)
+    sections = [build(inputs) for build in SECTIONS]
+    lede = _lede(jobs, inputs.others)
+    md = ["# be-bench report", "", lede.replace("<i>", "*").replace("</i>", "*"), ""]
+    files: dict[str, str] = {}
+    for section in sections:
+        if not section.shown:
+            continue
+        files |= {f"{section.stem}.{ext}": text for ext, text in section.files.items()}
+        if section.markdown is not None:
+            md += [f"## {section.title}", ""] + ([section.caption, ""] if section.caption else []) + [section.markdown]
     files["report.md"] = "\n".join(md)
-    files["leaderboard.html"] = html.page(sections, _lede(jobs, others))
-    for name in OUTPUT_FILES:
+    files["leaderboard.html"] = html.page([(s.anchor, s.title, (f"<p>{s.caption}</p>" if s.caption else "") + s.html)
+                                           for s in sections if s.shown], lede)
+    for name in [n for s in sections for n in s.file_names()]:
         if name not in files:
-            (out / name).unlink(missing_ok=True)  # a section this report leaves out: no stale file from before
+            (out / name).unlink(missing_ok=True)
     for name, text in files.items():
         (out / name).write_text(text)
     return {name: out / name for name in files}
@@ -252,7 +335,11 @@ def main() -> None:
     folders = list(args.folders) + ([fetch_wandb(args.wandb, args.out)] if args.wandb else [])
     if not folders:
         parser.error("give job folders and/or --wandb ENTITY/PROJECT")
-    print(report_summary(write_report(folders, args.out, args.metric)))
+    try:
+        written = write_report(folders, args.out, args.metric)
+    except ResultError as err:  # a folder of another schema version: its one line, not a traceback
+        parser.exit(2, f"report error: {err}\n")
+    print(report_summary(written))
 
 
 if __name__ == "__main__":

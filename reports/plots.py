@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmark.jobs.results import DetectionResult
 from reports.job import early_signals
 from reports.labels import detector_label, detector_order
 from reports.tables import METRICS, published
@@ -250,17 +251,17 @@ def gallery_figure(masks_png: Path, job: str) -> str | None:
     return png(fig)
 
 
-def early_figure(result: dict, job: str) -> str | None:
+def early_figure(result: DetectionResult, job: str) -> str | None:
     """Early-step BE of one job: detection AUC (prompt level, all; the first layer set) and localization IoU and
     pixel AUROC (per layer set) against the 0-based step k of the end-token maps. None without early results."""
-    if not result.get("early_detection"):
+    if not result.early_detection:
         return None
     plt = _pyplot()
-    det = pd.DataFrame(result["early_detection"])
+    det = pd.DataFrame(result.early_detection)
     first = det.layers.iloc[0]  # the first layer set; every set is in the job's report.md
     det = early_signals(det[(det.level == "prompt") & (det.subset == "all") & (det.layers == first)])
     det = det[det.signal.str.endswith(("]", "T=1", "T=k+1"))]
-    loc = pd.DataFrame(result.get("early_localization", []))
+    loc = pd.DataFrame(result.early_localization or [])
     fig, axes = plt.subplots(1, 3 if not loc.empty else 1, figsize=(12 if not loc.empty else 4.2, 3.6), squeeze=False)
     for signal, part in det.groupby("signal", sort=False):
         axes[0, 0].plot(part.step, part.auc, "o-", label=signal)

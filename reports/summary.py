@@ -5,9 +5,10 @@ intensity order, mitigation at equal utility), one line per figure, so that ``ma
 """
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
+from benchmark.jobs.results import read_result
 from reports.headline import (
     Finding,
     detection_findings,
@@ -42,15 +43,15 @@ def figure_lines(findings: list[Finding], indent: str = "  ") -> list[str]:
 def job_summary(folder: str | Path) -> str:
     """A finished job folder in a few lines: what ran, its findings' figures, where its folder and report are."""
     folder = Path(folder)
-    result = json.loads((folder / "metrics.json").read_text())
-    job = Job(folder, result, read_config(folder))
-    head = (f"{job.task}: {result.get('model', '?')} on {result.get('prompt_set', '?')}, "
-            f"{result.get('n_prompts', '?')} prompts, {result.get('n_generations', '?')} generations "
-            f"({result.get('sampled_now', 0)} sampled now)")
+    job = Job(folder, read_result(folder), read_config(folder))
+    what = {name: getattr(job.result, name, None) for name in ("model", "prompt_set", "n_prompts", "n_generations",
+                                                               "sampled_now", "headline")}
+    head = (f"{job.task}: {what['model'] or '?'} on {what['prompt_set'] or '?'}, {what['n_prompts'] or '?'} prompts, "
+            f"{what['n_generations'] or '?'} generations ({what['sampled_now'] or 0} sampled now)")
     findings = [f for make in FINDINGS.get(job.task, ()) for f in make(job)]
     lines = [head, *figure_lines(findings)]
-    if "headline" in result:
-        lines.append(f"  headline, what the job returns: {_headline_name(job)} = {result['headline']:.4g}")
+    if what["headline"] is not None and not math.isnan(what["headline"]):
+        lines.append(f"  headline, what the job returns: {_headline_name(job)} = {what['headline']:.4g}")
     lines.append(f"  folder: {folder} (tables: report.md)")
     return "\n".join(lines)
 

@@ -50,11 +50,11 @@ def collect(jobs: list[Job]) -> pd.DataFrame:
     for job in jobs:
         if job.task != "detect":
             continue
-        frame = pd.DataFrame(job.result["metrics"])
+        frame = pd.DataFrame(job.result.metrics)
         frame.insert(0, "job", job.label)
         frame.insert(1, "folder", str(job.folder))
-        frame.insert(2, "model", job.result["model"])
-        frame.insert(3, "prompt_set", job.result["prompt_set"])
+        frame.insert(2, "model", job.result.model)
+        frame.insert(3, "prompt_set", job.result.prompt_set)
         frame.insert(4, "steps", job.steps)
         frame.insert(5, "n_images", job.n_images)
         frames.append(frame)
@@ -158,9 +158,9 @@ def table2(jobs: list[Job]) -> pd.DataFrame:
     ref = ref.assign(key=ref.metric.str.split(" ").str[0]).set_index("key")
     rows = []
     for job in jobs:
-        if job.task != "detect" or not job.result.get("similarity_f1"):
+        if job.task != "detect" or not job.result.similarity_f1:
             continue
-        for (metric, threshold), part in pd.DataFrame(job.result["similarity_f1"]).groupby(["metric", "threshold"]):
+        for (metric, threshold), part in pd.DataFrame(job.result.similarity_f1).groupby(["metric", "threshold"]):
             f1 = part.set_index("kind")
             row = {"job": job.label, "metric": metric, "threshold": f">{threshold:g}",
                    "published_threshold": ref.threshold.get(metric, "")}
@@ -179,19 +179,21 @@ def localization_board(jobs: list[Job]) -> pd.DataFrame:
     token role's final-step map (pixel AUROC only); the third-party BE IoU on SD v1-4 follows as published."""
     rows = []
     for job in jobs:
-        if job.result.get("localization_leaderboard"):  # every localizer, with bootstrap intervals
+        if job.task != "detect":
+            continue
+        if job.result.localization_leaderboard:  # every localizer, with bootstrap intervals
             rows += [{"job": job.label, **{k: r.get(k) for k in ("localizer", "iou", "iou_lo", "iou_hi", "pixel_auroc",
                                                                  "pixel_auroc_lo", "pixel_auroc_hi", "control_iou",
                                                                  "control_auroc", "n")}}
-                     for r in job.result["localization_leaderboard"]]
+                     for r in job.result.localization_leaderboard]
             continue
-        for r in job.result.get("localization", []):
+        for r in job.result.localization or []:
             floor = r["layers"].startswith("all-ones")
             localizer = "all-ones mask (floor)" if floor else f"BE mask [{r['layers']}]"
             rows.append({"job": job.label, "localizer": localizer,
                          "iou": r["iou"], "pixel_auroc": r["pixel_auroc"], "control_iou": r.get("control_iou"),
                          "control_auroc": r.get("control_auroc"), "n": r.get("n")})
-        for r in job.result.get("token_localization", []):
+        for r in job.result.token_localization or []:
             rows.append({"job": job.label, "localizer": f"token map: {r['role']}", "iou": None,
                          "pixel_auroc": r["pixel_auroc"], "control_iou": None, "control_auroc": None, "n": r.get("n")})
     if not rows:
@@ -252,9 +254,8 @@ def job_generations(job: Job) -> pd.DataFrame | None:
 
 def mitigation_points(jobs: list[Job]) -> pd.DataFrame:
     """Every mitigation job's trade-off points (kind x method x target loss), labelled by job."""
-    frames = [pd.DataFrame(job.result["curves"]).assign(job=job.label, model=job.result["model"],
-                                                        prompt_set=job.result["prompt_set"],
-                                                        utility=job.result["utility"])
+    frames = [pd.DataFrame(job.result.curves).assign(job=job.label, model=job.result.model,
+                                                     prompt_set=job.result.prompt_set, utility=job.result.utility)
               for job in jobs if job.task == "mitigate"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -265,7 +266,8 @@ DDPM_COLUMNS = ["model", "sampler", "n_train", "duplicated", "copies", "n_genera
 
 def ddpm_summary(jobs: list[Job]) -> pd.DataFrame:
     """One row per unconditional-DDPM job (empty without one)."""
-    rows = [{"job": job.label, **{k: job.result.get(k) for k in DDPM_COLUMNS}} for job in jobs if job.task == "ddpm"]
+    rows = [{"job": job.label, **{k: getattr(job.result, k) for k in DDPM_COLUMNS}} for job in jobs
+            if job.task == "ddpm"]
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).sort_values(["model", "sampler"], kind="mergesort").reset_index(drop=True).round(4)
@@ -278,8 +280,8 @@ GUARD_COLUMNS = ["model", "prompt_set", "n_generations", "stopped", "restarted",
 def guard_summary(jobs: list[Job]) -> pd.DataFrame:
     """One row per guarded-generation job (runners.guard; empty without one): its stop rule and what it saved,
     caught and stopped by mistake."""
-    rows = [{"job": job.label, **{k: job.result.get(k) for k in GUARD_COLUMNS},
-             **{f"rule {k}": v for k, v in job.result.get("rule", {}).items()},
-             "restart": (job.result.get("restart") or {}).get("method", "stop")}
+    rows = [{"job": job.label, **{k: getattr(job.result, k) for k in GUARD_COLUMNS},
+             **{f"rule {k}": v for k, v in job.result.rule.items()},
+             "restart": (job.result.restart or {}).get("method", "stop")}
             for job in jobs if job.task == "guard"]
     return pd.DataFrame(rows).round(4) if rows else pd.DataFrame()

@@ -1,14 +1,14 @@
 """What every Hydra runner shares: finished-job skipping, failure capture in sweeps, the job's device."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from benchmark.core.devices import pick_device
+from benchmark.jobs import keys
 from benchmark.jobs.config import ConfigError, check_job
-from benchmark.models.text_to_image import weights_fingerprint
+from benchmark.jobs.keys import trace_sampler_key  # noqa: F401  (the mitigation runner imports it from here)
+from benchmark.jobs.results import JobResult
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.tracking import Tracker
 from runners.help import help_text
@@ -31,7 +33,6 @@ OmegaConf.register_new_resolver("help_text", help_text, replace=True)
 transformers_logging.disable_progress_bar()
 
 ERROR_FILE = jobfolder.ERROR
-COMPONENTS = ("text_encoder", "tokenizer", "scheduler", "vae")  # a pipeline folder's parts besides the UNet
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from python -m and in-process
 
 
@@ -40,15 +41,13 @@ def job_device(requested: str) -> str:
     return pick_device(requested, int(job.num) if job.get("num") is not None else 0)
 
 
-def progress_bar(desc: str) -> Callable:
-    """``progress`` for the library's loops: a bar over an iterable, drawn on a terminal only (a log gets none), and
-    none over nothing (a bar over an empty iterable would leave an empty line: a job that reuses every setting's
-    images would print a blank line per setting)."""
-    def bar(iterable):
-        if hasattr(iterable, "__len__") and not len(iterable):
-            return iterable
-        return tqdm(iterable, desc=desc, disable=None)
-    return bar
+def progress_bar(iterable: Iterable, desc: str) -> Iterable:
+    """The jobs' ``progress`` (``benchmark.jobs.detection.Progress``): a bar named ``desc`` over ``iterable``, drawn on
+    a terminal only (a log gets none), and none over nothing (a bar over an empty iterable would leave an empty
+    line: a job that reuses every setting's images would print a blank line per setting)."""
+    if hasattr(iterable, "__len__") and not len(iterable):
+        return iterable
+    return tqdm(iterable, desc=desc, disable=None)
 
 
 def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
@@ -57,24 +56,23 @@ def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
                    folder, cfg.logger.get("mode", "offline"), cfg.logger.get("group"))
 
 
+def write_result(result: JobResult, folder: Path, tracker: Tracker) -> None:
+    """Write a finished job into its folder (:meth:`benchmark.jobs.results.JobResult.write`) and mirror it to the
+    job's W&B run: ``metrics.json``, the table and the pictures beside them attached; the numbers, those
+    pictures, the table (``generations``) and the result's ``tracked_tables`` logged."""
+    written = result.write(folder)
+    attached = [p for p in written if p.parent == folder and p.name not in result.texts]
+    tables = {name: pd.DataFrame(getattr(result, name)) for name in result.tracked_tables}
+    if result.table is not None:
+        tables["generations"] = result.table
+    tracker.save(*attached)
+    tracker.log(result.scalars(), images={p.stem: p for p in attached if p.suffix == ".png"}, **tables)
+
+
 def model_key(m: DictConfig) -> str:
-    """The model's name in the trace store: its config name, plus for a local folder the fingerprints of what makes
-    an image there: the UNet (config, weight sizes, first MiB) and every other component folder (text encoder,
-    tokenizer, scheduler, VAE; content hashes), so that retrained or swapped parts never reuse another model's
-    traces. Call after the model is loaded (or built)."""
-    fingerprint = weights_fingerprint(m.source)
-    if not fingerprint:
-        return m.name
-    folder = Path(m.source).expanduser()
-    parts = [f"{c}={jobfolder.path_fingerprint(folder / c)}" for c in COMPONENTS if (folder / c).is_dir()]
-    rest = hashlib.sha1(";".join(parts).encode()).hexdigest()[:8] if parts else ""
-    return f"{m.name}@{fingerprint}" + (f"+{rest}" if rest else "")
-
-
-def trace_sampler_key(sampler_key: str, store_dtype: str) -> str:
-    """A sampler's store key with the storage precision of its traces, where it is not the default float16: the
-    same sampling stored at another precision is another result."""
-    return sampler_key if store_dtype == "float16" else f"{sampler_key}-store{store_dtype}"
+    """:func:`benchmark.jobs.keys.model_key` of a model config (the mitigation runner's; the other jobs call the
+    library's)."""
+    return keys.model_key(m.name, m.source)
 
 
 def check_config(config: dict) -> None:

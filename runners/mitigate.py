@@ -63,7 +63,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
                                   seeds, by_position=sampler.seeding == "official")
         start = time.perf_counter()
         sampled = tradeoff.run_mitigation(model, baseline, sampler, store, settings, layers, s.batch_size,
-                                          progress=progress_bar("prompts"))
+                                          progress=lambda it: progress_bar(it, "prompts"))
         sampling_s = time.perf_counter() - start
         rows = tradeoff.measure_all(store, baseline, settings, full.truth, measures,
                                     tradeoff.mask_key_layers(model, layers))

@@ -115,7 +115,7 @@ def test_first_screen_names_the_headline_numbers(jobs, tmp_path):
 def test_headline_reads_the_configured_layer_set_and_labels_the_best_as_selected(jobs):
     job = copy.deepcopy(next(j for j in finished_jobs([jobs]) if j.folder.name == "steps=6"))
     job.config["score"]["headline"]["layers"] = "down"
-    for row in job.result["metrics"]:  # make another set the best on the evaluation data
+    for row in job.result.metrics:  # make another set the best on the evaluation data
         if row["detector"] == "LD" and row["layers"] == "up" and row["T"] == 1 and row["level"] == "prompt":
             row |= {"auc": 0.999, "auc_lo": 0.99, "auc_hi": 1.0}
     metrics = _metrics(job.folder)
@@ -129,7 +129,7 @@ def test_headline_reads_the_configured_layer_set_and_labels_the_best_as_selected
         assert "the best of 4 layer sets, selected on the evaluation data: " \
                f"{detector_label('LD')} [up] 0.999" in finding.sentence
         assert any("selected on the evaluation data" in r["figure"] for r in finding.rows)
-    job.result["metrics"] = [r for r in job.result["metrics"] if r["layers"] != "down"]
+    job.result.metrics = [r for r in job.result.metrics if r["layers"] != "down"]
     assert detection_findings(job) == []  # no row on the configured set: no detection headline, never another set
 
 
@@ -401,10 +401,27 @@ def test_page_in_headless_chromium_sorts_filters_and_shows_the_answer_first(jobs
 
 
 def test_a_jobs_images_per_prompt_are_the_ones_it_recorded(tmp_path):
+    from benchmark.jobs.results import MitigationResult
     from reports.jobs import Job
 
     # mitigation.n_images null means "the protocol's default": the job folder records the number it used
-    recorded = Job(tmp_path, {"task": "mitigate", "n_images": 4}, {"mitigation": {"n_images": None}})
+    result = MitigationResult(model="m", prompt_set="p", curves=[], n_images=4)
+    recorded = Job(tmp_path, result, {"mitigation": {"n_images": None}})
     assert recorded.n_images == 4
-    older = Job(tmp_path, {"task": "mitigate"}, {"mitigation": {"n_images": None}, "sampler": {"n_images": 2}})
+    result = MitigationResult(model="m", prompt_set="p", curves=[])
+    older = Job(tmp_path, result, {"mitigation": {"n_images": None}, "sampler": {"n_images": 2}})
     assert older.n_images == 2
+
+
+def test_the_files_a_report_writes_are_its_sections(jobs, tmp_path):
+    from reports.leaderboard import REPORT_FILES, SECTIONS, Inputs
+
+    (tmp_path / "guard.csv").write_text("stale\n")  # a section this report leaves out: its file goes
+    (tmp_path / "notes.txt").write_text("mine\n")  # no section's: kept
+    files = write_report([jobs], tmp_path)
+    sections = [build(Inputs(finished_jobs([jobs]), [], tmp_path, "auc")) for build in SECTIONS]
+    shown = {name for s in sections if s.shown for name in s.file_names()}
+    assert set(files) == shown | set(REPORT_FILES) and {"table1.tex", "ddpm.csv", "jobs.md"} <= set(files)
+    assert not (tmp_path / "guard.csv").exists() and (tmp_path / "notes.txt").exists()
+    page = files["leaderboard.html"].read_text()
+    assert [s.anchor for s in sections if s.shown] == re.findall(r"<section id='([^']+)'>", page)

@@ -64,7 +64,7 @@ def test_score_difference_units_divide_by_one_minus_alpha_bar_of_the_last_step(t
     (["+layers.sets.bad=[down_blocks.7]"], ValueError, "unknown layer 'down_blocks.7'"),
     (["model.source=/nonexistent/sd", "model.name=x"], ModelLoadError, "model folder not found: /nonexistent/sd"),
     (["prompts.entries=[]"], ValueError, "prompts.entries=[]: needs at least one prompt"),
-    (["score.T=[9]"], ValueError, "score.T=[9]: windows [9] are longer than sampler.steps=5"),
+    (["score.T=[9]"], ValueError, "score.T=[9]: windows [9] are not within 1..sampler.steps=5"),
     (["score.score_difference_units=Score"], ValueError,
      "score.score_difference_units='Score': input should be 'eps' or 'score'"),
 ])

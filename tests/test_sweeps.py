@@ -99,7 +99,7 @@ def test_the_summary_lists_this_multiruns_jobs_only(tmp_path, monkeypatch, capsy
         out = capsys.readouterr().out
         summary = json.loads((sweep / "sweep_summary.json").read_text())
         if name == "failing":
-            line = "ConfigError: score.T=[1, 9]: windows [9] are longer than sampler.steps=5"
+            line = "ConfigError: score.T=[1, 9]: windows [9] are not within 1..sampler.steps=5"
             assert summary == {"done": [], "failed": [["debug=default,score.T=[1,9]", line]]}
         else:
             assert summary == {"done": ["debug=default,sampler.n_images=1", "debug=default,sampler.n_images=2"],

@@ -40,7 +40,7 @@ def check_grid(model: TextToImage, layer_sets: dict[str, list[str]], windows: li
     available = list(cross_attention_layers(model.unet))
     for layers in layer_sets.values():
         S.select_layers(available, list(layers))
-    _check_windows(windows, n_steps)
+    check_windows(windows, n_steps)
     check_detectors()
 
 
@@ -55,10 +55,12 @@ def check_detectors() -> None:
                              f"(they have {', '.join(sorted(known))})")
 
 
-def _check_windows(windows: list[int], n_steps: int) -> None:
-    for T in windows:
-        if not 1 <= T <= n_steps:
-            raise ValueError(f"step window T={T} outside 1..{n_steps} sampled steps")
+def check_windows(windows: list[int], n_steps: int) -> None:
+    """Raise ValueError unless every step window T (``score.T``) is within 1..``n_steps`` sampled steps: the one
+    window check, run on the config (``DetectJob.check``), before sampling and before scoring."""
+    bad = [T for T in windows if not 1 <= T <= n_steps]
+    if bad:
+        raise ValueError(f"score.T={list(windows)}: windows {bad} are not within 1..sampler.steps={n_steps}")
 
 
 def generate(model: TextToImage, generations: list[Generation], settings: SamplerSettings, store: TraceStore,
@@ -177,7 +179,7 @@ def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: lis
     A detector that reads a field these traces lack (an extra pass not asked for, ``extra.passes``) is skipped;
     one whose extra pass ran on some generations only (its ``n``) has rows for those only.
     """
-    _check_windows(steps, arrays.delta_sq.shape[1])
+    check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
     detectors = [d for d in DETECTORS.entries() if all(arrays.has(f) for f in d.trace_fields)]
 

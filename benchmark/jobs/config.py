@@ -23,7 +23,7 @@ from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from benchmark.core.config_types import (
@@ -250,6 +250,15 @@ class Job(Section):
 
     # sections whose fields come from a registered function, validated by :func:`check_job` (name -> how)
     dynamic: ClassVar[tuple[str, ...]] = ()
+    _resolved: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def resolved(self) -> dict:
+        """The resolved config this job was checked from (:func:`check_job`): what its results record as the
+        job's identity, unchanged (no defaults filled in). Raises ValueError on a job not made by check_job."""
+        if not self._resolved:
+            raise ValueError(f"{type(self).__name__} was not made by check_job: it has no resolved config to record")
+        return self._resolved
 
     def check(self) -> None:
         """Settings that depend on each other; raises ConfigError."""
@@ -303,14 +312,13 @@ class DetectJob(TextToImageJob):
         super().check()
         self.sampler.check_end_map_steps()
         from benchmark.detectors import extra_passes as extras
+        from benchmark.detectors.detection import check_windows
         from benchmark.early import step_detection as early
         from benchmark.measures.metrics import binarize
         from benchmark.registry import DETECTORS
 
         steps, score, head = self.sampler.steps, self.score, self.score.headline
-        late = [T for T in score.T if T > steps]
-        if late:
-            raise ConfigError(f"score.T={score.T}: windows {late} are longer than sampler.steps={steps}")
+        self.library_check(check_windows, score.T, steps)
         if head.detector not in DETECTORS:
             raise ConfigError(f"score.headline.detector={head.detector!r} is not a detector "
                               f"({', '.join(DETECTORS)})")
@@ -458,6 +466,7 @@ def check_job(config: dict) -> Job:
             shown = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else value
             raise ConfigError(f"{section}.{key} is now {new}: set {new}={shown} instead")
     job = validate(schema.fn, config)
+    job._resolved = config
     errors = []
     for section in schema.fn.dynamic:
         errors += DYNAMIC[section](config.get(section) or {}, section)
