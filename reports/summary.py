@@ -23,6 +23,7 @@ FINDINGS = {
     "mitigate": (mitigation_findings,),
 }
 """The findings each job kind's summary shows (the report's first screen, per job)."""
+FIGURE_WIDTH, OURS_WIDTH = 46, 31  # what a figure is, and ours with its interval: "0.733 [0.507, 0.933]"
 
 
 def figure_lines(findings: list[Finding], indent: str = "  ") -> list[str]:
@@ -30,13 +31,18 @@ def figure_lines(findings: list[Finding], indent: str = "  ") -> list[str]:
     rows = [row for finding in findings for row in finding.rows]
     if not rows:
         return []
-    width = max(len(r["figure"]) for r in rows)
-    ours = max(len(r["ours"]) for r in rows)
+    # columns capped so that a line fits 120 characters; a longer figure name gets a line of its own
+    width = min(max(len(r["figure"]) for r in rows), FIGURE_WIDTH)
+    ours = min(max(len(r["ours"]) for r in rows), OURS_WIDTH)
     lines = []
     for r in rows:
         paper = f"  paper {r['paper']}" if r["paper"] else ""
         diff = f"  ours - paper {r['ours - paper']}" if r["ours - paper"] else ""
-        lines.append(f"{indent}{r['figure']:<{width}}  {r['ours']:<{ours}}{paper}{diff}".rstrip())
+        figure = r["figure"]
+        if len(figure) > width:
+            lines.append(f"{indent}{figure}")
+            figure = ""
+        lines.append(f"{indent}{figure:<{width}}  {r['ours']:<{ours}}{paper}{diff}".rstrip())
     return lines
 
 

@@ -223,3 +223,4 @@ def test_make_runs_steps_print_a_summary_that_fits_one_screen(tmp_path):
     assert f"report: {tmp_path / 'report/leaderboard.html'}" in out
     shown = [line.split("\r")[-1] for line in lines]  # what stays on the screen of each line (bars redraw in place)
     assert not [line for line in shown if line.startswith("|")]  # no Markdown table on the terminal
+    assert all(len(line) <= 120 for line in shown if str(tmp_path) not in line)  # no line wraps on 120 columns
