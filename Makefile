@@ -27,8 +27,9 @@ report:             ## leaderboard (Markdown, CSV, LaTeX, HTML) from every job u
 bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py, docs/performance.md)
 	$(PY) -m runners.bench
 
-bench-gpu:          ## GPU throughput suite, <= 8 min: 512 px, 50 steps, fp16 + bf16, 16 images per call (docs/performance.md)
+bench-gpu:          ## GPU throughput suite, <= 13 min: SD v1-4 512 px fp16 + bf16, SD 2.1 768 px fp16; 50 steps, 16 images per call
 	$(PY) -m runners.bench --gpu-suite --device cuda
+	$(PY) -m runners.bench --gpu-suite --device cuda --model sd2-architecture --resolution 768 --dtypes float16 --budget-s 240
 
 testbed-weights:    ## retrain the shipped testbed weights from scratch (about 100 min on 2 idle cores)
 	$(PY) -m runners.train_testbed testbed.training.steps=3000

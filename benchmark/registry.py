@@ -5,28 +5,37 @@ Metadata sits on the function it describes, as in lm-evaluation-harness's ``regi
 the entry and says how to use it, and the scorer, the reports and the contract tests iterate the registry. A new
 detector is one decorated function; nothing else names it.
 
-Plug-ins (the planted-memorization testbed) register themselves when their module is imported. A registry knows
-the module of each plug-in entry by name (:data:`PLUGINS`, plain strings, so no generic module imports a plug-in):
-asking for such an entry, or iterating the registry, imports the module first.
+Where entries come from, all imported before a registry answers:
+
+- the library: each stage package's ``__init__`` imports its modules that register entries, and a registry imports
+  the stage packages of its axis (:data:`PACKAGES`);
+- the shipped plug-in (the planted-memorization testbed), which no generic module imports: :data:`PLUGINS` names
+  its module by entry (plain strings), imported when that entry is asked for or the registry is iterated;
+- installed packages that announce modules in the entry-point group :data:`ENTRY_POINT_GROUP` (as pytest's
+  ``pytest11``), imported at the first look-up of any registry;
+- the user's own modules or files, named by a runner config's ``plugins`` (:func:`load_plugins`).
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-# The library's modules that register entries of each axis: imported before any look-up, so a registry is complete
-# whatever the caller imported. A new module of detectors (say) is added here once.
-MODULES: dict[str, tuple[str, ...]] = {
-    "detector": ("benchmark.detectors.scores", "benchmark.detectors.extra_passes"),
-    "localizer": ("benchmark.detectors.scores", "benchmark.detectors.extra_passes"),
-    "extra pass": ("benchmark.detectors.extra_passes",),
-    "mitigation": ("benchmark.mitigation.embedding", "benchmark.mitigation.padding"),
-    "similarity measure": ("benchmark.measures.similarity",),
-    "prompt source": ("benchmark.data.prompts", "benchmark.data.prompt_files"),
-    "model builder": ("benchmark.models.text_to_image",),
-    "job": ("benchmark.jobs.config",),
+# The stage packages whose modules register entries of each axis (each package's __init__ imports those modules):
+# imported before any look-up, so a registry is complete whatever the caller imported.
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "detector": ("benchmark.detectors",),
+    "localizer": ("benchmark.detectors",),
+    "extra pass": ("benchmark.detectors",),
+    "mitigation": ("benchmark.mitigation",),
+    "similarity measure": ("benchmark.measures",),
+    "prompt source": ("benchmark.data",),
+    "model builder": ("benchmark.models",),
+    "job": ("benchmark.jobs",),
 }
 # Plug-ins: axis -> entry name -> the module that registers it, imported when that name is asked for or the registry
 # is iterated.
@@ -36,6 +45,67 @@ PLUGINS: dict[str, dict[str, str]] = {
     "model builder": {"testbed": "benchmark.testbed.plugin"},
     "job": {"train_testbed": "benchmark.testbed.job"},
 }
+ENTRY_POINT_GROUP = "be_bench.plugins"
+"""The entry-point group of installed plug-in packages: each entry point's value is a module that registers entries
+(``[project.entry-points."be_bench.plugins"] my_methods = "my_pkg.my_methods"``)."""
+_installed: list[str] = []  # the entry-point modules imported so far (loaded once per process)
+
+
+class PluginError(ValueError):
+    """A plug-in module that cannot be imported: one line naming it and why."""
+
+
+def load_plugin(spec: str) -> str:
+    """Import one plug-in: a module name (``my_pkg.my_methods``, importable from ``sys.path``) or the path of a
+    ``.py`` file (imported as a module named by its stem, once per path). Returns the module's name.
+
+    Raises PluginError naming the plug-in: no such module or file, or an error while importing it (a detector
+    registered twice under one name, a syntax error)."""
+    path = Path(spec).expanduser()
+    try:
+        if spec.endswith(".py"):
+            if not path.is_file():
+                raise PluginError(f"plugins: no plug-in file {spec!r}")
+            name = f"be_bench_plugin_{path.stem}"
+            loaded = sys.modules.get(name)
+            if loaded is not None and Path(loaded.__file__).resolve() == path.resolve():
+                return name
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            return name
+        importlib.import_module(spec)
+        return spec
+    except PluginError:
+        raise
+    except ModuleNotFoundError as err:
+        raise PluginError(f"plugins: cannot import {spec!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001  (whatever a plug-in raises on import: one line naming it)
+        line = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise PluginError(f"plugins: importing {spec!r} failed: {line}") from None
+
+
+def load_plugins(specs: Iterable[str] = ()) -> list[str]:
+    """Import the installed plug-ins (:data:`ENTRY_POINT_GROUP`) and then ``specs`` (a runner config's ``plugins``,
+    in order; see :func:`load_plugin`), so that their entries are registered before a config is checked. Returns
+    the modules' names. Raises PluginError (one line) for the first one that cannot be imported."""
+    return load_installed() + [load_plugin(spec) for spec in specs]
+
+
+def load_installed() -> list[str]:
+    """Import every module announced in the entry-point group :data:`ENTRY_POINT_GROUP` (once per process)."""
+    from importlib.metadata import entry_points
+
+    if not _installed:
+        _installed.append("")  # marks the group as read, also while its modules import (they use registries)
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            _installed.append(load_plugin(point.value))
+    return _installed[1:]
 
 
 @dataclass(frozen=True)
@@ -85,11 +155,13 @@ class Registry:
         return decorate
 
     def _load(self, name: str | None = None) -> None:
-        """Import the axis' library modules, then the plug-in of ``name`` (None: every plug-in of the axis)."""
+        """Import the axis' stage packages and installed plug-ins, then the shipped plug-in of ``name`` (None: every
+        shipped plug-in of the axis)."""
         plugins = PLUGINS.get(self.axis, {})
         wanted = [plugins[name]] if name in plugins else [] if name else sorted(set(plugins.values()))
-        for module in MODULES.get(self.axis, ()) + tuple(wanted):
+        for module in PACKAGES.get(self.axis, ()) + tuple(wanted):
             importlib.import_module(module)  # a no-op once imported
+        load_installed()
 
     def __getitem__(self, name: str) -> Entry:
         if name not in self._entries:
@@ -151,12 +223,25 @@ def _check_detector(name: str, fn: Callable, meta: dict) -> dict:
     for key, value in derived.items():
         if key in meta and (tuple(meta[key]) if key == "trace_fields" else meta[key]) != value:
             raise ValueError(f"detector {name!r}: {key}={meta[key]!r} disagrees with its parameters {params}")
-    return {**meta, **derived, "inputs": tuple(params)}
+    if "baseline" in meta and not isinstance(meta["baseline"], str):
+        raise ValueError(f"detector {name!r}: baseline={meta['baseline']!r} must be a detector's name")
+    return {**meta, **derived, "inputs": tuple(params), **_reproduces(name, "detector", meta)}
+
+
+def _reproduces(name: str, axis: str, meta: dict) -> dict:
+    """``reproduces`` as a tuple of names (a bare string would match its substrings)."""
+    value = meta.get("reproduces", ())
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{axis} {name!r}: reproduces={value!r} must be a tuple of table or figure names, e.g. "
+                         "('table1',)")
+    return {"reproduces": tuple(value)}
 
 
 DETECTORS = Registry("detector", _check_detector)
-"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; derived from the parameters:
-``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
+"""Detection scores, one per generation. Metadata: ``higher_is_memorized``; optional, read by the reports:
+``reproduces`` (the published tables and figures the detector has a row in: ``table1``, Chen et al.'s Table 1;
+``fig5``, their BE intensity box plot) and ``baseline`` (a detector the headline compares it with, with a paired
+interval); derived from the parameters: ``uses_layers``, ``uses_T``, ``trace_fields`` (see :data:`LAYER_INPUTS`)."""
 
 LOCALIZER_INPUTS = ("layers", "size")
 
@@ -168,13 +253,15 @@ def _check_localizer(name: str, fn: Callable, meta: dict) -> dict:
     # other a trace field, as for detectors
     params = [p.name for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
     return {**meta, "inputs": tuple(params), "uses_layers": "layers" in params,
-            "trace_fields": tuple(p for p in params if p not in LOCALIZER_INPUTS)}
+            "trace_fields": tuple(p for p in params if p not in LOCALIZER_INPUTS),
+            **_reproduces(name, "localizer", meta)}
 
 
 LOCALIZERS = Registry("localizer", _check_localizer)
 """Soft masks (n, h, w) of where a generation copies, from traces: ``fn(<trace fields>[, layers], size) ->
-(n, *size)``, e.g. ``be_mask(end_maps, layers, size)``. Derived metadata: ``inputs``, ``uses_layers``,
-``trace_fields`` (a layer-set-free localizer reads only trace fields, e.g. an extra pass's map)."""
+(n, *size)``, e.g. ``be_mask(end_maps, layers, size)``. Optional metadata: ``reproduces`` (``localization_iou``:
+the published IoU the headline compares it with). Derived: ``inputs``, ``uses_layers``, ``trace_fields`` (a
+layer-set-free localizer reads only trace fields, e.g. an extra pass's map)."""
 
 EXTRA_PASSES = Registry("extra pass")
 """Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,

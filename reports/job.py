@@ -99,7 +99,8 @@ def job_markdown(folder: str | Path) -> str:
     if not isinstance(result, DetectionResult):
         raise TypeError(f"{folder}: a {result.task} job has no Markdown report (detection and mitigation do)")
     metrics = pd.DataFrame(result.metrics)
-    parts = [f"# {result.model} on {result.prompt_set}",
+    family = f" ({result.family})" if result.family else ""  # job folders written before: no family
+    parts = [f"# {result.model}{family} on {result.prompt_set}",
              (f"{result.n_prompts} prompts, {result.n_generations} generations "
               f"({result.sampled_now} sampled in this job, {result.sampling_seconds} s)."),
              "", "## Detection: ROC AUC at prompt level [bootstrap 95% CI]", "",

@@ -152,7 +152,21 @@ def finished_jobs(paths: list[str | Path]) -> list[Job]:
         _keep_latest(latest, identity(job.task, job.config, job.folder), job)
     jobs = sorted(latest.values(), key=lambda j: (j.task, j.group, j.steps, j.n_images, str(j.folder)))
     label_jobs(jobs)
+    load_job_plugins(jobs)
     return jobs
+
+
+def load_job_plugins(jobs: list[Job], log=print) -> None:
+    """Import the ``plugins`` the jobs ran with (their configs), so that a plug-in's methods are reported by their
+    registered labels and metadata, as built-in ones are. One that cannot be imported here (moved, another
+    machine) is named in one line and its methods are shown by their names: the scores are in the folders."""
+    from benchmark.registry import PluginError, load_plugin
+
+    for spec in dict.fromkeys(p for job in jobs for p in job.config.get("plugins") or []):
+        try:
+            load_plugin(spec)
+        except PluginError as err:
+            log(f"report: {err}; its methods are shown by name")
 
 
 def _finished_at(job: Job) -> tuple[float, str]:

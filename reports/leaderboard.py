@@ -22,6 +22,7 @@ from benchmark.store.job_folder import write_config
 from reports import html, plots
 from reports.headline import Group, headline_groups
 from reports.jobs import Job, OtherJob, finished_jobs, job_folders, link, other_jobs  # noqa: F401  (job_folders: public)
+from reports.labels import grid_detectors
 from reports.latex import escape, to_latex
 from reports.summary import report_summary
 from reports.tables import (
@@ -236,7 +237,8 @@ def pictures_section(r: Inputs) -> Section:
         gens = job_generations(job)
         metrics = pd.DataFrame(job.result.metrics)
         windows = sorted(t for t in metrics["T"].unique() if t)
-        figs = [html._img(plots.heatmap_figure(r.ours, job.label, "LD", r.metric), "layer x T heat map")]
+        figs = [html._img(plots.heatmap_figure(r.ours, job.label, detector, r.metric), "layer x T heat map")
+                for detector in grid_detectors(metrics.detector.unique())]
         if gens is not None and windows:
             figs.insert(0, html._img(plots.roc_figure(gens, metrics, job.label, windows[0]), "ROC curves"))
         early = plots.early_figure(job.result, job.label)

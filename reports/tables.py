@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.registry import DETECTORS
 from reports.jobs import Job
-from reports.labels import detector_label, detector_order
+from reports.labels import detector_label, detector_order, reproducing
 
 REFERENCE = Path(__file__).parent / "reference"
 KEYS = ["job", "model", "prompt_set", "steps", "n_images", "level", "subset", "detector", "layers", "T"]
@@ -81,24 +82,29 @@ def leaderboard(ours: pd.DataFrame) -> pd.DataFrame:
     return ours[columns + metric_columns + counts].round(4).reset_index(drop=True)
 
 
-def _t1_layers(ours_job: pd.DataFrame, layers: str) -> str:
-    """The layer set Table 1 shows for LD: ``layers`` if the job has it, else its first."""
-    sets = [s for s in ours_job[ours_job.detector == "LD"].layers.unique() if s]
+def _t1_layers(ours_job: pd.DataFrame, layers: str, layered: list[str]) -> str:
+    """The layer set Table 1 shows for its layer-set detectors (``layered``, e.g. LD): ``layers`` if the job has
+    it, else its first."""
+    sets = [s for s in ours_job[ours_job.detector.isin(layered)].layers.unique() if s]
     return layers if layers in sets or not sets else sets[0]
 
 
 def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd.DataFrame:
-    """The seed paper's Table 1 (D and LD; AUC, F1, TPR@1%FPR by T and memorization type), long form: one row
-    per (job, method, T, memorization type, metric) with ours, its interval, the published value (SD v1-4, Chen
-    et al. ICLR 2025 Table 1) and the difference. T values only one side has keep the other side empty."""
+    """The seed paper's Table 1 (AUC, F1, TPR@1%FPR by T and memorization type of the detectors registered with
+    ``reproduces=("table1",)``: D and LD), long form: one row per (job, method, T, memorization type, metric) with
+    ours, its interval, the published value (SD v1-4, Chen et al. ICLR 2025 Table 1) and the difference. T values
+    only one side has keep the other side empty."""
     ref = published("be2025_table1_detection.csv")
     ref = ref.melt(id_vars=["detector", "memorization_type", "T"], value_vars=list(METRICS), var_name="metric",
                    value_name="published")
+    methods = reproducing("table1")
+    layered = [d for d in methods if DETECTORS[d].uses_layers]
+    ref = ref[ref.detector.isin(methods)]
     rows = []
     for job, part in ours.groupby("job", sort=False):
-        chosen = _t1_layers(part, layers)
-        part = part[(part.level == level) & part.subset.isin(["local", "global"]) & part.detector.isin(["D", "LD"])
-                    & ((part.detector == "D") | (part.layers == chosen))]
+        chosen = _t1_layers(part, layers, layered)
+        part = part[(part.level == level) & part.subset.isin(["local", "global"]) & part.detector.isin(methods)
+                    & (~part.detector.isin(layered) | (part.layers == chosen))]
         for _, r in part.iterrows():
             for metric in METRICS:
                 if metric in r and pd.notna(r[metric]):
@@ -110,7 +116,7 @@ def table1(ours: pd.DataFrame, layers: str = "all", level: str = "prompt") -> pd
         mine = pd.DataFrame([x for x in rows if x["job"] == job])
         only_published = ref.merge(mine[["detector", "memorization_type", "T", "metric"]], how="left",
                                    indicator=True).query("_merge == 'left_only'")
-        rows += [{"job": job, "detector": p.detector, "layers": chosen if p.detector == "LD" else "",
+        rows += [{"job": job, "detector": p.detector, "layers": chosen if p.detector in layered else "",
                   "memorization_type": p.memorization_type, "T": int(p.T), "metric": p.metric}
                  for p in only_published.itertuples()]
     columns = ["job", "method", "detector", "layers", "memorization_type", "T", "metric", "ours", "ours_lo",
@@ -212,13 +218,15 @@ def localization_board(jobs: list[Job]) -> pd.DataFrame:
 
 def intensity_summary(jobs: list[Job], layers: str = "all") -> pd.DataFrame:
     """BE intensity quartiles and Tukey whiskers per memorization type (the paper's Fig. 5 box plot as numbers),
-    ours (every generation of the job, layer set ``layers`` or the job's first) and published."""
+    ours (every generation of the job, layer set ``layers`` or the job's first) and published. The detector is the
+    one registered with ``reproduces=("fig5",)``."""
     rows = []
+    shown = reproducing("fig5")[:1]
     for job in jobs:
         gens = job_generations(job)
         if gens is None:
             continue
-        part = gens[gens.detector == "BE_intensity"]
+        part = gens[gens.detector.isin(shown)]
         if part.empty:
             continue
         chosen = layers if layers in set(part.layers) else min(set(part.layers))

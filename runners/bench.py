@@ -88,9 +88,11 @@ def bootstrap_ratio(n: int, n_pos: int, replicates: int = 1000, repeats: int = 2
 
 
 def pipeline(model: TextToImage) -> StableDiffusionPipeline:
-    """diffusers' own pipeline on the same components: the no-capture reference."""
+    """diffusers' own pipeline on the same components: the no-capture reference. Its scheduler reads the network's
+    own prediction type (v on SD 2.1 at 768 px); the model's is kept at epsilon for ``noise_prediction``'s output."""
+    scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=model.prediction_type)
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=model.scheduler, safety_checker=None,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -161,7 +163,7 @@ def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int]
     latents = initial_noise(model, seeds, settings)
     t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=model.device)
     with torch.no_grad():
-        return count_flops(lambda: guided_eps(model.unet, latents, t, context)) * settings.steps
+        return count_flops(lambda: guided_eps(model, latents, t, context)) * settings.steps
 
 
 def trace_kib_per_image(batch) -> float:

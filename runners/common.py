@@ -76,8 +76,9 @@ def model_key(m: DictConfig) -> str:
 
 
 def check_config(config: dict) -> None:
-    """The job's config checked against its schema (:func:`benchmark.jobs.config.check_job`) before anything is loaded:
-    a bad one ends the run with one line on stderr naming the setting and its value (exit status 2)."""
+    """The job's config checked against its schema (:func:`benchmark.jobs.config.check_job`, which first imports the
+    config's ``plugins``) before anything is loaded: a bad one ends the run with one line on stderr naming the
+    setting and its value (exit status 2)."""
     try:
         check_job(config)
     except ConfigError as err:

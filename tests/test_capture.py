@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.detectors import scores as S
+from benchmark.detectors import scores
 from benchmark.sampling.capture import SamplerSettings, cross_attention_layers, initial_noise, sample_with_capture
 
 SETTINGS = SamplerSettings(steps=6, guidance=7.5, height=32, width=32)
@@ -52,7 +52,7 @@ def _official_two_pass_LD(model, prompt, seed, mask_layers, T):
     """The official protocol, written independently: a first generation gives the BE mask, a second generation
     with the same seed applies it to eps_cond - eps_uncond, norm per step, divided by the mask's mean."""
     first = sample_with_capture(model, prompt, [seed], SETTINGS)
-    mask = torch.from_numpy(S.be_mask({k: v.numpy() for k, v in first.end_maps.items()}, mask_layers, (16, 16)))
+    mask = torch.from_numpy(scores.be_mask({k: v.numpy() for k, v in first.end_maps.items()}, mask_layers, (16, 16)))
     scheduler = model.scheduler
     scheduler.set_timesteps(SETTINGS.steps)
     latents = initial_noise(model, [seed], SETTINGS)
@@ -70,8 +70,8 @@ def test_one_pass_LD_equals_the_two_pass_protocol(tiny_model):
     for layers in (["*"], ["down_blocks.0"]):
         for T in (1, 3, 6):
             batch = sample_with_capture(tiny_model, PROMPT, [7], SETTINGS)
-            mask = S.be_mask({k: v.numpy() for k, v in batch.end_maps.items()}, layers, (16, 16))
-            one_pass = S.localized_LD(batch.delta_sq.numpy(), mask, T)[0]
+            mask = scores.be_mask({k: v.numpy() for k, v in batch.end_maps.items()}, layers, (16, 16))
+            one_pass = scores.localized_LD(batch.delta_sq.numpy(), mask, T)[0]
             two_pass = _official_two_pass_LD(tiny_model, PROMPT, 7, layers, T)
             assert abs(one_pass - two_pass) <= 1e-4 * abs(two_pass), (layers, T, one_pass, two_pass)
 

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (runner, overrides) whose composed configs are walked: each runner's default and its debug variant, the other
 # model families' presets and the experiments, so every config file's settings are visited at least once.
 CONFIGS = [
-    ("detect", []), ("detect", ["debug=default"]), ("detect", ["model=sd-v1-4"]),
+    ("detect", []), ("detect", ["debug=default"]), ("detect", ["model=sd-v1-4"]), ("detect", ["model=sd-2-1"]),
+    ("detect", ["model=tiny-sd2-v", "debug=default"]),
     ("detect", ["model=testbed_endpad", "prompts=coco2014"]),
     ("detect", ["debug=default", "sampler.end_map_steps=[1]"]),
     ("mitigate", []), ("mitigate", ["debug=default"]),
@@ -40,6 +41,7 @@ MAY_BE_EMPTY_LIST = {
     "extra.passes": "no extra pass",
     "mitigation.pad_fractions": "needed only by pad_mask, checked when it is asked for",
     "model.mitigation_targets": "the preset's default for mitigation.target_losses, checked where used",
+    "plugins": "no plug-in module of the user's",
 }
 MAY_BE_EMPTY_STRING = {"local_alternative": "no offline alternative named"}
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -13,13 +14,18 @@ def config(task, *overrides, hydra=False):
         return compose(task, overrides=list(overrides), return_hydra_config=hydra)
 
 
+def preset_layer_sets(name: str) -> dict:
+    """The layer sets a layer preset file (conf/layers/<name>.yaml) names."""
+    return yaml.safe_load((Path(CONF) / "layers" / f"{name}.yaml").read_text())["sets"]
+
+
 def test_a_model_alone_brings_its_sampler_layers_and_mitigation_targets(tmp_path):
     cfg = config("detect", "model=sd-v1-4", f"paths.root={tmp_path}")
     assert (cfg.sampler.steps, cfg.sampler.guidance, cfg.sampler.height) == (50, 7.5, 512)
     assert "res64" in cfg.layers.sets
     assert config("mitigate", "model=sd-v1-4").mitigation.target_losses == [1, 2, 3, 4, 5]
     tiny = config("detect", "model=tiny")
-    assert tiny.sampler.steps == 5 and set(tiny.layers.sets) == {"all", "down", "up", "ren_E"}
+    assert tiny.sampler.steps == 5 and set(tiny.layers.sets) == set(preset_layer_sets("tiny"))
     # an explicit choice still wins over the preset's
     assert config("detect", "model=sd-v1-4", "sampler=tiny", "layers=testbed").sampler.steps == 5
     assert "low8" in config("detect", "model=sd-v1-4", "layers=testbed").layers.sets
@@ -32,9 +38,11 @@ def test_the_default_detection_job_is_unchanged(tmp_path):
                               "seed": 0, "batch_size": 8,
                               # added since: the default seeding and the early-step maps (#14, #18)
                               "seeding": "per_image", "end_map_steps": [0, 4, 9, 19]}
-    assert cfg["layers"]["sets"] == {"all": ["*"], "down16": ["down_blocks.1"], "up16": ["up_blocks.1"],
-                                     "low8": ["down_blocks.2", "mid_block", "up_blocks.0"],
-                                     "ren_E": ["forward:3"]}  # added since: Ren's E layer (#14)
+    # the preset's layer sets; those of earlier releases kept as they were (a new set breaks nothing)
+    assert cfg["layers"]["sets"] == preset_layer_sets("testbed")
+    assert {"all": ["*"], "down16": ["down_blocks.1"], "up16": ["up_blocks.1"],
+            "low8": ["down_blocks.2", "mid_block", "up_blocks.0"],
+            "ren_E": ["forward:3"]}.items() <= cfg["layers"]["sets"].items()  # ren_E added since (#14)
     assert {k: cfg["model"][k] for k in ("name", "build", "device", "dtype", "token_maps")} == {
         "name": "testbed", "build": "testbed", "device": "cpu", "dtype": "float32", "token_maps": True}
     assert cfg["prompts"]["loader"] == "testbed" and cfg["score"]["T"] == [1, 5, 30]

@@ -9,7 +9,7 @@ import pytest
 from benchmark.data.prompts import Truth
 from benchmark.detectors.detection import TraceArrays
 from benchmark.early import step_detection as early
-from benchmark.localization import evaluation as L
+from benchmark.localization import evaluation
 from runners.detect import run
 
 
@@ -94,7 +94,8 @@ def test_leaderboard_rows_and_intervals():
     perfect = np.stack([mask.astype(float)] * 4)
     noisy = perfect.copy()
     noisy[1] = np.rot90(mask).astype(float)  # one of the three local generations misses: IoU 0
-    board = L.localization_leaderboard({"perfect": perfect, "noisy": noisy, "all-ones (floor)": np.ones((4, 4, 4))},
+    board = evaluation.localization_leaderboard({"perfect": perfect, "noisy": noisy,
+                                                 "all-ones (floor)": np.ones((4, 4, 4))},
                                        ids, truth, n_boot=200, control_of="perfect").set_index("localizer")
     assert board.loc["perfect", "iou"] == 1 and board.loc["perfect", "iou_lo"] == 1
     assert board.loc["noisy", "iou"] == pytest.approx(2 / 3)
@@ -111,7 +112,7 @@ def test_leaderboard_scores_a_partial_map_on_the_generations_it_covers():
     ids = ["m", "m", "m", "n"]
     partial = np.stack([np.rot90(mask).astype(float), mask.astype(float), mask.astype(float), mask.astype(float)])
     partial[1:3] = np.nan  # computed for the first image of each prompt only (an extra pass with n = 1)
-    board = L.localization_leaderboard({"partial": partial, "none": np.full((4, 4, 4), np.nan)}, ids, truth,
+    board = evaluation.localization_leaderboard({"partial": partial, "none": np.full((4, 4, 4), np.nan)}, ids, truth,
                                        n_boot=0).set_index("localizer")
     assert list(board.index) == ["partial"]  # no generation covered: no row, not a NaN one
     assert board.loc["partial", "n"] == 1 and board.loc["partial", "iou"] == 0  # only row 0, which misses
@@ -122,9 +123,10 @@ def test_oracle_best_word_and_registered_localizers():
     _, mask = _truth()
     # tokens: start, word 1 (off the mask), word 2 (on it), end; the oracle takes word 2
     tokens = np.stack([np.ones((4, 4)), np.rot90(mask).astype(float), mask.astype(float), np.ones((4, 4))])
-    oracle = L.oracle_word_maps({"a": tokens[None]}, np.array([3]), ["a"], (4, 4))
+    oracle = evaluation.oracle_word_maps({"a": tokens[None]}, np.array([3]), ["a"], (4, 4))
     assert np.array_equal(oracle([0], mask[None]), mask[None].astype(float))
-    maps = L.leaderboard_maps({"a": mask[None].astype(float)}, {"all": ["*"]}, (4, 4), {"oracle best word": oracle})
+    maps = evaluation.leaderboard_maps({"a": mask[None].astype(float)}, {"all": ["*"]}, (4, 4),
+                                       {"oracle best word": oracle})
     assert list(maps) == ["BE [all]", "oracle best word", "all-ones (floor)"]
 
 
@@ -149,9 +151,9 @@ def test_pixel_aurocs_equal_the_roc_auc_of_each_pair():
     soft = rng.integers(0, 4, (6, 8, 8)).astype(float)  # many ties
     soft[0] = 1.0  # a constant mask: 0.5
     expected = [pixel_auroc(m, t) if m.std() > 0 else 0.5 for m, t in zip(soft, truths)]
-    assert L.pixel_aurocs(soft, truths) == pytest.approx(expected, abs=1e-12)
+    assert evaluation.pixel_aurocs(soft, truths) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="truth mask 1 is all one class"):
-        L.pixel_aurocs(soft[:2], np.stack([truths[0], np.zeros((8, 8), bool)]))
+        evaluation.pixel_aurocs(soft[:2], np.stack([truths[0], np.zeros((8, 8), bool)]))
 
 
 def test_a_bad_stopping_signal_fails_before_sampling(tmp_path, compose):
@@ -159,3 +161,18 @@ def test_a_bad_stopping_signal_fails_before_sampling(tmp_path, compose):
     with pytest.raises(ValueError, match="early.signal.layers 'nowhere' is not a layer set"):
         run(cfg, tmp_path / "job")
     assert not (tmp_path / "job" / "metrics.json").exists()
+
+
+def test_early_detectors_are_those_that_read_the_be_mask_and_the_view_refuses_others():
+    from benchmark.registry import DETECTORS
+
+    names = early.early_detector_names()
+    assert {"BE_intensity", "LD"} <= set(names) and "D" not in names  # D reads no mask: the same at every step
+    assert all("mask" in DETECTORS[n].inputs or "end_maps" in DETECTORS[n].trace_fields for n in names)
+    arrays = _arrays()
+    view = early.step_view(arrays.delta_sq, arrays.end_maps, 2)
+    assert view.delta_sq.shape[1] == 3  # steps 0..2 only
+    with pytest.raises(ValueError, match="detector 'D' cannot run before the last step"):
+        early.step_signal("D", view, ["*"], 1)
+    with pytest.raises(ValueError, match="step 9 needs 10 steps of delta_sq, got 5"):
+        early.step_view(arrays.delta_sq, arrays.end_maps, 9)

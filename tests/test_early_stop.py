@@ -8,6 +8,7 @@ import pytest
 from benchmark.early import step_detection as early
 from benchmark.early.stopping import StopRule, rule_from_job, sample_with_early_stop
 from benchmark.mitigation.padding import PadMitigation, pad_mitigated_embedding
+from benchmark.registry import DETECTORS
 from benchmark.sampling.capture import SamplerSettings, sample_with_capture
 from benchmark.store import job_folder as jobfolder
 from reports.leaderboard import write_report
@@ -29,13 +30,14 @@ def _rule(detector: str, threshold: float) -> StopRule:
     return StopRule(step=2, detector=detector, layers=("down_blocks.0",), T=30, threshold=threshold)
 
 
-@pytest.mark.parametrize("detector", ["LD", "BE_intensity"])
+@pytest.mark.parametrize("detector", early.early_detector_names())
 def test_the_signal_at_step_k_is_the_one_the_trace_gives(tiny_model, full_run, detector, same_up_to_float_order):
     out = sample_with_early_stop(tiny_model, PROMPTS, SEEDS, SETTINGS, _rule(detector, np.inf))
     maps = {layer: m.numpy() for layer, m in full_run.end_maps_by_step[2].items()}
     expected = _rule(detector, np.inf).signal(full_run.delta_sq.numpy(), maps)
     same_up_to_float_order(out.signal, expected)
-    assert _rule(detector, np.inf).window == (3 if detector == "LD" else 0)  # LD over the 3 steps computed so far
+    # a windowed detector (LD) over the 3 steps computed so far
+    assert _rule(detector, np.inf).window == (3 if DETECTORS[detector].uses_T else 0)
     # nothing stopped: every image is the unguarded sampler's, and ran every step
     assert not out.stopped.any() and (out.steps_run == 5).all()
     same_up_to_float_order(out.latents, full_run.latents)

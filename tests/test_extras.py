@@ -6,10 +6,8 @@ import pandas as pd
 import pytest
 
 from benchmark.data.prompts import Prompt, PromptSet, Truth
-from benchmark.detectors import detection
+from benchmark.detectors import detection, jacobian, scores
 from benchmark.detectors import extra_passes as extras
-from benchmark.detectors import jacobian as J
-from benchmark.detectors import scores as S
 from benchmark.localization.evaluation import localization_table, localizer_maps
 from benchmark.sampling.capture import SamplerSettings
 from benchmark.store.traces import TraceStore
@@ -99,10 +97,10 @@ def test_extras_use_the_traces_noise_and_depend_on_their_seed_alone(tiny_model, 
     arrays = detection.load(store, plan, wanted)
     # the anisotropy's norm term is ||eps_c - eps_u|| at the first step on the same noise: Wen's D_1 from the trace
     # (stored in float16, hence the tolerance)
-    d1 = S.magnitude_D(arrays.delta_sq, 1)
+    d1 = scores.magnitude_D(arrays.delta_sq, 1)
     same_up_to_float_order(arrays.extras["guidance_norm"], d1, rel=2e-3)
     # the second prompt's seed 1 alone gives the value it got in a batch with other prompts and seeds
-    alone = J.sail(tiny_model, PROMPTS.prompts[1].text, [1], SETTINGS)
+    alone = jacobian.sail(tiny_model, PROMPTS.prompts[1].text, [1], SETTINGS)
     same_up_to_float_order(arrays.extras["sail"][3:], alone)
     assert not np.allclose(arrays.extras["sail"][2], arrays.extras["sail"][3])
 
@@ -162,9 +160,9 @@ def test_a_later_knob_at_its_old_value_keeps_existing_sidecar_names():
 
 def test_official_probe_seeding_reaches_the_curvature_map(tiny_model):
     settings = SamplerSettings(steps=3, guidance=7.5, height=32, width=32)
-    maps = {s: J.curvature_map(tiny_model, "a cat", [0, 1], settings, probes=2, probe_seeding=s)
+    maps = {s: jacobian.curvature_map(tiny_model, "a cat", [0, 1], settings, probes=2, probe_seeding=s)
             for s in ("per_image", "official")}
-    again = J.curvature_map(tiny_model, "a cat", [1], settings, probes=2, probe_seeding="official")
+    again = jacobian.curvature_map(tiny_model, "a cat", [1], settings, probes=2, probe_seeding="official")
     np.testing.assert_allclose(again[0], maps["official"][1], rtol=1e-4, atol=1e-6)
     assert not np.allclose(maps["official"], maps["per_image"])
 
@@ -172,8 +170,8 @@ def test_official_probe_seeding_reaches_the_curvature_map(tiny_model):
 def test_score_difference_ranks_as_D_only_at_the_first_step():
     rng = np.random.default_rng(0)
     delta_sq = rng.random((20, 5, 4, 4)) * rng.random((20, 5, 1, 1))
-    first = J.score_difference_map(delta_sq, 0).mean(axis=(-2, -1))
-    d1 = S.magnitude_D(delta_sq, 1)
+    first = jacobian.score_difference_map(delta_sq, 0).mean(axis=(-2, -1))
+    d1 = scores.magnitude_D(delta_sq, 1)
     assert (np.argsort(first) == np.argsort(d1)).all()  # mean of delta_sq at step 0 = D_1^2 / (h w)
     last = extras.score_difference(delta_sq)
     assert not (np.argsort(last) == np.argsort(d1)).all()  # the registered one, at the official last step
@@ -229,7 +227,7 @@ def test_extras_follow_official_seeding(tiny_model, tmp_path, same_up_to_float_o
     assert extras.compute_missing(tiny_model, plan, settings, store, wanted) == 2  # row 0 of each prompt
     arrays = detection.load(store, plan, wanted)
     first = arrays.rows.seed.to_numpy() == 0
-    same_up_to_float_order(arrays.extras["guidance_norm"][first], S.magnitude_D(arrays.delta_sq, 1)[first],
+    same_up_to_float_order(arrays.extras["guidance_norm"][first], scores.magnitude_D(arrays.delta_sq, 1)[first],
                            rel=2e-3)
     assert np.isnan(arrays.extras["guidance_norm"][~first]).all()
 

@@ -83,7 +83,7 @@ def test_eta_0_draws_nothing_and_is_the_deterministic_ddim_update_bit_for_bit(ti
     scheduler.set_timesteps(settings.steps)
     with torch.no_grad():
         for t in scheduler.timesteps.tolist():
-            eps_u, eps_c = guided_eps(tiny_model.unet, latents, torch.tensor(t), context)
+            eps_u, eps_c = guided_eps(tiny_model, latents, torch.tensor(t), context)
             latents = scheduler.step(eps_u + 7.5 * (eps_c - eps_u), t, latents, eta=0.0).prev_sample
     assert torch.equal(got, latents)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from benchmark.measures import metrics as M
+from benchmark.measures import metrics
 
 
 def test_tpr_at_fpr_follows_wens_rule_by_hand():
@@ -10,8 +10,8 @@ def test_tpr_at_fpr_follows_wens_rule_by_hand():
     labels = np.r_[np.ones(2), np.zeros(100)].astype(bool)
     scores = np.r_[[5.0, 3.0], [10.0], np.linspace(0, 2, 99)]
     # ROC: (0,0) -> (0.01, 0) -> (0.01, 1.0) ...; the last point with FPR strictly below 1% is (0, 0)
-    assert M.tpr_at_fpr(labels, scores) == 0.0
-    assert M.tpr_at_fpr(labels, scores, fpr=0.02) == 1.0
+    assert metrics.tpr_at_fpr(labels, scores) == 0.0
+    assert metrics.tpr_at_fpr(labels, scores, fpr=0.02) == 1.0
 
 
 def test_same_as_sklearn_on_random_cases():
@@ -24,10 +24,10 @@ def test_same_as_sklearn_on_random_cases():
         scores = np.round(rng.normal(size=n) + labels, int(rng.integers(0, 3)))  # ties included
         fpr, tpr, _ = roc_curve(labels, scores)
         precision, recall, _ = precision_recall_curve(labels, scores)
-        assert M.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-        assert M.tpr_at_fpr(labels, scores) == pytest.approx(tpr[np.where(fpr < 0.01)[0][-1]], abs=1e-12)
+        assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert metrics.tpr_at_fpr(labels, scores) == pytest.approx(tpr[np.where(fpr < 0.01)[0][-1]], abs=1e-12)
         f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
-        assert M.best_f1(labels, scores) == pytest.approx(f1.max(), abs=1e-12)
+        assert metrics.best_f1(labels, scores) == pytest.approx(f1.max(), abs=1e-12)
 
 
 def test_replicate_rows_same_as_sklearn_row_by_row():
@@ -39,7 +39,7 @@ def test_replicate_rows_same_as_sklearn_row_by_row():
     rows_l, rows_s = labels[idx], scores[idx]
     rows_s[0] = 0.0
     rows_s[1] = rows_l[1]
-    got = M._metric_rows(rows_l, rows_s)
+    got = metrics._metric_rows(rows_l, rows_s)
     for r in range(len(idx)):
         fpr, tpr, _ = roc_curve(rows_l[r], rows_s[r])
         assert got["auc"][r] == pytest.approx(roc_auc_score(rows_l[r], rows_s[r]), abs=1e-12)
@@ -53,40 +53,40 @@ def test_one_or_two_distinct_scores_as_sklearn():
     labels = np.array([True, False, True, False])
     for scores in (np.zeros(4), np.array([1.0, 0.0, 0.0, 0.0])):
         fpr, tpr, _ = roc_curve(labels, scores)
-        assert M.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
-        assert M.tpr_at_fpr(labels, scores) == pytest.approx(tpr[np.where(fpr < 0.01)[0][-1]])
+        assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+        assert metrics.tpr_at_fpr(labels, scores) == pytest.approx(tpr[np.where(fpr < 0.01)[0][-1]])
 
 
 def test_bootstrap_interval_brackets_the_estimate():
     rng = np.random.default_rng(0)
     labels = np.r_[np.ones(50), np.zeros(150)].astype(bool)
     scores = rng.normal(size=200) + labels
-    m = M.detection_metrics(labels, scores, n_boot=300)
+    m = metrics.detection_metrics(labels, scores, n_boot=300)
     for name in ("auc", "tpr_at_1pct_fpr", "f1"):
         assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"]
     assert 0.6 < m["auc"] < 0.9 and m["auc_hi"] - m["auc_lo"] > 0.02
-    assert M.detection_metrics(labels, scores, n_boot=300) == m  # seeded
+    assert metrics.detection_metrics(labels, scores, n_boot=300) == m  # seeded
 
 
 def test_nan_and_single_class_are_named():
     with pytest.raises(ValueError, match=r"LD\[all\].*non-finite.*position 1"):
-        M.detection_metrics([1, 0, 0], [0.5, np.nan, 0.1], n_boot=0, what="LD[all]")
+        metrics.detection_metrics([1, 0, 0], [0.5, np.nan, 0.1], n_boot=0, what="LD[all]")
     with pytest.raises(ValueError, match="both positives and negatives"):
-        M.roc_auc([1, 1], [0.1, 0.2])
+        metrics.roc_auc([1, 1], [0.1, 0.2])
 
 
 def test_localization_metrics():
     truth = np.zeros((8, 8), bool)
     truth[:4, :4] = True
     soft = truth * 0.8 + 0.1
-    assert M.pixel_auroc(soft, truth) == 1.0
-    assert M.iou(M.binarize(soft, "otsu"), truth) == 1.0
-    assert M.iou(M.binarize(soft, "top:0.25"), truth) == 1.0
-    assert M.iou(M.binarize(soft, "mean"), truth) == 1.0
-    assert M.iou(np.ones_like(truth), truth) == pytest.approx(0.25)
-    assert M.pixel_auroc(1 - soft, truth) == 0.0
+    assert metrics.pixel_auroc(soft, truth) == 1.0
+    assert metrics.iou(metrics.binarize(soft, "otsu"), truth) == 1.0
+    assert metrics.iou(metrics.binarize(soft, "top:0.25"), truth) == 1.0
+    assert metrics.iou(metrics.binarize(soft, "mean"), truth) == 1.0
+    assert metrics.iou(np.ones_like(truth), truth) == pytest.approx(0.25)
+    assert metrics.pixel_auroc(1 - soft, truth) == 0.0
     with pytest.raises(ValueError, match="unknown binarisation"):
-        M.binarize(soft, "median")
+        metrics.binarize(soft, "median")
 
 
 def test_localization_control_exposes_a_spatially_biased_map():

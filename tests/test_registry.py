@@ -119,6 +119,8 @@ def test_registering_checks_metadata():
     axis.register("z", higher_is_memorized=True)(np.max)
     with pytest.raises(ValueError, match="'z' is registered already"):
         axis.register("z", higher_is_memorized=True)(np.min)
+    with pytest.raises(ValueError, match=r"'v': reproduces='table1' must be a tuple"):
+        axis.register("v", higher_is_memorized=True, reproduces="table1")(lambda delta_sq: delta_sq)
     with pytest.raises(KeyError, match="unknown detector 'w'"):
         axis["w"]
     assert axis.label("w") == "w"  # an old job's detector that is no longer registered shows by name
@@ -160,6 +162,33 @@ def test_a_registered_detector_reaches_scores_metrics_and_the_leaderboard(arrays
     board = leaderboard(collect([tmp_path]))
     assert {"peak magnitude (test)", "Wen (D)", "BE (LD)"} <= set(board.method)
     assert len(board) == len(metrics)  # every level and subset, one row each
+
+
+def peak_of_mask(mask: np.ndarray) -> np.ndarray:
+    """A throwaway detector: the brightest pixel of the BE mask, (n, h, w) -> (n,)."""
+    return mask.max(axis=(-2, -1))
+
+
+def test_a_detector_registered_in_the_library_passes_every_contract(arrays):
+    """The contracts above, run on a detector registered here (they iterate the registry, so a detector added to
+    the library meets them with no edit); it reads the BE mask, so it also runs early and on the step-k view."""
+    from benchmark.early import step_detection
+
+    DETECTORS.register("BE_peak_test", label="peak of the BE mask (test)", higher_is_memorized=True)(peak_of_mask)
+    try:
+        test_detector_scores_are_finite_one_per_generation_and_labelled(arrays, "BE_peak_test")
+        test_detector_reads_only_its_layer_set(arrays, "BE_peak_test")
+        test_detection_table_honours_the_detectors_direction(arrays, "BE_peak_test")
+        test_every_detector_reads_fields_traces_have()
+        assert "BE_peak_test" in step_detection.early_detector_names()
+        step_maps = {1: {k: v * 2 for k, v in arrays.end_maps.items()}}
+        table = step_detection.score_by_step(arrays, step_maps, LAYER_SETS, [STEPS])
+        got = table[(table.detector == "BE_peak_test") & (table.layers == "a")].score.to_numpy()
+        expected = peak_of_mask(2 * arrays.mask(LAYER_SETS["a"]))  # step 1's maps, not the final ones
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    finally:
+        DETECTORS.unregister("BE_peak_test")
+    assert "BE_peak_test" not in step_detection.early_detector_names()
 
 
 # ---------------------------------------------------------------------------------------------- other axes
@@ -237,7 +266,7 @@ def test_prompt_source_yields_unique_ids_and_truth_only_for_its_prompts(name, tm
         assert truth.image.ndim == 3 and (truth.mask is None or truth.mask.shape == truth.image.shape[1:])
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sd14-architecture" else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.endswith("-architecture") else n
                                   for n in MODEL_BUILDERS.names() if MODEL_BUILDERS[n].in_process])
 def test_in_process_model_has_cross_attention_layers(name):
     from benchmark.models.text_to_image import get_model

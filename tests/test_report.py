@@ -16,7 +16,7 @@ import pytest
 from benchmark.testbed.train import train
 from reports.headline import detection_findings
 from reports.jobs import finished_jobs
-from reports.labels import detector_label
+from reports.labels import detector_label, grid_detectors
 from reports.latex import escape
 from reports.leaderboard import collect, write_report
 from reports.tables import fmt, fmt_ci
@@ -70,8 +70,10 @@ def test_tables_hold_the_jobs_values(jobs, tmp_path):
     assert len(both) == 2 * 2 * 2 * 3  # T=1 only: the tiny jobs' T are 1 and 5, the paper's 1, 10 and 50
     assert (both.difference - (both.ours - both.published)).abs().max() < 1e-3
     page = files["leaderboard.html"].read_text()
-    # 2 x (by-T plot, ROC, heat map) + intensity boxes + trade-off + DDPM copies (no ground-truth masks: no gallery)
-    assert page.count("data:image/png;base64,") == 2 * 3 + 1 + 1 + 1
+    # 2 x (by-T plot, ROC, a heat map per layer x T detector) + intensity boxes + trade-off + DDPM copies (no
+    # ground-truth masks: no gallery)
+    heat_maps = len(grid_detectors(_metrics(jobs / "steps=5").detector.unique()))
+    assert heat_maps >= 1 and page.count("data:image/png;base64,") == 2 * (2 + heat_maps) + 1 + 1 + 1
     points = pd.read_csv(files["mitigation.csv"])
     curves = pd.DataFrame(json.loads((jobs / "mitigation" / "metrics.json").read_text())["curves"])
     assert len(points) == len(curves) == 2 * (1 + 2 * 2)  # kinds x (baseline + methods x targets)

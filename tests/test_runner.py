@@ -29,7 +29,12 @@ def test_detect_job_writes_results_and_rescoring_samples_nothing(tmp_path, compo
     result = json.loads((tmp_path / "job1" / "metrics.json").read_text())
     assert result["sampled_now"] == 8 and result["n_generations"] == 8
     table = pd.DataFrame(result["metrics"])
-    assert set(table.detector) == {"D", "LD", "BE_intensity", "Ren_E", "Ren_D", "score_difference"}  # no extra pass
+    # every registered detector but those reading an extra pass's fields (none asked for)
+    from benchmark.registry import DETECTORS, EXTRA_PASSES
+
+    extra_fields = {f for entry in EXTRA_PASSES.entries() for f in entry.fields}
+    assert set(table.detector) == {d.name for d in DETECTORS.entries() if not extra_fields & set(d.trace_fields)}
+    assert {"D", "LD", "BE_intensity"} <= set(table.detector)
     assert set(table.subset) == {"all", "global", "local"} and set(table.level) == {"prompt", "generation"}
     gens = pd.read_csv(tmp_path / "job1" / "generations.csv")
     assert len(gens[(gens.detector == "D") & (gens["T"] == 1)]) == 8

@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data.prompts import Prompt, PromptSet
-from benchmark.detectors import extra_passes as X
-from benchmark.detectors import jacobian as J
-from benchmark.detectors import scores as S
+from benchmark.detectors import extra_passes, jacobian, scores
 from benchmark.measures.metrics import detection_metrics
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import DETECTORS, EXTRA_PASSES, Entry
@@ -39,7 +37,7 @@ def check_grid(model: TextToImage, layer_sets: dict[str, list[str]], windows: li
     """Fail on an unknown layer name or an impossible step window before any sampling, not after it."""
     available = list(cross_attention_layers(model.unet))
     for layers in layer_sets.values():
-        S.select_layers(available, list(layers))
+        scores.select_layers(available, list(layers))
     check_windows(windows, n_steps)
     check_detectors()
 
@@ -108,7 +106,7 @@ class TraceArrays:
         if units not in SCORE_DIFFERENCE_UNITS:
             raise ValueError(f"score.score_difference_units {units!r} is not one of "
                              f"{', '.join(SCORE_DIFFERENCE_UNITS)}")
-        scale = 1.0 if units == "eps" else J.one_minus_alpha_bar(scheduler, steps, J.CURVATURE_STEP)
+        scale = 1.0 if units == "eps" else jacobian.one_minus_alpha_bar(scheduler, steps, jacobian.CURVATURE_STEP)
         return replace(self, one_minus_alpha_bar=scale)
 
     @classmethod
@@ -130,7 +128,7 @@ class TraceArrays:
         return list(self.end_maps)
 
     def mask(self, layers: list[str]) -> np.ndarray:
-        return S.be_mask(self.end_maps, layers, self.delta_sq.shape[-2:])
+        return scores.be_mask(self.end_maps, layers, self.delta_sq.shape[-2:])
 
     def has(self, name: str) -> bool:
         """Whether the trace field ``name`` is here: a capture field always, an extra pass's when it was asked for."""
@@ -158,7 +156,8 @@ class TraceArrays:
         return {name: derived[name] if name in derived else self.get(name) for name in detector.inputs}
 
 
-def load(store: TraceStore, generations: list[Generation], extra: list[X.ExtraRequest] = ()) -> TraceArrays:
+def load(store: TraceStore, generations: list[Generation],
+         extra: list[extra_passes.ExtraRequest] = ()) -> TraceArrays:
     """The stored traces of ``generations``, stacked, with the fields of the ``extra`` passes
     (``benchmark.detectors.extra_passes``: their sidecars must be computed, ``extras.compute_missing``)."""
     traces, labels = [], []
@@ -169,19 +168,22 @@ def load(store: TraceStore, generations: list[Generation], extra: list[X.ExtraRe
     if not traces:
         raise ValueError("no traces to score")
     rows = [(gen.key, gen.seeds, seed) for gen in generations for seed in gen.seeds]
-    return TraceArrays.stack(traces, labels, X.load_fields(store, rows, list(extra)) if extra else None)
+    return TraceArrays.stack(traces, labels, extra_passes.load_fields(store, rows, list(extra)) if extra else None)
 
 
-def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int]) -> pd.DataFrame:
-    """Every detector on every layer set and step window, per generation, in long format.
+def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: list[int],
+               detectors: list[Entry] | None = None) -> pd.DataFrame:
+    """Every detector (or those of ``detectors``) on every layer set and step window, per generation, in long format.
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
     A detector that reads a field these traces lack (an extra pass not asked for, ``extra.passes``) is skipped;
-    one whose extra pass ran on some generations only (its ``n``) has rows for those only.
+    one whose extra pass ran on some generations only (its ``n``) has rows for those only. Raises ValueError for a
+    window past the recorded steps or a detector that does not return one score per generation.
     """
     check_windows(steps, arrays.delta_sq.shape[1])
     parts = []
-    detectors = [d for d in DETECTORS.entries() if all(arrays.has(f) for f in d.trace_fields)]
+    detectors = [d for d in (DETECTORS.entries() if detectors is None else detectors)
+                 if all(arrays.has(f) for f in d.trace_fields)]
 
     def add(detector: Entry, name: str, layers: list[str] | None, T: int, mask: np.ndarray | None = None):
         values = np.asarray(detector.fn(**arrays.inputs(detector, layers, T, mask)))

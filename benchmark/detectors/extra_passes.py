@@ -29,8 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from benchmark.core.config_types import Name, NonNegative, PositiveInt, Seed
-from benchmark.detectors import jacobian as J
-from benchmark.detectors import scores as S
+from benchmark.detectors import jacobian, scores
 from benchmark.models.text_to_image import TextToImage, get_model, weights_fingerprint
 from benchmark.registry import DETECTORS, EXTRA_PASSES, LOCALIZERS
 from benchmark.sampling.capture import SamplerSettings
@@ -62,8 +61,9 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
         raise ValueError(f"extra.curvature.step={step} is outside the {settings.steps} steps")
     if probes < 1:
         raise ValueError(f"extra.curvature.probes must be >= 1, got {probes}")
-    if probe_seeding not in J.PROBE_SEEDINGS:
-        raise ValueError(f"extra.curvature.probe_seeding={probe_seeding!r} is not one of {', '.join(J.PROBE_SEEDINGS)}")
+    if probe_seeding not in jacobian.PROBE_SEEDINGS:
+        raise ValueError(f"extra.curvature.probe_seeding={probe_seeding!r} is not one of "
+                         f"{', '.join(jacobian.PROBE_SEEDINGS)}")
     if probe_seeding == "official" and probe_seed != 0:
         raise ValueError(f"extra.curvature.probe_seed={probe_seed} has no effect with probe_seeding=official (the "
                          "official probes follow the image seed alone); leave it at 0")
@@ -71,21 +71,21 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)
 def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-              prompt_index: list[int], k: PositiveInt = J.SAIL_STEPS) -> dict[str, np.ndarray]:
+              prompt_index: list[int], k: PositiveInt = jacobian.SAIL_STEPS) -> dict[str, np.ndarray]:
     """SAIL per image over the first ``k`` steps (official k = 1), :func:`jacobian_scores.sail`."""
-    return {"sail": J.sail(model, prompts, seeds, settings, k, prompt_index=prompt_index)}
+    return {"sail": jacobian.sail(model, prompts, seeds, settings, k, prompt_index=prompt_index)}
 
 
 @EXTRA_PASSES.register("anisotropy", label="anisotropy (Asthana & Belagiannis)",
                        fields={"anisotropy": "scalar", "guidance_norm": "scalar", "alignment": "scalar"},
                        check=_check_anisotropy)
 def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-                    prompt_index: list[int], gamma_norm: NonNegative = J.ANISOTROPY_GAMMA_NORM,
-                    gamma_cos: NonNegative = J.ANISOTROPY_GAMMA_COS,
-                    low_noise_index: int = J.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
+                    prompt_index: list[int], gamma_norm: NonNegative = jacobian.ANISOTROPY_GAMMA_NORM,
+                    gamma_cos: NonNegative = jacobian.ANISOTROPY_GAMMA_COS,
+                    low_noise_index: int = jacobian.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
     """The anisotropy score and its two terms per image (official SD v1 weights 1, 2),
     :func:`jacobian_scores.anisotropy`."""
-    return J.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
+    return jacobian.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
 
 
 _BASELINES: dict[tuple, TextToImage] = {}
@@ -102,7 +102,8 @@ def _baseline(source: str, model: TextToImage) -> TextToImage:
 @EXTRA_PASSES.register("curvature", label="curvature difference map (Kim & Lee)", fields={"curvature_map": "map"},
                        check=_check_curvature)
 def curvature_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-                   prompt_index: list[int], step: int = J.CURVATURE_STEP, probes: PositiveInt = J.CURVATURE_PROBES,
+                   prompt_index: list[int], step: int = jacobian.CURVATURE_STEP,
+                   probes: PositiveInt = jacobian.CURVATURE_PROBES,
                    probe_seed: Seed = 0, baseline: Name | None = None,
                    probe_seeding: Literal["per_image", "official"] = "per_image") -> dict[str, np.ndarray]:
     """The curvature map per image (n, h, w) at ``step`` (official: the last) with ``probes`` Hutchinson probes
@@ -111,7 +112,7 @@ def curvature_pass(model: TextToImage, prompts: list[str], seeds: list[int], set
     seed) or official (the official code's draws, :func:`jacobian_scores.rademacher_probes`).
     :func:`jacobian_scores.curvature_map`."""
     base = _baseline(baseline, model) if baseline is not None else None
-    return {"curvature_map": J.curvature_map(model, prompts, seeds, settings, step, probes, probe_seed, base,
+    return {"curvature_map": jacobian.curvature_map(model, prompts, seeds, settings, step, probes, probe_seed, base,
                                              prompt_index=prompt_index, probe_seeding=probe_seeding)}
 
 
@@ -132,7 +133,7 @@ def anisotropy_score(anisotropy: np.ndarray) -> np.ndarray:
 @DETECTORS.register("curvature", label="curvature map mean", higher_is_memorized=True)
 def curvature_mean(curvature_map: np.ndarray) -> np.ndarray:
     """The curvature difference map's mean over pixels (extra pass ``curvature``); not an official protocol."""
-    return J.curvature_score(curvature_map)
+    return jacobian.curvature_score(curvature_map)
 
 
 @DETECTORS.register("score_difference", label="score difference (last step)", higher_is_memorized=True)
@@ -145,20 +146,21 @@ def score_difference(delta_sq: np.ndarray, one_minus_alpha_bar: float = 1.0) -> 
 
     Not a duplicate of Wen's D: D_T averages the first T steps; at the first step this map's mean would be
     ``D_1^2 / (h w)``, the same ranking as D_1, but the official step is the last one."""
-    return J.score_difference_map(delta_sq, J.CURVATURE_STEP, one_minus_alpha_bar).mean(axis=(-2, -1))
+    return jacobian.score_difference_map(delta_sq, jacobian.CURVATURE_STEP, one_minus_alpha_bar).mean(axis=(-2, -1))
 
 
 @LOCALIZERS.register("curvature", label="curvature map (Kim & Lee)")
 def curvature_localizer(curvature_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The curvature difference map (extra pass ``curvature``) at ``size``: (n, h, w) -> (n, *size)."""
-    return S.resize_maps(np.asarray(curvature_map, dtype=np.float32), size)
+    return scores.resize_maps(np.asarray(curvature_map, dtype=np.float32), size)
 
 
 @LOCALIZERS.register("score_difference", label="score-difference map (last step)")
 def score_difference_localizer(delta_sq: np.ndarray, size: tuple[int, int], one_minus_alpha_bar: float) -> np.ndarray:
     """``sum_c (eps_c - eps_u)^2 / one_minus_alpha_bar`` at the last step, from the trace, at ``size``:
     (n, steps, h, w) -> (n, *size); units as :func:`score_difference`."""
-    return S.resize_maps(np.asarray(J.score_difference_map(delta_sq, J.CURVATURE_STEP, one_minus_alpha_bar),
+    return scores.resize_maps(np.asarray(jacobian.score_difference_map(delta_sq, jacobian.CURVATURE_STEP,
+                                                                       one_minus_alpha_bar),
                                     dtype=np.float32), size)
 
 

@@ -2,7 +2,8 @@
 
 A capture pass keeps no Jacobian, so each of these needs an extra pass over the model (only the score-difference
 map, the curvature map's cheap surrogate, is read from a trace's ``delta_sq``). Conventions as in ``capture``:
-DDIM with classifier-free guidance, ``eps`` prediction, the score ``s = -eps / sigma_t`` with
+DDIM with classifier-free guidance, ``eps`` from ``TextToImage.noise_prediction`` (a v-prediction network's
+output converted with ``x_t`` and alpha-bar, differentiably), the score ``s = -eps / sigma_t`` with
 ``sigma_t = sqrt(1 - alpha_bar_t)``, one noise generator per seed (``capture.initial_noise``), the UNet batch
 ``[unconditional; conditional]``.
 
@@ -68,9 +69,10 @@ PROBE_SEEDINGS = ("per_image", "official")
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def eps_predictor(unet: torch.nn.Module) -> EpsFn:
-    """The UNet as ``eps(x (m, c, h, w), t, context (m, tokens, dim)) -> (m, c, h, w)``."""
-    return lambda x, t, context: unet(x, t, encoder_hidden_states=context).sample
+def eps_predictor(model: TextToImage) -> EpsFn:
+    """The model as ``eps(x (m, c, h, w), t, context (m, tokens, dim)) -> (m, c, h, w)``: its
+    ``noise_prediction``, so a v-prediction network is differentiated through its epsilon."""
+    return model.noise_prediction
 
 
 @contextmanager
@@ -198,9 +200,6 @@ def curvature_from_diagonal(diag: torch.Tensor) -> torch.Tensor:
 def _check_model(model: TextToImage, seeds: list[int], settings: SamplerSettings) -> None:
     if not seeds:
         raise ValueError("no seeds given")
-    kind = model.scheduler.config.get("prediction_type", "epsilon")
-    if kind != "epsilon":
-        raise ValueError(f"model {model.model_id} predicts {kind!r}; these scores are defined for 'epsilon'")
     for name, module in model.unet.attn_processors.items():
         if "XFormers" in type(module).__name__:
             raise ValueError(f"attention processor {name} ({type(module).__name__}) has no forward-mode derivative")
@@ -235,7 +234,7 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
     ``prompt``: one for every image, or one per image (images of several prompts in one call; each value depends
     on its own prompt and seed alone). ``prompt_index``: the prompt's position in its set (one, or one per image),
     needed by official seeding (``capture.initial_noise``).
-    Raises ValueError for an empty seed list, ``k`` outside 1..steps, or a non-epsilon model."""
+    Raises ValueError for an empty seed list or ``k`` outside 1..steps."""
     _check_model(model, seeds, settings)
     if not 1 <= k <= settings.steps:
         raise ValueError(f"SAIL steps k={k} must be in 1..{settings.steps}")
@@ -244,7 +243,7 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
     generators = step_generators(settings, seeds, prompt_index)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
-    eps_fn = eps_predictor(model.unet)
+    eps_fn = eps_predictor(model)
     total = torch.zeros(len(seeds))
     for i, t in enumerate(scheduler.timesteps[:k]):
         x = scheduler.scale_model_input(latents, t)
@@ -264,14 +263,14 @@ def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int]
     float32 (see :func:`anisotropy_terms`); higher = memorized. Two guided UNet passes on ``x_T``, at
     ``timesteps[0]`` and ``timesteps[low_noise_index]`` of the sampler's schedule; no denoising step.
     ``prompt_index``: as in :func:`sail`.
-    Raises ValueError for an empty seed list, a timestep index outside the schedule, or a non-epsilon model."""
+    Raises ValueError for an empty seed list or a timestep index outside the schedule."""
     _check_model(model, seeds, settings)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
     low = scheduler.timesteps[_step_index(low_noise_index, len(scheduler.timesteps), "low-noise timestep index")]
     context = _context(model, prompt, len(seeds))
     latents = initial_noise(model, seeds, settings, prompt_index)
-    eps_fn = eps_predictor(model.unet)
+    eps_fn = eps_predictor(model)
     pair = torch.cat([latents, latents])
     first = scheduler.timesteps[0]
     eps_first = eps_fn(scheduler.scale_model_input(pair, first), first, context)
@@ -296,8 +295,7 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
     Delta h_emptyset); a model (e.g. a less-trained snapshot with the same latent space): ``eps_b`` is its
     conditional branch on its own encoding of the prompt (Delta h_theta~). Costs the trajectory (``step`` guided
     passes), one forward pass with its graph and one backward pass per probe. ``prompt_index``: as in :func:`sail`.
-    Raises ValueError for an empty seed list, a step outside the schedule, probes < 1, an unknown probe seeding or
-    a non-epsilon model."""
+    Raises ValueError for an empty seed list, a step outside the schedule, probes < 1 or an unknown probe seeding."""
     _check_model(model, seeds, settings)
     scheduler = model.scheduler
     scheduler.set_timesteps(settings.steps, device=model.device)
@@ -306,7 +304,7 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
     v = rademacher_probes(seeds, probes, shape, probe_seed, probe_seeding, model.device)
     n = len(seeds)
     context = _context(model, prompt, n)
-    eps_fn = eps_predictor(model.unet)
+    eps_fn = eps_predictor(model)
     with torch.no_grad():
         latents = initial_noise(model, seeds, settings, prompt_index)
         generators = step_generators(settings, seeds, prompt_index)
@@ -320,7 +318,7 @@ def curvature_map(model: TextToImage, prompt: str | Sequence[str], seeds: list[i
             return eps_c - eps_u
     else:
         cond, base_cond = context[n:], encode_prompts(baseline, prompts_per_image(prompt, n)).to(baseline.device)
-        base_fn = eps_predictor(baseline.unet)
+        base_fn = eps_predictor(baseline)
 
         def difference(y):
             y = scheduler.scale_model_input(y, t)

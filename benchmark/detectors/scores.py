@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from benchmark.registry import DETECTORS, LOCALIZERS
 
 
-@DETECTORS.register("D", label="Wen (D)", higher_is_memorized=True)
+@DETECTORS.register("D", label="Wen (D)", higher_is_memorized=True, reproduces=("table1",))
 def magnitude_D(delta_sq: np.ndarray, T: int) -> np.ndarray:
     """Wen et al.: mean over the first T steps of ||eps_cond - eps_uncond|| (norm over channels and pixels)."""
     return np.sqrt(delta_sq[:, :T].sum(axis=(-2, -1))).mean(axis=1)
 
 
-@DETECTORS.register("LD", label="BE (LD)", higher_is_memorized=True)
+# BE is compared with Wen's D in the report's headline (Chen et al. ICLR 2025, Table 1: LD beats D)
+@DETECTORS.register("LD", label="BE (LD)", higher_is_memorized=True, reproduces=("table1",), baseline="D")
 def localized_LD(delta_sq: np.ndarray, mask: np.ndarray, T: int) -> np.ndarray:
     """BE: mean over the first T steps of ||(eps_cond - eps_uncond) * m|| / mean(m), per image.
 
@@ -29,7 +30,7 @@ def localized_LD(delta_sq: np.ndarray, mask: np.ndarray, T: int) -> np.ndarray:
     return np.sqrt(weighted).mean(axis=1) / mask.mean(axis=(-2, -1))
 
 
-@DETECTORS.register("BE_intensity", label="BE intensity", higher_is_memorized=True)
+@DETECTORS.register("BE_intensity", label="BE intensity", higher_is_memorized=True, reproduces=("fig5",))
 def be_intensity(mask: np.ndarray) -> np.ndarray:
     """BE intensity: the mean of the end-token mask (brighter for memorized prompts)."""
     return mask.mean(axis=(-2, -1))
@@ -81,7 +82,7 @@ def select_layers(available: list[str], chosen: list[str]) -> list[str]:
     return picked
 
 
-@LOCALIZERS.register("BE", label="BE mask (end-token attention)")
+@LOCALIZERS.register("BE", label="BE mask (end-token attention)", reproduces=("localization_iou",))
 def be_mask(end_maps: dict[str, np.ndarray], layers: list[str], size: tuple[int, int],
             mode: str = "bilinear") -> np.ndarray:
     """The BE localization mask: mean over the chosen layers of their end-token maps at ``size``."""

@@ -1,13 +1,12 @@
 """Early-step BE: the bright ending read before the generation ends, and early stopping on it.
 
 The BE paper (Chen et al., ICLR 2025, Sec. 4) reads the end-token map of the *final* denoising step. With
-``sampler.end_map_steps`` the capture pass also stores it at earlier 0-based steps k; here every score that reads the
-BE mask is recomputed from step k's maps:
-
-- ``BE_intensity`` at k: the mean of step k's BE mask (``scores.be_intensity``);
-- ``LD`` at k: Wen's magnitude over the first ``T`` steps weighted by step k's mask (``scores.localized_LD``), for
-  ``T`` capped at k + 1 (at step k only steps 0..k have been computed, so a generation stopped at k can have it);
-- localization of step k's mask against the planted mask (``localization.localization_table``).
+``sampler.end_map_steps`` the capture pass also stores it at earlier 0-based steps k; here every registered detector
+that reads those maps (:func:`early_detectors`: today ``BE_intensity`` and ``LD``) is scored again, by its own
+registered function, on the step-k view of the traces (:func:`step_view`): step k's end-token maps (and the BE mask
+made from them) and the first k + 1 steps of ``delta_sq``, the only steps a generation stopped at k has computed,
+so a step window ``T`` is capped at k + 1. Localization of step k's mask against the planted mask follows
+(``localization.localization_table``).
 
 Early stopping (simulated from the stored traces, not inside the sampling loop): at step k, a generation whose
 signal exceeds a threshold stops, saving ``steps - (k + 1)`` denoising steps. The threshold is calibrated on held-out
@@ -21,14 +20,53 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data.prompts import Truth
-from benchmark.detectors import scores as S
-from benchmark.detectors.detection import TraceArrays, detection_table
-from benchmark.localization import evaluation as L
-from benchmark.registry import DETECTORS
+from benchmark.detectors.detection import TraceArrays, detection_table, score_grid
+from benchmark.localization import evaluation
+from benchmark.registry import DETECTORS, Entry
 from benchmark.sampling.missing import Generation
 from benchmark.store.traces import TraceStore
 
-SIGNALS = ("BE_intensity", "LD")  # the detectors that read the BE mask, so change with the step of its maps
+# What the step-k view of the traces holds (besides the layer set, its BE mask and T): the first k + 1 steps of
+# delta_sq and step k's end-token maps. A later step's attention, the final token maps and an extra pass's fields
+# do not exist yet at step k (nor inside the sampling loop at that step: benchmark.early.stopping).
+STEP_FIELDS = ("delta_sq", "end_maps")
+
+
+def early_detectors() -> list[Entry]:
+    """The registered detectors that can be scored at a step k before the last, derived from what they read: step
+    k's end-token maps (a ``mask`` parameter, the BE mask of a layer set, or ``end_maps``), so their score changes
+    with k, and no trace field the step-k view lacks (:data:`STEP_FIELDS`). Registry order."""
+    return [e for e in DETECTORS.entries()
+            if ("mask" in e.inputs or "end_maps" in e.trace_fields) and set(e.trace_fields) <= set(STEP_FIELDS)]
+
+
+def early_detector_names() -> list[str]:
+    """The names of :func:`early_detectors`: the choices of ``early.signal.detector`` and of a stop rule."""
+    return [e.name for e in early_detectors()]
+
+
+def step_view(delta_sq: np.ndarray, end_maps: dict[str, np.ndarray], step: int,
+              rows: pd.DataFrame | None = None) -> TraceArrays:
+    """The traces as they are at 0-based step ``step``: ``delta_sq`` (n, >= step + 1, h, w) cut to its first
+    ``step + 1`` steps, ``end_maps`` (layer -> (n, h_l, w_l)) the maps of that step; ``rows`` the generations'
+    labels (None: unlabelled, for a decision inside the sampling loop). Fields outside :data:`STEP_FIELDS` are
+    empty. Raises ValueError when fewer than step + 1 steps are given."""
+    if delta_sq.shape[1] < step + 1:
+        raise ValueError(f"step {step} needs {step + 1} steps of delta_sq, got {delta_sq.shape[1]}")
+    n = len(delta_sq)
+    return TraceArrays(pd.DataFrame(index=range(n)) if rows is None else rows, delta_sq[:, :step + 1], end_maps, {},
+                       np.zeros(0, dtype=int), {})
+
+
+def step_signal(detector: str, view: TraceArrays, layers: list[str], T: int) -> np.ndarray:
+    """One early detector's scores (n,) on a step view (:func:`step_view`), by its registered function, with its
+    window ``T`` (ignored by a detector without one). Raises ValueError for a detector that cannot run early."""
+    entry = DETECTORS[detector]
+    if entry.name not in early_detector_names():
+        raise ValueError(f"detector {detector!r} cannot run before the last step (early detectors: "
+                         f"{', '.join(early_detector_names())})")
+    mask = view.mask(layers) if "mask" in entry.inputs else None
+    return np.asarray(entry.fn(**view.inputs(entry, layers, T if entry.uses_T else 0, mask)))
 
 
 def load_step_maps(store: TraceStore, generations: list[Generation],
@@ -53,20 +91,18 @@ def windows_at(step: int, windows: list[int]) -> list[int]:
 
 def score_by_step(arrays: TraceArrays, step_maps: dict[int, dict[str, np.ndarray]],
                   layer_sets: dict[str, list[str]], windows: list[int]) -> pd.DataFrame:
-    """BE intensity and LD from each step's maps, per generation, in long format.
+    """Every early detector (:func:`early_detectors`) on each step's view of the traces (:func:`step_view`), per
+    generation, in long format: ``detection.score_grid`` of that view.
 
-    Columns: ``arrays.rows``' (prompt_id, kind, memorized, seed), step, detector, layers, T (0 for BE intensity),
-    score. ``step`` is 0-based; LD's T values are :func:`windows_at` of that step."""
+    Columns: ``arrays.rows``' (prompt_id, kind, memorized, seed), step, detector, layers, T (0 for a detector
+    without a window), score. ``step`` is 0-based; the T values are :func:`windows_at` of that step."""
     parts = []
-    size = arrays.delta_sq.shape[-2:]
+    detectors = early_detectors()
     for step, maps in sorted(step_maps.items()):
-        for name, layers in layer_sets.items():
-            mask = S.be_mask(maps, layers, size)
-            parts.append(arrays.rows.assign(step=step, detector="BE_intensity", layers=name, T=0,
-                                            score=S.be_intensity(mask)))
-            for T in windows_at(step, windows):
-                parts.append(arrays.rows.assign(step=step, detector="LD", layers=name, T=T,
-                                                score=S.localized_LD(arrays.delta_sq, mask, T)))
+        table = score_grid(step_view(arrays.delta_sq, maps, step, arrays.rows), layer_sets,
+                           windows_at(step, windows), detectors)
+        table.insert(len(arrays.rows.columns), "step", step)
+        parts.append(table)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -79,7 +115,7 @@ def detection_by_step(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -
 def localization_by_step(step_maps: dict[int, dict[str, np.ndarray]], prompt_ids: list[str], truth: dict[str, Truth],
                          layer_sets: dict[str, list[str]], rule: str = "otsu") -> pd.DataFrame:
     """``localization.localization_table`` of each step's BE masks (IoU, pixel AUROC, unrelated-mask control)."""
-    parts = [L.localization_table(maps, prompt_ids, truth, layer_sets, rule).assign(step=step)
+    parts = [evaluation.localization_table(maps, prompt_ids, truth, layer_sets, rule).assign(step=step)
              for step, maps in sorted(step_maps.items())]
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return table if table.empty else table[~table.layers.str.startswith("all-ones")].reset_index(drop=True)
@@ -89,8 +125,10 @@ def localization_by_step(step_maps: dict[int, dict[str, np.ndarray]], prompt_ids
 
 def check_signal(signal: dict, layer_sets: dict[str, list[str]], fprs: list[float]) -> None:
     """The early-stopping settings, checked before any sampling: one clear error naming the bad one."""
-    if signal["detector"] not in SIGNALS:
-        raise ValueError(f"early.signal.detector {signal['detector']!r} is not one of {', '.join(SIGNALS)}")
+    choices = early_detector_names()
+    if signal["detector"] not in choices:
+        raise ValueError(f"early.signal.detector {signal['detector']!r} is not one of {', '.join(choices)} (the "
+                         "detectors that read the BE mask)")
     if signal["layers"] not in layer_sets:
         raise ValueError(f"early.signal.layers {signal['layers']!r} is not a layer set: {', '.join(layer_sets)}")
     if signal.get("T") is not None and int(signal["T"]) < 1:
@@ -141,16 +179,18 @@ def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fpr
     """For each recorded step k and target FPR: calibrate the threshold, stop the generations above it.
 
     ``scores``: :func:`score_by_step`'s table; the signal is ``detector`` on ``layers`` with window min(T, k + 1)
-    (T ignored for BE intensity). Per row: step (0-based), fpr_target, threshold, calibration_fpr (in-sample),
+    (T ignored for a detector without a window, e.g. BE intensity). Per row: step (0-based), fpr_target,
+    threshold, calibration_fpr (in-sample),
     false_stop_rate (evaluation negatives stopped), caught (memorized generations stopped; also ``caught_<kind>``
     per memorization kind), steps_saved_mean (per generation, over memorized + evaluation negatives) and
     steps_saved_fraction (of all their steps), n_memorized, n_eval_negatives, n_calibration."""
-    if detector not in SIGNALS:
-        raise ValueError(f"early stopping signal {detector!r} is not one of {', '.join(SIGNALS)}")
+    if detector not in early_detector_names():
+        raise ValueError(f"early stopping signal {detector!r} is not one of {', '.join(early_detector_names())}")
     sign = 1.0 if DETECTORS[detector].higher_is_memorized else -1.0
+    windowed = DETECTORS[detector].uses_T
     rows = []
     for step, part in scores[(scores.detector == detector) & (scores.layers == layers)].groupby("step", sort=True):
-        window = 0 if detector == "BE_intensity" else min(T, step + 1)
+        window = min(T, step + 1) if windowed else 0
         part = part[part["T"] == window].reset_index(drop=True)
         if part.empty:
             raise ValueError(f"no {detector}[{layers}] T={window} scores at step {step}")
@@ -179,12 +219,12 @@ def early_stopping(scores: pd.DataFrame, detector: str, layers: str, T: int, fpr
 def job_results(store: TraceStore, generations: list[Generation], arrays: TraceArrays, recorded: list[int],
                 n_steps: int, layer_sets: dict[str, list[str]], signal: dict, fprs: list[float],
                 n_boot: int = 1000, truth: dict[str, Truth] | None = None, rule: str = "otsu") -> dict:
-    """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of BE intensity,
-    LD with T = 1, LD with T = k + 1 (every step so far) and LD with the signal's T, per layer set),
+    """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of every early
+    detector per layer set, a windowed one, e.g. LD, with T = 1, T = k + 1 (every step so far) and the signal's T),
     ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T; T None: every step so far}),
     and where ground-truth masks exist ``early_localization`` (:func:`localization_by_step`) and
-    ``localization_leaderboard`` (every localizer, early-step BE on the first layer set, the oracle best word where
-    token maps were stored, the all-ones floor and the unrelated-mask control of the first layer set's BE).
+    ``localization_leaderboard`` (``localization.job_leaderboard``: every registered localizer, with each end-map
+    localizer's earlier-step masks on the first layer set and the oracle best word where token maps were stored).
     ``recorded``: the steps of ``sampler.end_map_steps``; the final step is always added. Without earlier steps only
     the leaderboard (where masks exist)."""
     steps = sorted(set(recorded) - {n_steps - 1})
@@ -203,12 +243,12 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
             out["early_localization"] = localization_by_step(step_maps, ids, truth, layer_sets, rule).to_dict("records")
         first, first_layers = next(iter(layer_sets.items()))
         size = masked[0].shape
-        extra = {f"BE [{first}] @ step {k}": S.be_mask(step_maps[k], first_layers, size) for k in steps}
+        extra = {f"{localizer.name} [{first}] @ step {k}": localizer.fn(end_maps=step_maps[k], layers=first_layers,
+                                                                          size=size)
+                 for localizer in evaluation.end_map_localizers() for k in steps}
         if arrays.token_maps:
-            extra["oracle best word"] = L.oracle_word_maps(arrays.token_maps, arrays.end_index, first_layers, size)
-        for name, maps in L.localizer_maps(arrays).items():  # curvature (NaN where not computed), score difference
-            extra[name] = S.resize_maps(maps.astype(np.float32), size)
-        maps = L.leaderboard_maps(arrays.end_maps, layer_sets, size, extra)
-        board = L.localization_leaderboard(maps, ids, truth, rule, n_boot, control_of=f"BE [{first}]")
+            extra["oracle best word"] = evaluation.oracle_word_maps(arrays.token_maps, arrays.end_index, first_layers,
+                                                                    size)
+        board = evaluation.job_leaderboard(arrays, truth, layer_sets, rule, n_boot, extra)
         out["localization_leaderboard"] = board.to_dict(orient="records")
     return out

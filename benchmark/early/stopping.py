@@ -3,9 +3,9 @@ mitigation), and the rest of its denoising steps are never computed.
 
 ``early.early_stopping`` simulates the decision from stored traces and calibrates its threshold; this module takes
 that threshold into the sampling loop. At the rule's 0-based step k the sampler computes each image's signal from
-what it has so far, the same way the simulation does (``early.score_by_step``): BE intensity = the mean of the BE
-mask (the end-token maps of step k, mean over the rule's layers, at the latent size; Chen et al., ICLR 2025, Sec. 4)
-or LD = Wen's magnitude over the first min(T, k + 1) steps weighted by that mask (``scores.localized_LD``). Images
+what it has so far, by the detector's registered function on the step-k view of the traces, as the simulation does
+(``step_detection.step_view``): e.g. BE intensity, the mean of the BE mask made from step k's end-token maps (Chen
+et al., ICLR 2025, Sec. 4), or LD, Wen's magnitude over the first min(T, k + 1) steps weighted by that mask. Images
 whose signal crosses the threshold (``> threshold`` for a detector where higher = memorized) leave the batch; the
 others go on to the last step. Images never affect each other (an image's initial noise depends on its seed, and
 under official seeding its prompt index, alone; each prompt is encoded alone), so the decisions are those of the
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmark.detectors import scores as S
-from benchmark.early.step_detection import SIGNALS
+from benchmark.detectors import scores
+from benchmark.early.step_detection import early_detector_names, step_signal, step_view
 from benchmark.models.text_to_image import TextToImage
-from benchmark.registry import DETECTORS
+from benchmark.registry import DETECTORS, load_plugins
 from benchmark.sampling.capture import (
     Recording,
     SamplerSettings,
@@ -46,9 +46,10 @@ from benchmark.store.job_folder import Job
 
 @dataclass(frozen=True)
 class StopRule:
-    """Stop at 0-based step ``step`` every image whose ``detector`` score (BE_intensity or LD over the first
-    min(T, step + 1) steps, both on the BE mask of ``layers``) crosses ``threshold``, in the detector's own units
-    (a detection job's ``early_stopping`` table holds it, :func:`rule_from_job`)."""
+    """Stop at 0-based step ``step`` every image whose ``detector`` score (one of the early detectors,
+    ``step_detection.early_detectors``: e.g. BE_intensity, or LD over the first min(T, step + 1) steps, both on the
+    BE mask of ``layers``) crosses ``threshold``, in the detector's own units (a detection job's ``early_stopping``
+    table holds it, :func:`rule_from_job`). Raises ValueError for another detector or a bad step, T or layers."""
 
     step: int
     detector: str
@@ -57,24 +58,21 @@ class StopRule:
     threshold: float
 
     def __post_init__(self):
-        if self.detector not in SIGNALS:
-            raise ValueError(f"stopping signal {self.detector!r} is not one of {', '.join(SIGNALS)}")
+        if self.detector not in early_detector_names():
+            raise ValueError(f"stopping signal {self.detector!r} is not one of {', '.join(early_detector_names())}")
         if self.step < 0 or self.T < 1 or not self.layers:
             raise ValueError(f"stop rule needs step >= 0, T >= 1 and layers (got step={self.step}, T={self.T}, "
                              f"layers={list(self.layers)})")
 
     @property
     def window(self) -> int:
-        """LD's window at the stop step (0 for BE intensity): only steps 0..k exist there."""
-        return 0 if self.detector == "BE_intensity" else min(self.T, self.step + 1)
+        """The detector's window at the stop step (0 for one without a window): only steps 0..k exist there."""
+        return min(self.T, self.step + 1) if DETECTORS[self.detector].uses_T else 0
 
     def signal(self, delta_sq: np.ndarray, end_maps: dict[str, np.ndarray]) -> np.ndarray:
-        """(n,) scores from ``delta_sq`` (n, >= window steps, h, w) and step k's end-token maps (layer -> (n, h_l,
-        w_l)), as ``early.score_by_step`` computes them."""
-        mask = S.be_mask(end_maps, list(self.layers), delta_sq.shape[-2:])
-        if self.detector == "BE_intensity":
-            return S.be_intensity(mask)
-        return S.localized_LD(delta_sq, mask, self.window)
+        """(n,) scores from ``delta_sq`` (n, >= step + 1 steps, h, w) and step k's end-token maps (layer -> (n, h_l,
+        w_l)), by the detector's registered function on the step-k view, as ``early.score_by_step`` scores it."""
+        return step_signal(self.detector, step_view(delta_sq, end_maps, self.step), list(self.layers), self.window)
 
     def stops(self, signal: np.ndarray) -> np.ndarray:
         """(n,) bool: the scores that cross the threshold toward "memorized"."""
@@ -86,8 +84,10 @@ def rule_from_job(job: Job, step: int, fpr: float) -> StopRule:
     """The stop rule a finished detection job calibrated: its ``early.signal`` (detector, layer set, T), the layer
     set's layers, and the threshold of its ``early_stopping`` row at (``step``, ``fpr``).
 
-    Raises ValueError naming what is missing: not a finished detection job, no early stopping there (its sampler
-    recorded no ``end_map_steps``), or no row at that step or target FPR (the error lists those it has)."""
+    The calibration job's ``plugins`` are imported, so a plug-in's detector can be its signal. Raises ValueError
+    naming what is missing: not a finished detection job, no early stopping there (its sampler recorded no
+    ``end_map_steps``), no row at that step or target FPR (the error lists those it has), or a plug-in that cannot
+    be imported."""
     if job.task != "detect" or not job.finished:
         raise ValueError(f"{job.folder} is not a finished detection job (task {job.task!r})")
     rows = job.metrics.get("early_stopping")
@@ -101,6 +101,7 @@ def rule_from_job(job: Job, step: int, fpr: float) -> StopRule:
                          f"(step, FPR) {have}")
     signal = job.config["early"]["signal"]
     layers = job.config["layers"]["sets"][signal["layers"]]
+    load_plugins(job.config.get("plugins") or [])  # a plug-in's detector as the signal: the calibration job's own
     # T None (every step so far) is the whole run's steps: min(T, k + 1) is then k + 1 at every step k
     T = job.config["sampler"]["steps"] if signal.get("T") is None else int(signal["T"])
     return StopRule(step, signal["detector"], tuple(layers), T, float(match[0]["threshold"]))
@@ -139,7 +140,7 @@ def sample_with_early_stop(model: TextToImage, prompt: str | Sequence[str], seed
     prompts = prompts_per_image(prompt, n)
     if not 0 <= rule.step < settings.steps - 1:
         raise ValueError(f"stop step {rule.step} must be before the last of {settings.steps} steps (0-based)")
-    S.select_layers(list(cross_attention_layers(model.unet)), list(rule.layers))  # raises on an unknown layer
+    scores.select_layers(list(cross_attention_layers(model.unet)), list(rule.layers))  # raises on an unknown layer
     device, scheduler = model.device, model.scheduler
     cond = encode_prompts(model, prompts)
     uncond = model.encode([""]).expand(n, -1, -1)

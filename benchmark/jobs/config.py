@@ -38,7 +38,7 @@ from benchmark.core.config_types import (
     Rate,
     Seed,
 )
-from benchmark.registry import EXTRA_PASSES, PROMPT_SOURCES, Registry
+from benchmark.registry import EXTRA_PASSES, PROMPT_SOURCES, PluginError, Registry, load_plugins
 
 # JSON-strict: the config is data, so validate it as data (lists for tuples, ints for floats, nothing else coerced).
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -112,9 +112,10 @@ class Sampler(Section):
 
 
 class Model(Section):
-    """A text-to-image model preset (conf/model/); ``token_maps`` and ``mitigation_targets`` are the preset's
-    defaults for ``capture.token_maps`` and ``mitigation.target_losses`` (its extra passes it sets in
-    ``extra.passes`` itself)."""
+    """A text-to-image model preset (conf/model/); ``token_maps``, ``mitigation_targets`` and
+    ``anisotropy_gamma_cos`` are the preset's defaults for ``capture.token_maps``, ``mitigation.target_losses`` and
+    ``extra.anisotropy.gamma_cos`` (the extra passes it turns on for detection it sets in
+    ``conf/model/detect/<name>.yaml``, ``extra.passes``)."""
 
     name: Name
     source: Name
@@ -124,6 +125,8 @@ class Model(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     token_maps: bool = False
     mitigation_targets: list[NonNegative] = []
+    # the preset's default for extra.anisotropy.gamma_cos: the official weight is per model (SD v1: 2, SD 2: 0.1)
+    anisotropy_gamma_cos: NonNegative = 2.0
 
     def check(self) -> None:
         from benchmark.registry import MODEL_BUILDERS
@@ -247,6 +250,7 @@ class Job(Section):
     run_name: Name
     sweep_name: Name
     paths: Paths
+    plugins: list[Name] = []  # imported by check_job before anything is validated (benchmark.registry.load_plugins)
 
     # sections whose fields come from a registered function, validated by :func:`check_job` (name -> how)
     dynamic: ClassVar[tuple[str, ...]] = ()
@@ -456,6 +460,7 @@ RENAMED = {("capture", "extra"): "extra.passes", ("model", "extra"): "extra.pass
 def check_job(config: dict) -> Job:
     """The job schema of ``config['task']`` (:data:`JOBS`) applied to a resolved config: the validated sections
     (``job.sampler.settings()`` etc.). Raises ConfigError (one line) naming every bad setting and its value."""
+    load_config_plugins(config)
     task = config.get("task")
     schema = JOBS.get(task) if isinstance(task, str) else None
     if schema is None:
@@ -474,6 +479,19 @@ def check_job(config: dict) -> Job:
         raise ConfigError("; ".join(errors))
     job.check()
     return job
+
+
+def load_config_plugins(config: dict) -> list[str]:
+    """Import the installed plug-ins and the config's ``plugins`` (module names or ``.py`` files), so that their
+    detectors, localizers, mitigations, prompt sources, model builders and jobs are registered before the config is
+    checked against them. Raises ConfigError (one line) naming a plug-in that cannot be imported."""
+    plugins = config.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"plugins={plugins!r}: a list of module names or .py files")
+    try:
+        return load_plugins(plugins)
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(schema: type[BaseModel], data: dict):

@@ -190,6 +190,7 @@ class DetectionResult(JobResult):
     task: ClassVar[str] = "detect"
     tracked_tables: ClassVar[tuple[str, ...]] = ("metrics",)
     model: str
+    family: str | None = field(default=None, metadata=_OPTIONAL)  # "SD 2.x, v_prediction"; None: written before
     prompt_set: str
     n_prompts: int | None = None
     n_generations: int | None = None

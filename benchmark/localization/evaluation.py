@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Callable
 
@@ -17,7 +16,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import f1_score, precision_recall_curve
 
 from benchmark.data.prompts import Truth
-from benchmark.detectors import scores as S
+from benchmark.detectors import scores
 from benchmark.measures.metrics import binarize, iou, pixel_auroc
 from benchmark.measures.similarity import pixel_LS, pixel_S
 from benchmark.registry import LOCALIZERS
@@ -42,8 +41,10 @@ def truth_split(prompt_ids: list[str], truth: dict[str, Truth]):
 def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], truth: dict[str, Truth],
                        layer_sets: dict[str, list[str]], rule: str = "otsu",
                        maps: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask, per layer set, then per
-    other localizer in ``maps`` (name -> (n, h, w), :func:`localizer_maps`; its NaN rows are left out).
+    """Mean IoU and pixel AUROC over the generations whose prompt has a ground-truth mask: each end-map localizer
+    (:func:`end_map_localizers`: the BE mask) per layer set (``layers`` = the set, ``localizer`` = its name), then
+    each other localizer in ``maps`` (name -> (n, h, w), :func:`localizer_maps`; its NaN rows are left out), then
+    the all-ones floor. Scored by the same function as :func:`localization_leaderboard` (:func:`_map_scores`).
 
     ``control_*``: the same scores for the generations of never-trained prompts against the ground-truth masks
     (unrelated to them). A map with a spatial bias (brighter centre, say) scores above 0.5 there: the floor a
@@ -51,33 +52,54 @@ def localization_table(end_maps: dict[str, np.ndarray], prompt_ids: list[str], t
     split = truth_split(prompt_ids, truth)
     if split is None:
         return pd.DataFrame()
-    picked, masks, unrelated, others = split
+    size = split[1].shape[-2:]
+    sources: list[tuple[str, str, Maps]] = [
+        (set_name, entry.name, _end_map_maps(entry, end_maps, layers, size))
+        for entry in end_map_localizers() for set_name, layers in layer_sets.items()]
+    sources += [(name, name, scores.resize_maps(np.asarray(m, dtype=np.float32), tuple(size)))
+                for name, m in (maps or {}).items()]
+    sources.append(("all-ones (floor)", "floor", np.ones((len(prompt_ids),) + tuple(size))))
     rows = []
-    for name, layers in list(layer_sets.items()) + list((maps or {}).items()) + [("all-ones (floor)", None)]:
-        done = _computed(layers, len(prompt_ids))
-        ok = [j for j, i in enumerate(picked) if done[i]]
-        iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [picked[j] for j in ok], masks.shape[-2:]),
-                                    masks[ok], rule)
-        row = {"layers": name, "localizer": name if isinstance(layers, np.ndarray) else "BE" if layers else "floor",
-               "binarisation": rule,
+    for name, localizer, m in sources:
+        (iou_, auroc_, n), (c_iou, c_auroc, n_control) = _map_scores(m, split, len(prompt_ids), rule)
+        row = {"layers": name, "localizer": localizer, "binarisation": rule,
                "iou": float(np.mean(iou_)), "iou_sd": float(np.std(iou_)),
-               "pixel_auroc": float(np.mean(auroc_)), "n": len(ok)}
-        if unrelated:  # each never-trained generation against one planted mask (truth_split)
-            ok = [j for j, i in enumerate(unrelated) if done[i]]
-            iou_, auroc_ = _mask_scores(_soft_masks(end_maps, layers, [unrelated[j] for j in ok], masks.shape[-2:]),
-                                        others[ok], rule)
-            row |= {"control_iou": float(np.mean(iou_)), "control_auroc": float(np.mean(auroc_)),
-                    "n_control": len(ok)}
+               "pixel_auroc": float(np.mean(auroc_)), "n": n}
+        if split[2]:  # each never-trained generation against one planted mask (truth_split)
+            row |= {"control_iou": float(np.mean(c_iou)), "control_auroc": float(np.mean(c_auroc)),
+                    "n_control": n_control}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _end_map_maps(entry, end_maps: dict[str, np.ndarray], layers: list[str], size) -> Maps:
+    """An end-map localizer's maps of the generations asked for, computed for those only (``Maps`` callable)."""
+    return lambda rows, targets: entry.fn(end_maps={k: v[rows] for k, v in end_maps.items()}, layers=layers,
+                                          size=tuple(size))
+
+
+def _map_scores(m: Maps, split, n: int, rule: str):
+    """One localizer's per-generation scores, the core of every localization table: ``((ious, aurocs, k),
+    (control_ious, control_aurocs, k_control))`` on the ground-truth generations its map covers (non-NaN rows;
+    :func:`_mask_scores` against their masks) and on the never-trained ones against the planted masks in turn
+    (``split`` = :func:`truth_split`); empty lists where it covers none."""
+    picked, masks, unrelated, others = split
+    covered = _computed(m, n)
+
+    def scored(index: list[int], targets: np.ndarray):
+        mine = [k for k, i in enumerate(index) if covered[i]]
+        if not mine:
+            return [], [], 0
+        rows = [index[k] for k in mine]
+        soft = m(rows, targets[mine]) if callable(m) else np.asarray(m)[rows]
+        return (*_mask_scores(soft, targets[mine], rule), len(rows))
+    return scored(picked, masks), scored(unrelated, others)
 
 
 def localizer_maps(arrays) -> dict[str, np.ndarray]:
     """The maps (n, h, w) of every registered localizer without a layer set whose trace fields ``arrays`` (a
     ``detection.TraceArrays``) has, by localizer name: e.g. ``score_difference`` always, ``curvature`` when its
     extra pass ran (NaN rows where it did not)."""
-    from benchmark.registry import LOCALIZERS
-
     return {e.name: e(**arrays.inputs(e, None, 0, None)) for e in LOCALIZERS.entries()
             if not e.uses_layers and all(arrays.has(f) for f in e.trace_fields)}
 
@@ -87,16 +109,6 @@ def _computed(source, n: int) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return np.isfinite(source.reshape(len(source), -1)).all(axis=1)
     return np.ones(n, bool)
-
-
-def _soft_masks(end_maps: dict[str, np.ndarray], layers: list[str] | np.ndarray | None, rows: list[int],
-                shape: tuple[int, ...]) -> np.ndarray:
-    """The BE masks of some generations (``layers`` None: the all-ones floor; an array: another localizer's maps)."""
-    if layers is None:
-        return np.ones((len(rows),) + tuple(shape))
-    if isinstance(layers, np.ndarray):
-        return S.resize_maps(np.asarray(layers[rows], dtype=np.float32), tuple(shape))
-    return S.be_mask({k: v[rows] for k, v in end_maps.items()}, layers, shape)
 
 
 def _mask_scores(soft: np.ndarray, truths: np.ndarray, rule: str) -> tuple[list[float], list[float]]:
@@ -134,10 +146,10 @@ def token_table(token_maps: dict[str, np.ndarray], end_index: np.ndarray, prompt
     if not picked or not token_maps:
         return pd.DataFrame()
     size = truth[prompt_ids[picked[0]]].mask.shape
-    chosen = S.select_layers(list(token_maps), layers)
+    chosen = scores.select_layers(list(token_maps), layers)
     rows = []
     for i in picked:
-        maps = np.mean([S.resize_maps(token_maps[layer][i], size) for layer in chosen], axis=0)  # (tokens, H, W)
+        maps = np.mean([scores.resize_maps(token_maps[layer][i], size) for layer in chosen], axis=0)  # (tokens, H, W)
         target = truth[prompt_ids[i]].mask
         aurocs = np.array([pixel_auroc(m, target) if m.std() > 0 else 0.5 for m in maps])
         roles = np.array(token_roles(int(end_index[i]), len(maps)))
@@ -195,7 +207,7 @@ def similarity_table(images: list[np.ndarray], end_maps: dict[str, np.ndarray], 
     to its training image; a prompt without one is compared with every training image of each memorization kind
     and keeps the closest, so it is a negative for each kind."""
     size = images[0].shape[-2:]
-    masks = S.be_mask(end_maps, layers, size)
+    masks = scores.be_mask(end_maps, layers, size)
     by_kind = {k: [t.image for t in truth.values() if (t.mask is None) == (k == "global")] for k in ("global", "local")}
     rows = []
     for image, mask, pid, kind in zip(images, masks, prompt_ids, kinds):
@@ -273,7 +285,7 @@ def gallery(end_maps: dict[str, np.ndarray], prompt_ids: list[str], images: list
     if not picked:
         return None
     size = truth[prompt_ids[picked[0]]].mask.shape
-    soft = S.be_mask({k: v[picked] for k, v in end_maps.items()}, layers, size)
+    soft = scores.be_mask({k: v[picked] for k, v in end_maps.items()}, layers, size)
     return mask_gallery([images[i] for i in picked], soft, [truth[prompt_ids[i]].mask for i in picked])
 
 
@@ -290,14 +302,38 @@ def leaderboard_maps(end_maps: dict[str, np.ndarray], layer_sets: dict[str, list
     (``BE``), per layer set as ``<name> [<set>]``; then ``extra`` (maps a job computed elsewhere: early-step BE, a
     registered localizer reading other traces); then the all-ones floor."""
     out: dict[str, Maps] = {}
-    for entry in LOCALIZERS.entries():
-        if set(inspect.signature(entry.fn).parameters) - {"mode"} <= {"end_maps", "layers", "size"}:
-            for set_name, layers in layer_sets.items():
-                out[f"{entry.name} [{set_name}]"] = entry.fn(end_maps=end_maps, layers=layers, size=size)
+    for entry in end_map_localizers():
+        for set_name, layers in layer_sets.items():
+            out[f"{entry.name} [{set_name}]"] = entry.fn(end_maps=end_maps, layers=layers, size=size)
     out |= extra or {}
     n = len(next(iter(end_maps.values())))
     out["all-ones (floor)"] = np.ones((n,) + tuple(size))
     return out
+
+
+def end_map_localizers() -> list:
+    """The registered localizers that read a layer set's end-token maps and nothing else (``BE``, a plug-in's
+    variant of it): those scored per layer set, also on an earlier step's maps. Registry order."""
+    return [e for e in LOCALIZERS.entries() if e.uses_layers and set(e.trace_fields) <= {"end_maps"}]
+
+
+def job_leaderboard(arrays, truth: dict[str, Truth], layer_sets: dict[str, list[str]], rule: str = "otsu",
+                    n_boot: int = 1000, extra: dict[str, Maps] | None = None) -> pd.DataFrame:
+    """A job's localization leaderboard (:func:`localization_leaderboard`) over every registered localizer:
+    those of :func:`end_map_localizers` per layer set, then ``extra`` (maps only the job has: an earlier step's BE
+    mask, the oracle best word), then each layer-set-free localizer whose trace fields ``arrays`` (a
+    ``detection.TraceArrays``) has (NaN rows where an extra pass did not run), then the all-ones floor; all at the
+    ground-truth masks' size. The unrelated-mask control row is that of the first end-map localizer on the first
+    layer set. Empty without a ground-truth mask."""
+    masked = [t.mask for t in truth.values() if t.mask is not None]
+    if not masked:
+        return pd.DataFrame()
+    size = masked[0].shape
+    others = {name: scores.resize_maps(maps.astype(np.float32), size) for name, maps in localizer_maps(arrays).items()}
+    maps = leaderboard_maps(arrays.end_maps, layer_sets, size, {**(extra or {}), **others})
+    first = next(iter(layer_sets))
+    control = next((f"{e.name} [{first}]" for e in end_map_localizers()), None)
+    return localization_leaderboard(maps, list(arrays.rows.prompt_id), truth, rule, n_boot, control_of=control)
 
 
 def oracle_word_maps(token_maps: dict[str, np.ndarray], end_index: np.ndarray, layers: list[str],
@@ -305,12 +341,12 @@ def oracle_word_maps(token_maps: dict[str, np.ndarray], end_index: np.ndarray, l
     """The upper reference: per generation, the final-step map of the word token (between start and end tokens)
     with the highest pixel AUROC against the target mask, mean over ``layers``. It reads the answer to choose, so
     no detector can reach it; it shows how much of the copy some token's attention finds."""
-    chosen = S.select_layers(list(token_maps), layers)
+    chosen = scores.select_layers(list(token_maps), layers)
 
     def pick(rows: list[int], targets: np.ndarray) -> np.ndarray:
         out = []
         for i, target in zip(rows, targets):
-            maps = np.mean([S.resize_maps(token_maps[layer][i], size) for layer in chosen], axis=0)
+            maps = np.mean([scores.resize_maps(token_maps[layer][i], size) for layer in chosen], axis=0)
             words = maps[1:int(end_index[i])]
             if len(words) == 0:
                 raise ValueError(f"generation {i} has no word token (end index {end_index[i]})")
@@ -342,11 +378,6 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
     split = truth_split(prompt_ids, truth)
     if split is None:
         return pd.DataFrame()
-    picked, masks, unrelated, others = split
-
-    def soft(m: Maps, rows: list[int], targets: np.ndarray) -> np.ndarray:
-        return m(rows, targets) if callable(m) else np.asarray(m)[rows]
-
     rng = np.random.default_rng(seed)
     rows = []
 
@@ -357,20 +388,15 @@ def localization_leaderboard(maps: dict[str, Maps], prompt_ids: list[str], truth
 
     control = None
     for name, m in maps.items():
-        covered = _computed(m, len(prompt_ids))  # a map computed for some generations only: scored on those
-        mine = [k for k, i in enumerate(picked) if covered[i]]
-        if not mine:
+        (ious, aurocs, n), (c_iou, c_auroc, n_control) = _map_scores(m, split, len(prompt_ids), rule)
+        if not n:
             continue
-        rows_in = [picked[k] for k in mine]
-        r = row(name, *_mask_scores(soft(m, rows_in, masks[mine]), masks[mine], rule), len(rows_in))
-        theirs = [k for k, i in enumerate(unrelated) if covered[i]]
-        if theirs:
-            c_rows = [unrelated[k] for k in theirs]
-            c_iou, c_auroc = _mask_scores(soft(m, c_rows, others[theirs]), others[theirs], rule)
+        r = row(name, ious, aurocs, n)
+        if n_control:
             r |= {"control_iou": float(np.mean(c_iou)), "control_auroc": float(np.mean(c_auroc)),
-                  "n_control": len(c_rows)}
+                  "n_control": n_control}
             if name == control_of:
-                control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, len(c_rows))
+                control = row(f"unrelated-mask control: {name}", c_iou, c_auroc, n_control)
         rows.append(r)
     if control is not None:
         rows.append(control)

@@ -97,10 +97,9 @@ class Optimised:
 def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor,
                        t: torch.Tensor, settings: MitigationSettings, mask: torch.Tensor | None = None) -> Optimised:
     """Wen's loop on a batch of independent images; ``cond``/``uncond`` (n, tokens, dim), ``latents`` at step ``t``."""
-    unet = model.unet
     x = model.scheduler.scale_model_input(latents, t)
     with torch.no_grad():
-        eps_uncond = unet(x, t, encoder_hidden_states=uncond).sample
+        eps_uncond = model.noise_prediction(x, t, uncond)
     bos = cond[:, :1].detach().float()
     emb = cond.detach().float().clone().requires_grad_(True)  # a float32 master copy: fp16 loses AdamW steps
     optimizer = torch.optim.AdamW([emb], lr=settings.lr)
@@ -109,7 +108,7 @@ def optimise_embedding(model: TextToImage, cond: torch.Tensor, uncond: torch.Ten
     steps = torch.zeros(len(emb), dtype=torch.long)
     history = []
     for _ in range(settings.max_iters):
-        eps_cond = unet(x, t, encoder_hidden_states=emb.to(unet.dtype)).sample
+        eps_cond = model.noise_prediction(x, t, emb.to(model.dtype))
         losses = magnitude_loss((eps_cond - eps_uncond).float(), mask, settings.mask_norm)
         history.append(losses.detach().float().cpu())
         stop = active & (losses.detach() <= settings.target_loss)
@@ -138,15 +137,15 @@ def optimise_shared_embedding(model: TextToImage, cond: torch.Tensor, uncond: to
     start token's gradient is zeroed and the token is left to weight decay. The embedding is optimised in the
     model's dtype, as theirs (the pipeline's); the loss is taken in float32. Returns the embedding repeated n times.
     """
-    unet, n = model.unet, len(latents)
+    n = len(latents)
     x = model.scheduler.scale_model_input(latents, t)
     with torch.no_grad():
-        eps_uncond = unet(x, t, encoder_hidden_states=uncond).sample
+        eps_uncond = model.noise_prediction(x, t, uncond)
     emb = cond[:1].detach().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([emb], lr=settings.lr)
     history, steps = [], 0
     for _ in range(settings.max_iters):
-        eps_cond = unet(x, t, encoder_hidden_states=emb.expand(n, -1, -1)).sample
+        eps_cond = model.noise_prediction(x, t, emb.expand(n, -1, -1))
         loss = batch_loss((eps_cond - eps_uncond).float(), mask)
         history.append(float(loss.detach()))
         if history[-1] <= settings.target_loss:

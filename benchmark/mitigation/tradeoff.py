@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 
-from benchmark.detectors import scores as S
+from benchmark.detectors import scores
 from benchmark.detectors.detection import Generation, generate
 from benchmark.localization.evaluation import Truth, rmse
 from benchmark.measures.similarity import SSCD, CLIPScore, pixel_LS, pixel_S
@@ -103,7 +103,7 @@ def measure(image: np.ndarray, prompt: str, end_maps: dict[str, np.ndarray], tru
     """Every available measure of one generation ((3, H, W) in [0, 1])."""
     out = {}
     if truth is not None:
-        mask = S.be_mask({k: v[None] for k, v in end_maps.items()}, measures.mask_layers, image.shape[-2:])[0]
+        mask = scores.be_mask({k: v[None] for k, v in end_maps.items()}, measures.mask_layers, image.shape[-2:])[0]
         out |= {"S": pixel_S(image, truth.image), "LS": pixel_LS(image, truth.image, mask),
                 "train_rmse": rmse(image, truth.image, truth.mask)}
         if measures.sscd is not None:

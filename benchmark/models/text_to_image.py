@@ -1,14 +1,16 @@
 """Text-to-image models: load SD-style pipelines from a folder or hub id, or build tiny ones in-process.
 
 Every model reaches the sampler as a :class:`TextToImage`: a UNet, a text encoder with its tokenizer, a DDIM
-scheduler and, for latent models, a VAE. SD v1-4 and the planted-memorization testbed load through the same path.
+scheduler and, for latent models, a VAE. SD v1-4, SD 2.x (epsilon at 512 px, v-prediction at 768 px) and the
+planted-memorization testbed load through the same path; every network call is :meth:`TextToImage.noise_prediction`
+(epsilon whatever the network predicts). Families: docs/models.md.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,14 +40,43 @@ SD14_SCHEDULER = dict(
     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
 )
 
+# Stable Diffusion 2.x's published component configs (stabilityai/stable-diffusion-2-1-base and
+# stabilityai/stable-diffusion-2-1, */config.json). The UNet's layout is SD v1's; its attention_head_dim is, in
+# diffusers' naming, the number of heads per block (5, 10, 20, 20: 64 channels each, where SD v1 has 8 heads
+# everywhere), its transformers project in and out with linear layers, and it cross-attends to 1024-dim states.
+SD2_UNET = {**SD14_UNET, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+            "use_linear_projection": True}
+SD2_768_UNET = {**SD2_UNET, "sample_size": 96, "upcast_attention": True}  # 2.1 at 768 px: fp32 attention scores
+# OpenCLIP ViT-H/14's text tower as diffusers loads it: a transformers CLIPTextModel with 23 of its 24 layers (SD 2
+# conditions on the penultimate layer, then the final layer norm). bos/eos/pad ids are the converted checkpoint's
+# (0, 2, 1; only the pooled output would read eos_token_id, and SD 2 uses the token states); the tokenizer's ids
+# (49406, 49407, pad "!" = 0) are what the prompts get.
+SD2_TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=512, bos_token_id=0, eos_token_id=2,
+    pad_token_id=1,
+)
+SD2_VAE = SD14_VAE  # SD v1's autoencoder (scaling factor 0.18215); the 768 checkpoint's config says sample_size 768
+SD2_SCHEDULER = SD14_SCHEDULER  # 2.x base: epsilon
+SD2_V_SCHEDULER = {**SD14_SCHEDULER, "prediction_type": "v_prediction"}  # 2.x at 768 px
+SD2_PAD_TOKEN = "!"  # SD 2's tokenizer (tokenizer/special_tokens_map.json) pads with "!", id 0, not the end token
+
 
 class ModelLoadError(RuntimeError):
     """A model folder or hub id that cannot be loaded; the message names the culprit."""
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class TextToImage:
-    """The parts of a text-to-image diffusion model that sampling and capture need."""
+    """The parts of a text-to-image diffusion model that sampling and capture need.
+
+    ``prediction_type``: what the network outputs, ``epsilon`` (SD v1, SD 2 base) or ``v_prediction`` (SD 2.1 at
+    768 px); None takes it from the scheduler's config. Whatever the network predicts, the library sees epsilon:
+    :meth:`noise_prediction` converts, and ``scheduler`` is kept configured for epsilon so that DDIM's update reads
+    what every caller hands it. Raises ValueError for another prediction type (``sample``)."""
 
     model_id: str
     unet: UNet2DConditionModel
@@ -53,6 +84,73 @@ class TextToImage:
     tokenizer: object
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None  # None: the UNet works in pixel space (the testbed)
+    prediction_type: str | None = None
+    # alpha-bar tables by device and dtype, made once: a host-to-device copy at every call would wait for the queue
+    _alphas_cumprod: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def family(self) -> str:
+        """The model family as its text side tells it, for reports: ``SD v1`` (a CLIP text encoder whose tokenizer
+        pads with its end token), ``SD 2.x`` (a CLIP text encoder padding with another token, SD 2's ``!``), else
+        the text encoder's class name (the testbed's MiniLM: ``BertModel``). A family subclass names itself."""
+        if isinstance(self.text_encoder, CLIPTextModel):
+            return "SD v1" if pads_with_end_token(self.tokenizer) else "SD 2.x"
+        return type(self.text_encoder).__name__
+
+    def __post_init__(self):
+        kind = self.prediction_type or self.scheduler.config.get("prediction_type", "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"model {self.model_id}: prediction_type={kind!r} is not supported (one of "
+                             f"{', '.join(PREDICTION_TYPES)})")
+        self.prediction_type = kind
+        if self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            # the sampler steps on epsilon (noise_prediction's output); the network's own type stays on the model
+            self.scheduler = type(self.scheduler).from_config(self.scheduler.config, prediction_type="epsilon")
+
+    def network_inputs(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                       **conditions) -> dict:
+        """The network's keyword arguments besides ``(latents, t)``: the family's hook for added conditions.
+
+        SD v1 and SD 2.x cross-attend to ``context`` alone and take no conditions (TypeError naming any given). A
+        family with added conditions (SDXL's pooled text embedding and time ids, a transformer's text attention
+        mask) overrides this in its TextToImage subclass, mapping ``conditions`` (batched like ``context``, the
+        unconditional half first in a CFG batch) to its network's arguments."""
+        if conditions:
+            raise TypeError(f"{type(self).__name__} ({self.model_id}) takes no added conditions, got "
+                            f"{', '.join(sorted(conditions))}")
+        return {"encoder_hidden_states": context}
+
+    def noise_prediction(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                         **conditions) -> torch.Tensor:
+        """Epsilon (m, c, h, w) for noisy latents ``latents`` (m, c, h, w) at timestep ``t`` (a scalar or (m,)
+        tensor, or an int) under the token states ``context`` (m, tokens, dim): the one place the network is
+        called (sampling, capture, the Jacobian passes, mitigation losses). ``conditions``: the family's added
+        conditions (:meth:`network_inputs`). Differentiable in ``latents`` and ``context``, so autograd and
+        forward-mode users (SAIL, curvature, Wen's and BE's mitigation losses) differentiate epsilon itself."""
+        out = self.unet(latents, t, **self.network_inputs(latents, t, context, **conditions)).sample
+        return self.epsilon_from_output(out, latents, t)
+
+    def epsilon_from_output(self, out: torch.Tensor, latents: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The network's output as epsilon. ``v_prediction``: ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``
+        with ``abar_t`` the scheduler's ``alphas_cumprod[t]`` (Salimans & Ho 2022, Sec. 4 / App. D; the
+        conversion of diffusers' DDIMScheduler.step, ``pred_epsilon`` under ``v_prediction``, and of SD 2's
+        ``ldm/models/diffusion/ddpm.py`` ``predict_eps_from_z_and_v``). ``epsilon``: ``out`` unchanged."""
+        if self.prediction_type == "epsilon":
+            return out
+        source = self.scheduler.alphas_cumprod
+        key = (out.device, out.dtype, id(source))  # a replaced scheduler gets its own tables
+        if key not in self._alphas_cumprod:
+            abar = source.double()
+            self._alphas_cumprod[key] = torch.stack([abar.sqrt(), (1 - abar).sqrt()]).to(out.device, out.dtype)
+        table = self._alphas_cumprod[key]  # (2, train timesteps): sqrt(abar), sqrt(1 - abar)
+        # a Python int indexes without a copy; a timestep tensor is the sampler's own, already on the device
+        if isinstance(t, int):
+            coef = table[:, t]
+        else:
+            t = torch.as_tensor(t)
+            coef = table[:, (t if t.device == table.device else t.to(table.device)).long()]
+        coef = coef.reshape(2, -1, *[1] * (out.ndim - 1))
+        return coef[0] * out + coef[1] * latents
 
     @property
     def device(self) -> torch.device:
@@ -227,10 +325,11 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """SD v1-4's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padding with the end token), built offline."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """CLIP's BPE tokenizer (77 tokens), built offline: SD v1-4's, padding with the end token, by default; SD 2's
+    (OpenCLIP ViT-H/14 uses the same vocabulary) with ``pad_token=SD2_PAD_TOKEN``."""
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)
 
 
 # -------------------------------------------------------------------------------------- in-process models
@@ -273,11 +372,61 @@ def sd14_architecture(seed: int = 0, with_vae: bool = True) -> TextToImage:
                        DDIMScheduler(**SD14_SCHEDULER), vae.eval() if vae else None)
 
 
+def _sd2_twin(model_id: str, scheduler: dict, seed: int) -> TextToImage:
+    torch.manual_seed(seed)
+    # SD 2's layout in miniature: four levels, two layers per block (16 cross-attention layers, the same names as
+    # SD 2's), heads per block doubling as SD 2's 5-10-20-20 do (8 channels each), linear projections
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 64, 64),
+        cross_attention_dim=32, attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, norm_num_groups=8,
+        down_block_types=SD2_UNET["down_block_types"], up_block_types=SD2_UNET["up_block_types"],
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**SD2_TEXT, "hidden_size": 32, "intermediate_size": 64,
+                                                   "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                   "projection_dim": 16}))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    return TextToImage(model_id, unet.eval(), text_encoder.eval(), clip_tokenizer(SD2_PAD_TOKEN),
+                       DDIMScheduler(**scheduler), vae.eval())
+
+
+@MODEL_BUILDERS.register("tiny-sd2", label="tiny random SD 2 twin (epsilon)", in_process=True,
+                         scheduler=SD2_SCHEDULER)
+def tiny_sd2(seed: int = 0) -> TextToImage:
+    """A seconds-fast random twin of SD 2.x base (epsilon): SD 2's layer layout and names, per-block head counts,
+    linear projections, a CLIPTextModel with SD 2's settings and SD 2's tokenizer (padding with ``!``)."""
+    return _sd2_twin("tiny-sd2", SD2_SCHEDULER, seed)
+
+
+@MODEL_BUILDERS.register("tiny-sd2-v", label="tiny random SD 2.1 twin (v-prediction)", in_process=True,
+                         scheduler=SD2_V_SCHEDULER)
+def tiny_sd2_v(seed: int = 0) -> TextToImage:
+    """The SD 2 twin as SD 2.1 at 768 px is: a v-prediction network (``TextToImage.noise_prediction`` gives eps)."""
+    return _sd2_twin("tiny-sd2-v", SD2_V_SCHEDULER, seed)
+
+
+@MODEL_BUILDERS.register("sd2-architecture", label="SD 2.1 (768, v) architecture, random weights", in_process=True,
+                         scheduler=SD2_V_SCHEDULER)
+def sd2_architecture(seed: int = 0, with_vae: bool = True, v_prediction: bool = True) -> TextToImage:
+    """SD 2.x's full architecture with random weights: SD 2.1 at 768 px (v-prediction, upcast attention), or with
+    ``v_prediction=False`` SD 2.1 base (512 px, epsilon). For speed, memory and folder-loading tests only."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(SD2_768_UNET if v_prediction else SD2_UNET))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
+    vae = AutoencoderKL(**SD2_VAE, scaling_factor=0.18215) if with_vae else None
+    scheduler = DDIMScheduler(**(SD2_V_SCHEDULER if v_prediction else SD2_SCHEDULER))
+    return TextToImage("sd2-architecture-random", unet.eval(), text_encoder.eval(), clip_tokenizer(SD2_PAD_TOKEN),
+                       scheduler, vae.eval() if vae else None)
+
+
 def save_text_to_image(model: TextToImage, folder: str | Path) -> Path:
     """Write a model as a diffusers pipeline folder (safetensors) that :func:`load_text_to_image` reads."""
     folder = Path(folder)
+    # the scheduler as the network was trained: TextToImage keeps its own set to epsilon (noise_prediction's output)
+    scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=model.prediction_type)
     parts = {"unet": model.unet, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer,
-             "scheduler": model.scheduler, "vae": model.vae}
+             "scheduler": scheduler, "vae": model.vae}
     index = {"_class_name": "StableDiffusionPipeline"}
     for name, part in parts.items():
         if part is None:

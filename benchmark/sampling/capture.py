@@ -290,20 +290,23 @@ def encode_prompts(model: TextToImage, prompts: list[str]) -> torch.Tensor:
     return torch.cat([distinct[p] for p in prompts])
 
 
-def guided_eps(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+def guided_eps(model: TextToImage, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **conditions
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The text-to-image UNet call: one CFG batch, unconditional half first (diffusers' order); (eps_u, eps_c)."""
-    eps_uncond, eps_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context).sample.chunk(2)
+    """One CFG batch through ``model.noise_prediction`` (epsilon whatever the network predicts): ``latents``
+    (n, c, h, w), ``context`` (2n, tokens, dim) and any added ``conditions`` unconditional half first (diffusers'
+    order); returns (eps_u, eps_c), each (n, c, h, w)."""
+    eps_uncond, eps_cond = model.noise_prediction(torch.cat([latents, latents]), t, context, **conditions).chunk(2)
     return eps_uncond, eps_cond
 
 
 def ddim_cfg_step(model: TextToImage, latents: torch.Tensor, t: int, t_device: torch.Tensor, context: torch.Tensor,
-                  settings: SamplerSettings, generators: Sequence[torch.Generator] | None = None
+                  settings: SamplerSettings, generators: Sequence[torch.Generator] | None = None, **conditions
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step with classifier-free guidance: (the next latents, ``eps_cond - eps_uncond``), both (n, c, h, w).
     ``t``: the timestep as a host int (the scheduler's table lookup), ``t_device`` the same on the device (the
-    UNet's input); ``generators``: one per row, for the variance noise when eta > 0 (``ddim_step``)."""
-    eps_uncond, eps_cond = guided_eps(model.unet, latents, t_device, context)
+    UNet's input); ``generators``: one per row, for the variance noise when eta > 0 (``ddim_step``);
+    ``conditions``: the family's added conditions, batched like ``context`` (``guided_eps``)."""
+    eps_uncond, eps_cond = guided_eps(model, latents, t_device, context, **conditions)
     delta = eps_cond - eps_uncond
     return ddim_step(model.scheduler, eps_uncond + settings.guidance * delta, t, latents, settings.eta,
                      generators), delta
