@@ -85,7 +85,8 @@ def run_detection(job: DetectJob, device: str | None = None, progress: Progress 
                                prompt_set.truth, job.localization.rule)
     return DetectionResult(
         config=job.resolved, sampler_settings=sampler_record(settings, s.seed, m.dtype), n_images=s.n_images,
-        model=m.name, family=f"{model.family}, {model.prediction_type}", prompt_set=prompt_set.name, n_prompts=len(prompt_set), n_generations=len(arrays.rows),
+        model=m.name, family=f"{model.family}, {model.prediction_type}", prompt_set=prompt_set.name,
+        n_prompts=len(prompt_set), n_generations=len(arrays.rows),
         sampled_now=sampled, extra_computed_now=extra_now, extra_seconds=round(extra_s, 2),
         extra={r.name: {**r.knobs, "n": r.n, "hash": r.digest} for r in extra},
         sampling_seconds=round(sampling_s, 2), scoring_seconds=round(time.perf_counter() - start - sampling_s, 2),
