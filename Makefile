@@ -14,7 +14,8 @@ run:                ## the main job: build or reuse the testbed; detection, loca
 	$(PY) -m reports.leaderboard outputs/detect/testbed outputs/mitigate/testbed --out outputs/report && \
 	echo "make run wall time: $$(( $$(date +%s) - start )) s (report: outputs/report/leaderboard.html)"
 
-test:               ## the fast suite (what CI runs)
+test:               ## ruff (the rule set in pyproject.toml), then the fast suite (what CI runs)
+	.venv/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 test-all:           ## everything, including the minutes-long tests

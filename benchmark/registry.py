@@ -280,8 +280,9 @@ layer-set-free localizer reads only trace fields, e.g. an extra pass's map)."""
 EXTRA_PASSES = Registry("extra pass")
 """Per-generation values that need their own pass over the model (a capture trace cannot hold them): ``fn(model,
 prompts, seeds, settings, prompt_index, **knobs) -> {field: (len(seeds), ...)}`` (image i: ``prompts[i]``,
-``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields`` (field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises
-ValueError on bad knobs, before any pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
+``seeds[i]``, ``prompt_index[i]``), each value a function of its own (prompt, seed) alone. Metadata: ``fields``
+(field name -> "scalar" | "map"), ``check`` (``check(settings, **knobs)`` raises ValueError on bad knobs, before any
+pass runs). Stored beside the traces by ``benchmark.detectors.extra_passes``."""
 
 # What a mitigation acts on, which way its strength knob is stronger, and what it may require of a model (the tests
 # of each requirement: benchmark.mitigation.interface.REQUIREMENTS).
@@ -322,8 +323,9 @@ def _check_mitigation(name: str, fn: Callable, meta: dict) -> dict:
 MITIGATIONS = Registry("mitigation", _check_mitigation)
 """Inference-time mitigations: ``fn(**knobs) -> benchmark.mitigation.interface.Intervention``, a factory whose
 keyword parameters are the method's knobs, each defaulting to the official value. Metadata: ``acts_on`` (one of
-:data:`MITIGATION_ACTS_ON`), ``needs`` (premises a model family may lack, :data:`PREMISES`), ``needs_mask`` (whether it reads the generation's BE mask), ``strength`` (the knob
-that moves it along its trade-off curve, or None) and ``stronger`` ("higher" | "lower"), ``strengths`` (default
+:data:`MITIGATION_ACTS_ON`), ``needs`` (premises a model family may lack, :data:`PREMISES`), ``needs_mask``
+(whether it reads the generation's BE mask), ``strength`` (the knob that moves it along its trade-off curve, or
+None) and ``stronger`` ("higher" | "lower"), ``strengths`` (default
 values of the strength), ``requires`` (of :data:`MITIGATION_REQUIRES`, checked on the model before sampling),
 ``tag`` (``tag(knobs) -> str``, the store-key part, for methods keyed before the interface), ``strengths_key`` and
 ``config_knobs`` (the mitigation config's older keys that hold its strengths and knobs: ``target_losses``, ``lr``...).

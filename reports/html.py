@@ -109,11 +109,13 @@ def jobs_html(job_list: pd.DataFrame) -> str:
     """The job list, each folder a link (relative to the page); a row not reported (failed, unfinished, superseded:
     its ``status``) has that status as its class."""
     rows = "".join(
-        f"<tr class='{escape(str(row.get('status', '')))}'>" + "".join(f"<td><a href='{escape(str(v))}'>{escape(str(v))}</a></td>" if c == "folder"
-                         else f"<td>{escape(str(v))}</td>" for c, v in row.items()) + "</tr>"
+        f"<tr class='{escape(str(row.get('status', '')))}'>"
+        + "".join(f"<td><a href='{escape(str(v))}'>{escape(str(v))}</a></td>" if c == "folder"
+                  else f"<td>{escape(str(v))}</td>" for c, v in row.items()) + "</tr>"
         for _, row in job_list.iterrows())
     head = "".join(f"<th>{escape(c)}</th>" for c in job_list.columns)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table><p>Folders are relative to this page.</p>"
+    return (f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            "<p>Folders are relative to this page.</p>")
 
 
 def _img(data: str | None, alt: str, caption: str = "") -> str:

@@ -98,7 +98,8 @@ def early_signals(det: pd.DataFrame) -> pd.DataFrame:
 
 
 def early_markdown(result: DetectionResult) -> list[str]:
-    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early/step_detection.py), where present."""
+    """Localization leaderboard, early-step BE by step k and early stopping (benchmark/early/step_detection.py), where
+    present."""
     parts = []
     if result.localization_leaderboard:
         board = pd.DataFrame(result.localization_leaderboard)

@@ -24,8 +24,8 @@ IGNORED_KEYS = ("paths", "logger", "sweep_name", "hydra")
 
 
 def read_config(folder: Path) -> dict:
-    """The job's resolved configuration, through the job-folder schema (``benchmark.store.job_folder.read_job``), {} where
-    the folder has none. The only place reports read a job's configuration."""
+    """The job's resolved configuration, through the job-folder schema (``benchmark.store.job_folder.read_job``), {}
+    where the folder has none. The only place reports read a job's configuration."""
     return read_job(folder).config or {}
 
 
@@ -52,8 +52,8 @@ class Job:
 
     @property
     def n_images(self) -> int:
-        """Generations per prompt, as the job recorded it (``benchmark.store.job_folder``'s ``n_images``: a mitigation job's
-        resolved ``mitigation.n_images``); folders older than that field fall back to the config."""
+        """Generations per prompt, as the job recorded it (``benchmark.store.job_folder``'s ``n_images``: a mitigation
+        job's resolved ``mitigation.n_images``); folders older than that field fall back to the config."""
         if self.result.n_images is not None:
             return int(self.result.n_images)
         mitigation = self.config.get("mitigation", {})

@@ -24,6 +24,7 @@ from reports.headline import Group, headline_groups
 from reports.jobs import Job, OtherJob, finished_jobs, job_folders, link, other_jobs  # noqa: F401  (job_folders: public)
 from reports.labels import grid_detectors
 from reports.latex import escape, to_latex
+from reports.summary import report_summary
 from reports.tables import (
     PAPER,
     ddpm_summary,
@@ -344,8 +345,7 @@ def main() -> None:
         written = write_report(folders, args.out, args.metric)
     except ResultError as err:  # a folder of another schema version: its one line, not a traceback
         parser.exit(2, f"report error: {err}\n")
-    for path in written.values():
-        print(path)
+    print(report_summary(written))
 
 
 if __name__ == "__main__":

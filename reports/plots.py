@@ -227,8 +227,8 @@ def tradeoff_figure(points: pd.DataFrame) -> str:
 
 def gallery_figure(masks_png: Path, job: str) -> str | None:
     """The job's mask gallery (masks.png: rows of generation | BE mask over it | ground truth over it, written by
-    benchmark.localization.evaluation.mask_gallery) redrawn as generation | BE mask over it with the ground-truth region's
-    outline. The region is recovered from the third panel (there truth t gives 0.5 * image + 0.5 * (t, t, 0)).
+    benchmark.localization.evaluation.mask_gallery) redrawn as generation | BE mask over it with the ground-truth
+    region's outline. The region is recovered from the third panel (there truth t gives 0.5 * image + 0.5 * (t, t, 0)).
     None where the picture does not have that layout (square panels, three columns)."""
     from PIL import Image
 

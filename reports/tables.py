@@ -202,7 +202,8 @@ def localization_board(jobs: list[Job]) -> pd.DataFrame:
             continue
         for r in job.result.localization or []:
             floor = r["layers"].startswith("all-ones")
-            rows.append({"job": job.label, "localizer": "all-ones mask (floor)" if floor else f"BE mask [{r['layers']}]",
+            localizer = "all-ones mask (floor)" if floor else f"BE mask [{r['layers']}]"
+            rows.append({"job": job.label, "localizer": localizer,
                          "iou": r["iou"], "pixel_auroc": r["pixel_auroc"], "control_iou": r.get("control_iou"),
                          "control_auroc": r.get("control_auroc"), "n": r.get("n")})
         for r in job.result.token_localization or []:

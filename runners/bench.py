@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--gpu-suite", action="store_true", help="the make bench-gpu suite")
-    parser.add_argument("--model", default="sd14-architecture", choices=sorted(n for n in MODEL_BUILDERS if MODEL_BUILDERS[n].in_process))
+    parser.add_argument("--model", default="sd14-architecture",
+                        choices=sorted(n for n in MODEL_BUILDERS if MODEL_BUILDERS[n].in_process))
     parser.add_argument("--resolution", type=int, help="default 256 (bench), 512 (suite)")
     parser.add_argument("--steps", type=int, help="default 10 (bench), 50 (suite)")
     parser.add_argument("--images", type=int, default=2, help="bench: images per capture call")

@@ -5,13 +5,14 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from benchmark.core.devices import pick_device
@@ -19,9 +20,12 @@ from benchmark.jobs.config import ConfigError, check_job
 from benchmark.jobs.results import JobResult
 from benchmark.store import job_folder as jobfolder
 from benchmark.store.tracking import Tracker
+from runners.help import help_text
 
 # A sweep job's folder name (conf/hydra/default.yaml): one folder inside the sweep folder whatever the values.
 OmegaConf.register_new_resolver("job_folder", jobfolder.folder_name, replace=True)
+# --help's page (conf/hydra/help/be_bench.yaml).
+OmegaConf.register_new_resolver("help_text", help_text, replace=True)
 
 # A job's output is what its user needs: the libraries' weight-loading progress bars say nothing to act on.
 transformers_logging.disable_progress_bar()
@@ -33,6 +37,15 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from
 def job_device(requested: str) -> str:
     job = HydraConfig.get().job
     return pick_device(requested, int(job.num) if job.get("num") is not None else 0)
+
+
+def progress_bar(iterable: Iterable, desc: str) -> Iterable:
+    """The jobs' ``progress`` (``benchmark.jobs.detection.Progress``): a bar named ``desc`` over ``iterable``, drawn on
+    a terminal only (a log gets none), and none over nothing (a bar over an empty iterable would leave an empty
+    line: a job that reuses every setting's images would print a blank line per setting)."""
+    if hasattr(iterable, "__len__") and not len(iterable):
+        return iterable
+    return tqdm(iterable, desc=desc, disable=None)
 
 
 def job_tracker(cfg: DictConfig, folder: Path) -> Tracker:
@@ -65,6 +78,23 @@ def check_config(config: dict) -> None:
         sys.exit(2)
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """What only the command line gets wrong, checked before the config: a config meant for another runner (an
+    experiment's ``task``), or a sweep (an experiment's ``hydra.sweeper.params``) started without ``-m``, which Hydra
+    would run as one job of none of the grid's points. Either ends the run with one line on stderr (exit status 2)."""
+    hydra_cfg = HydraConfig.get()
+    runner, choice = hydra_cfg.job.config_name, hydra_cfg.runtime.choices.get("experiment")
+    what = f"experiment={choice}" if choice else "this config"
+    if cfg.task != runner:
+        print(f"config error: task={cfg.task!r}: {what} is for runners.{cfg.task}, not runners.{runner}",
+              file=sys.stderr)
+        sys.exit(2)
+    grid = hydra_cfg.sweeper.get("params") or {}
+    if grid and hydra_cfg.mode != RunMode.MULTIRUN:
+        print(f"config error: {what} is a sweep over {', '.join(grid)}: run it with -m", file=sys.stderr)
+        sys.exit(2)
+
+
 def launch_path(path: str) -> str:
     """``path`` as an absolute path, a relative one taken from the directory the command was started in (Hydra's
     ``runtime.cwd``), which ``hydra.job.chdir=true`` makes differ from the working directory; outside a Hydra run
@@ -90,6 +120,7 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
     claimed by another running job, is never touched: the job runs into ``<folder>-2`` (then -3, ...).
     In a sweep, a failing job leaves error.txt and returns NaN so the others go on. Paths: ``launch_paths``."""
     hydra_cfg = HydraConfig.get()
+    check_launch(cfg)
     cfg = launch_paths(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     if hydra_cfg.mode != RunMode.MULTIRUN:

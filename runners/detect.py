@@ -6,13 +6,13 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from benchmark.jobs.config import check_job
 from benchmark.jobs.detection import run_detection
 from benchmark.store import job_folder as jobfolder
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, run_job, write_result
+from reports.summary import job_summary
+from runners.common import CONF, job_device, job_tracker, progress_bar, run_job, write_result
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -22,12 +22,10 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
-        result = run_detection(job, device, progress=lambda it, desc: tqdm(it, desc=desc, disable=None))
+        result = run_detection(job, device, progress=progress_bar)
         write_result(result, folder, tracker)
-        report = write_job_report(folder)
-        print(report.read_text() + f"\n{job.score.headline.detector} AUC ({job.score.headline.subset}, "
-              f"{job.score.headline.level}): {result.headline:.3f} | {result.sampled_now} images sampled now, "
-              f"results in {folder}")
+        write_job_report(folder)
+        print(job_summary(folder))
         return result.headline
     finally:
         tracker.finish()

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from benchmark.jobs.config import check_job
 from benchmark.jobs.guard import run_guarded
 from benchmark.store import job_folder as jobfolder
-from runners.common import CONF, job_device, job_tracker, launch_path, run_job, write_result
+from runners.common import CONF, job_device, job_tracker, launch_path, progress_bar, run_job, write_result
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -21,7 +20,7 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
-        result = run_guarded(job, device, progress=lambda it, desc: tqdm(it, desc=desc, disable=None))
+        result = run_guarded(job, device, progress=progress_bar)
         write_result(result, folder, tracker)
         rule, g = result.rule, job.guard
         print(f"{result.stopped} of {result.n_generations} generations stopped at step {rule['step']} "

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from benchmark.jobs.config import check_job
 from benchmark.jobs.mitigation import MitigationSpec, run_mitigation_job
 from benchmark.store import job_folder as jobfolder
 from reports.job import write_job_report
-from runners.common import CONF, job_device, job_tracker, run_job, write_result
+from reports.summary import job_summary
+from runners.common import CONF, job_device, job_tracker, progress_bar, run_job, write_result
 
 
 def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
@@ -23,13 +23,11 @@ def run(cfg: DictConfig, folder: Path, device: str | None = None) -> float:
     jobfolder.write_config(folder, config)
     tracker = job_tracker(cfg, folder)
     try:
-        spec = MitigationSpec(job, config, device or cfg.model.device,
-                              progress=lambda it: tqdm(it, desc="prompts", disable=None))
+        spec = MitigationSpec(job, config, device or cfg.model.device, progress=lambda it: progress_bar(it, "prompts"))
         result = run_mitigation_job(spec)
         write_result(result, folder, tracker)
-        report = write_job_report(folder)
-        print(report.read_text())
-        print(f"{result.sampled_now} images sampled now, results in {folder}")
+        write_job_report(folder)
+        print(job_summary(folder))
         return result.headline
     finally:
         tracker.finish()

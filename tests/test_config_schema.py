@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -28,7 +29,8 @@ CONFIGS = [
     ("mitigate", []), ("mitigate", ["debug=default"]),
     ("guard", ["guard.calibration=some/folder"]), ("guard", ["debug=default", "guard.calibration=x", "guard.step=2"]),
     ("ddpm", []), ("ddpm", ["ddpm_model=tiny"]), ("train_testbed", []),
-] + [("detect", [f"experiment={p.stem}"]) for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml"))]
+] + [(yaml.safe_load(p.read_text())["task"], [f"experiment={p.stem}"])
+      for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml"))]
 
 # Settings that may take the probe value: each with why (anything else accepting it is a missing check).
 MAY_BE_NEGATIVE = {
@@ -39,7 +41,7 @@ MAY_BE_NEGATIVE = {
 }
 MAY_BE_EMPTY_LIST = {
     "sampler.end_map_steps": "no earlier steps' maps recorded",
-    "capture.extra": "no extra pass", "model.extra": "no extra pass",
+    "extra.passes": "no extra pass",
     "mitigation.pad_fractions": "needed only by pad_mask, checked when it is asked for",
     "model.mitigation_targets": "the preset's default for mitigation.target_losses, checked where used",
     "plugins": "no plug-in module of the user's",

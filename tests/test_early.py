@@ -1,4 +1,5 @@
-"""Early-step BE (benchmark/early/step_detection.py) and the localization leaderboard, on constructed numbers and the tiny model."""
+"""Early-step BE (benchmark/early/step_detection.py) and the localization leaderboard, on constructed numbers and the
+tiny model."""
 import json
 
 import numpy as np
@@ -69,7 +70,10 @@ def test_score_by_step_reads_each_steps_maps():
     step_maps = {0: {"a": np.full((2, 2, 2), 0.1), "b": np.full((2, 2, 2), 0.3)},
                  4: {"a": np.full((2, 2, 2), 0.5), "b": np.full((2, 2, 2), 0.7)}}
     table = early.score_by_step(arrays, step_maps, {"all": ["*"], "a": ["a"]}, [1, 5])
-    pick = lambda **kw: table.loc[np.logical_and.reduce([table[k] == v for k, v in kw.items()]), "score"].to_numpy()
+
+    def pick(**kw):
+        return table.loc[np.logical_and.reduce([table[k] == v for k, v in kw.items()]), "score"].to_numpy()
+
     assert pick(step=0, detector="BE_intensity", layers="all") == pytest.approx([0.2, 0.2])
     assert pick(step=4, detector="BE_intensity", layers="a") == pytest.approx([0.5, 0.5])
     # LD's window at step 0 is capped at 1 step; at step 4 both windows exist. A constant mask cancels: LD = D = 4

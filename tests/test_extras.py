@@ -203,7 +203,7 @@ def test_localization_table_scores_other_localizers_on_their_computed_generation
 def test_detect_job_with_sail_and_anisotropy(tmp_path, compose):
     from runners.detect import run
 
-    cfg = compose("detect", "debug=default", "capture.extra=[sail,anisotropy]")
+    cfg = compose("detect", "debug=default", "extra.passes=[sail,anisotropy]")
     run(cfg, tmp_path / "job1")
     result = json.loads((tmp_path / "job1" / "metrics.json").read_text())
     assert result["extra_computed_now"] == 4 + 4  # n = 1 image of each of the 4 prompts, per pass
@@ -213,7 +213,7 @@ def test_detect_job_with_sail_and_anisotropy(tmp_path, compose):
         rows = table[(table.detector == name) & (table.subset == "all")]
         assert set(rows.level) == {"prompt", "generation"} and rows.auc.between(0, 1).all()
     # the same job again in another folder: nothing sampled, nothing recomputed
-    run(compose("detect", "debug=default", "capture.extra=[sail,anisotropy]"), tmp_path / "job2")
+    run(compose("detect", "debug=default", "extra.passes=[sail,anisotropy]"), tmp_path / "job2")
     again = json.loads((tmp_path / "job2" / "metrics.json").read_text())
     assert again["sampled_now"] == 0 and again["extra_computed_now"] == 0
 

@@ -19,8 +19,9 @@ def test_import_contracts_hold():
 def test_the_generic_library_loads_without_the_testbed():
     """Importing every generic module, and scoring with the tiny model's builders, leaves the testbed unimported:
     it is loaded only when a registry is asked for it."""
-    code = ("import sys; import benchmark.detectors.detection, benchmark.localization.evaluation, benchmark.mitigation.embedding, "
-            "benchmark.data.prompt_files, benchmark.models.text_to_image; from benchmark.registry import DETECTORS, MODEL_BUILDERS; "
+    code = ("import sys; import benchmark.detectors.detection, benchmark.localization.evaluation, "
+            "benchmark.mitigation.embedding, benchmark.data.prompt_files, benchmark.models.text_to_image; "
+            "from benchmark.registry import DETECTORS, MODEL_BUILDERS; "
             "list(DETECTORS); MODEL_BUILDERS['tiny']; assert 'benchmark.testbed' not in sys.modules; "
             "MODEL_BUILDERS['testbed']; assert 'benchmark.testbed.plugin' in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)

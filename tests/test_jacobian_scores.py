@@ -25,7 +25,8 @@ def test_sail_step_equals_closed_form_on_a_linear_unet():
     torch.manual_seed(0)
     n, shape = 3, (2, 3, 3)
     d = int(np.prod(shape))
-    A0, A1, b = torch.randn(d, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    A0, A1 = torch.randn(d, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64)
+    b = torch.randn(d, dtype=torch.float64)
     x = torch.randn(n, *shape, dtype=torch.float64)
     context = torch.cat([torch.zeros(n, 1, 1), torch.ones(n, 1, 1)]).double()
     sigma = 0.7

@@ -309,7 +309,8 @@ def toy_scale(scale: float) -> Intervention:
     spec = importlib.util.spec_from_file_location("my_mitigation", plugin)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     try:
-        cfg = compose("mitigate", "debug=default", "sampler.steps=3", "mitigation.methods=[wen,toy_scale]", "headline.method=wen",
+        cfg = compose("mitigate", "debug=default", "sampler.steps=3", "mitigation.methods=[wen,toy_scale]",
+                      "headline.method=wen",
                       "mitigation.target_losses=[0.2]", "+mitigation.strengths.toy_scale=[0.5,0.9]",
                       "mitigation.n_boot=10")
         run(cfg, tmp_path / "job")

@@ -89,7 +89,8 @@ def test_pad_mitigation_runs_through_the_mitigation_job(tmp_path):
     assert result["settings"] == ["padmask-r0.5", "padmask-r1", "padreplace-u21-maskend"]
     assert result["n_prompts"] == 2 and result["sampled_now"] == 2 * (1 + 3)  # 2 prompts x 1 seed x 4
     rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
-    assert sorted(rows[rows.method != "none"].fillna({"strength": -1}).groupby(["method", "strength"]).size().index.tolist()) == [
+    mitigated = rows[rows.method != "none"].fillna({"strength": -1})
+    assert sorted(mitigated.groupby(["method", "strength"]).size().index.tolist()) == [
         ("pad_mask", 0.5), ("pad_mask", 1.0), ("pad_replace_mask_end", -1)]
     assert (rows.iterations == 0).all()
     store = TraceStore(tmp_path / "artifacts" / "traces")

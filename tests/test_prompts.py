@@ -43,7 +43,8 @@ def test_txt_empty_set_duplicates_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="prompt set 'z' is empty"):
         file_prompt_set("z", write(tmp_path / "z.txt", ""))
     with pytest.raises(ValueError, match="duplicate prompt id '1'"):
-        file_prompt_set("d", write(tmp_path / "d.jsonl", '{"caption":"a","i":1}\n{"caption":"b","i":1}\n'), id_field="i")
+        file_prompt_set("d", write(tmp_path / "d.jsonl", '{"caption":"a","i":1}\n{"caption":"b","i":1}\n'),
+                        id_field="i")
     with pytest.raises(PromptFileError, match="prompt file not found"):
         file_prompt_set("m", str(tmp_path / "missing.txt"))
 

@@ -188,7 +188,7 @@ def test_full_sd21_architecture_folder_round_trip(tmp_path):
 def test_detect_on_the_v_twin_scores_every_detector(tmp_path, compose):
     from runners.detect import run
 
-    cfg = compose("detect", "model=tiny-sd2-v", "debug=default", "capture.extra=[sail,anisotropy,curvature]",
+    cfg = compose("detect", "model=tiny-sd2-v", "debug=default", "extra.passes=[sail,anisotropy,curvature]",
                   "extra.curvature.probes=2")
     assert cfg.model.name == "tiny-sd2-v" and cfg.extra.anisotropy.gamma_cos == 0.1
     run(cfg, tmp_path / "job")

@@ -69,11 +69,14 @@ def test_table2_on_constructed_copies():
     truth = {"g": Truth(train_g), "l": Truth(train_l, region)}
     images, ids, kinds = [], [], []
     for _ in range(3):
-        images.append(np.clip(train_g + rng.normal(0, 0.02, train_g.shape), 0, 1)); ids.append("g"); kinds.append("global")
+        copy = np.clip(train_g + rng.normal(0, 0.02, train_g.shape), 0, 1)
         local = rng.uniform(size=(3, 8, 8))
         local[:, region] = train_l[:, region]
-        images.append(local); ids.append("l"); kinds.append("local")
-        images.append(rng.uniform(size=(3, 8, 8))); ids.append("n"); kinds.append("none")
+        for image, prompt_id, kind in [(copy, "g", "global"), (local, "l", "local"),
+                                       (rng.uniform(size=(3, 8, 8)), "n", "none")]:
+            images.append(image)
+            ids.append(prompt_id)
+            kinds.append(kind)
     bright_top = np.zeros((len(images), 4, 4))
     bright_top[:, :2] = 1.0  # a BE mask bright over the top half: the planted region
     table = similarity_table(images, {"layer": bright_top}, ids, kinds, truth, ["layer"])

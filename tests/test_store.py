@@ -119,7 +119,8 @@ def test_a_damaged_file_is_moved_aside_and_sampled_again(tiny_model, prompt_set,
     gens = plan(prompt_set, "tiny", "s", [0, 1])
     generate(tiny_model, gens, SETTINGS, store)
     good = store.read(gens[0].key, 0)
-    cut, empty, png = store.trace_path(gens[0].key, 0), store.trace_path(gens[1].key, 0), store.image_path(gens[0].key, 1)
+    cut, empty = store.trace_path(gens[0].key, 0), store.trace_path(gens[1].key, 0)
+    png = store.image_path(gens[0].key, 1)
     with open(cut, "r+b") as f:  # a copy cut short
         f.truncate(2000)
     empty.write_bytes(b"")

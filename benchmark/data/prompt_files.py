@@ -135,8 +135,8 @@ def random_prompt_set(name: str, n: PositiveInt, seed: Seed = 0, **_) -> PromptS
 
 
 @PROMPT_SOURCES.register("hf", label="a Hugging Face dataset (online)")
-def hf_prompt_set(name: str, dataset: Name, split: Name, field: Name, limit: PositiveInt = 500, local_alternative: str = "",
-                  **_) -> PromptSet:
+def hf_prompt_set(name: str, dataset: Name, split: Name, field: Name, limit: PositiveInt = 500,
+                  local_alternative: str = "", **_) -> PromptSet:
     """A set that only exists on the Hugging Face hub (Lexica, COCO 2017), for users who are online."""
     hint = f"; offline, use a local file instead: {local_alternative}" if local_alternative else ""
     try:

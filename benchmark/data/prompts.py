@@ -12,8 +12,6 @@ import numpy as np
 
 from benchmark.registry import PROMPT_SOURCES
 
-KINDS = ("global", "local", "none")
-
 
 @dataclass(frozen=True)
 class Prompt:

@@ -101,8 +101,8 @@ class TraceArrays:
     token_attn: dict[str, np.ndarray]
     end_index: np.ndarray
     token_maps: dict[str, np.ndarray]  # layer -> (n, tokens, h, w); empty unless every trace has them
-    # fields of the extra passes asked for (``benchmark.detectors.extra_passes``): name -> (n,) or (n, h, w); NaN rows for the
-    # generations a pass was not run on (its ``n``: a prompt's first images only)
+    # fields of the extra passes asked for (``benchmark.detectors.extra_passes``): name -> (n,) or (n, h, w); NaN rows
+    # for the generations a pass was not run on (its ``n``: a prompt's first images only)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     # 1 - alpha_bar_t at the last step, the divisor that puts the score-difference map in score units; 1 = eps
     # units (``score_units``)
@@ -113,7 +113,8 @@ class TraceArrays:
         eps_u)^2, the default) or ``score`` (sum_c (s_c - s_u)^2, the curvature paper's official ``score_diff``,
         divided by 1 - alpha_bar_t of the last of ``steps`` steps of ``scheduler``). Raises ValueError otherwise."""
         if units not in SCORE_DIFFERENCE_UNITS:
-            raise ValueError(f"score.score_difference_units {units!r} is not one of {', '.join(SCORE_DIFFERENCE_UNITS)}")
+            raise ValueError(f"score.score_difference_units {units!r} is not one of "
+                             f"{', '.join(SCORE_DIFFERENCE_UNITS)}")
         scale = 1.0 if units == "eps" else jacobian.one_minus_alpha_bar(scheduler, steps, jacobian.CURVATURE_STEP)
         return replace(self, one_minus_alpha_bar=scale)
 
@@ -146,7 +147,7 @@ class TraceArrays:
         if name in self.extras:
             return self.extras[name]
         if not self.has(name):
-            raise KeyError(f"no trace field {name!r} here (extra pass not asked for? capture.extra)")
+            raise KeyError(f"no trace field {name!r} here (extra pass not asked for? extra.passes)")
         return getattr(self, name)
 
     def computed(self, fields: Iterable[str]) -> np.ndarray:
@@ -164,9 +165,10 @@ class TraceArrays:
         return {name: derived[name] if name in derived else self.get(name) for name in detector.inputs}
 
 
-def load(store: TraceStore, generations: list[Generation], extra: list[extra_passes.ExtraRequest] = ()) -> TraceArrays:
-    """The stored traces of ``generations``, stacked, with the fields of the ``extra`` passes (``benchmark.detectors.extra_passes``:
-    their sidecars must be computed, ``extras.compute_missing``)."""
+def load(store: TraceStore, generations: list[Generation],
+         extra: list[extra_passes.ExtraRequest] = ()) -> TraceArrays:
+    """The stored traces of ``generations``, stacked, with the fields of the ``extra`` passes
+    (``benchmark.detectors.extra_passes``: their sidecars must be computed, ``extras.compute_missing``)."""
     traces, labels = [], []
     for gen in generations:
         for seed in gen.seeds:
@@ -183,7 +185,7 @@ def score_grid(arrays: TraceArrays, layer_sets: dict[str, list[str]], steps: lis
     """Every detector (or those of ``detectors``) on every layer set and step window, per generation, in long format.
 
     Columns: prompt_id, kind, memorized, seed, detector, layers, T, score (T = 0 where a detector has no window).
-    A detector that reads a field these traces lack (an extra pass not asked for, ``capture.extra``) is skipped;
+    A detector that reads a field these traces lack (an extra pass not asked for, ``extra.passes``) is skipped;
     one whose extra pass ran on some generations only (its ``n``) has rows for those only. ``skip``: detectors
     not to score (those :func:`not_defined` on the traces' model family). Raises ValueError for a window past the
     recorded steps or a detector that does not return one score per generation.

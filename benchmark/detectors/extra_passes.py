@@ -2,7 +2,7 @@
 computed on request for the traces' own (prompt, seed) pairs and stored beside them; and the detectors and
 localizers that read them.
 
-An extra pass is opt-in per job (``capture.extra``, conf/detect.yaml). Each value depends on its (prompt, seed) alone:
+An extra pass is opt-in per job (``extra.passes``, conf/detect.yaml). Each value depends on its (prompt, seed) alone:
 the same initial noise as the trace (``capture.initial_noise``, official seeding included), probes seeded by the
 image's seed (``jacobian_scores.rademacher_probes``), and no coupling across a batch. So a value is stored per
 (trace, pass, settings) in a sidecar file in the trace's folder, ``seed<k>.<pass>-<hash>.safetensors``, written
@@ -83,7 +83,8 @@ def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], se
                     prompt_index: list[int], gamma_norm: NonNegative = jacobian.ANISOTROPY_GAMMA_NORM,
                     gamma_cos: NonNegative = jacobian.ANISOTROPY_GAMMA_COS,
                     low_noise_index: int = jacobian.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
-    """The anisotropy score and its two terms per image (official SD v1 weights 1, 2), :func:`jacobian_scores.anisotropy`."""
+    """The anisotropy score and its two terms per image (official SD v1 weights 1, 2),
+    :func:`jacobian_scores.anisotropy`."""
     return jacobian.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
 
 
@@ -204,15 +205,15 @@ def knob_defaults(name: str) -> dict:
 
 
 def requests(names: Iterable[str], knobs: dict[str, dict] | None, settings: SamplerSettings) -> list[ExtraRequest]:
-    """Resolve ``capture.extra`` (pass names) and ``extra.<name>`` (knobs) into requests; raises ValueError on an
+    """Resolve ``extra.passes`` (pass names) and ``extra.<name>`` (knobs) into requests; raises ValueError on an
     unknown or repeated pass, an unknown knob or a bad value, before anything is sampled."""
     names, knobs = list(names), dict(knobs or {})
     out = []
     for name in names:
         if name not in EXTRA_PASSES:
-            raise ValueError(f"capture.extra: unknown extra pass {name!r} (one of {', '.join(EXTRA_PASSES)})")
+            raise ValueError(f"extra.passes: unknown extra pass {name!r} (one of {', '.join(EXTRA_PASSES)})")
         if names.count(name) > 1:
-            raise ValueError(f"capture.extra names {name!r} twice")
+            raise ValueError(f"extra.passes names {name!r} twice")
         given = dict(knobs.get(name) or {})
         n = given.pop("n", None)
         defaults = knob_defaults(name)
@@ -230,13 +231,13 @@ def requests(names: Iterable[str], knobs: dict[str, dict] | None, settings: Samp
 
 def check_detector(name: str, extra: list[ExtraRequest]) -> None:
     """Raise ValueError when detector ``name`` reads an extra pass's field that none of ``extra`` provides (e.g. a
-    headline on SAIL without ``sail`` in ``capture.extra``): before anything is sampled."""
+    headline on SAIL without ``sail`` in ``extra.passes``): before anything is sampled."""
     provided = {f for request in extra for f in request.fields}
     for entry in EXTRA_PASSES.entries():
         needed = set(entry.fields) & set(DETECTORS[name].trace_fields) - provided
         if needed:
             raise ValueError(f"detector {name!r} reads {', '.join(sorted(needed))} of the extra pass {entry.name!r}: "
-                             f"add it to capture.extra")
+                             f"add it to extra.passes")
 
 
 def missing_seeds(store: TraceStore, key: TraceKey, seeds: list[int], request: ExtraRequest) -> list[int]:
@@ -324,7 +325,7 @@ def load_fields(store: TraceStore, rows: list[tuple[TraceKey, list[int], int]],
             path = request.path(store, key, seed)
             if not path.exists():
                 raise FileNotFoundError(f"extra pass {request.name!r} missing for seed {seed}: {path} (run the "
-                                        "detection job with it in capture.extra)")
+                                        "detection job with it in extra.passes)")
             per_row.append(read(path, request))
         for name in request.fields:
             shape = next(v[name].shape for v in per_row if v is not None)

@@ -49,10 +49,6 @@ from benchmark.sampling.capture import SamplerSettings, ddim_step, encode_prompt
 
 # official defaults, named where they come from
 SAIL_STEPS = 1  # sharpness_memorization_diffusion/detect_mem.py --hvp_sampling_num
-SAIL_IMAGES = (1, 4)  # idem --gen_num, both run by run_detection.sh (the published n=1 / n=4 columns)
-SAIL_SEED = 42  # idem --gen_seed (global RNG; ours: one generator per seed, capture.initial_noise)
-ANISOTROPY_IMAGES = 1  # memorization-anisotropy/run_detection.sh gen_numbers
-ANISOTROPY_SEED = 51  # idem seeds
 ANISOTROPY_GAMMA_NORM = 1.0  # memorization-anisotropy/detect_eval.py, sd_ver 1
 ANISOTROPY_GAMMA_COS = 2.0  # idem (SD v2: 0.1)
 ANISOTROPY_LOW_NOISE_INDEX = -3  # memorization-anisotropy/local_model/pipe.py: t_cosine = timesteps[-3]

@@ -69,7 +69,8 @@ def step_signal(detector: str, view: TraceArrays, layers: list[str], T: int) -> 
     return np.asarray(entry.fn(**view.inputs(entry, layers, T if entry.uses_T else 0, mask)))
 
 
-def load_step_maps(store: TraceStore, generations: list[Generation], steps: list[int]) -> dict[int, dict[str, np.ndarray]]:
+def load_step_maps(store: TraceStore, generations: list[Generation],
+                   steps: list[int]) -> dict[int, dict[str, np.ndarray]]:
     """End-token maps at each 0-based step of ``steps``, stacked over the generations in ``detection.load``'s
     order: step -> layer -> (n, h_l, w_l). Raises KeyError naming the step a trace did not record."""
     stacked: dict[int, dict[str, list]] = {k: {} for k in steps}
@@ -130,7 +131,7 @@ def check_signal(signal: dict, layer_sets: dict[str, list[str]], fprs: list[floa
                          "detectors that read the BE mask)")
     if signal["layers"] not in layer_sets:
         raise ValueError(f"early.signal.layers {signal['layers']!r} is not a layer set: {', '.join(layer_sets)}")
-    if int(signal.get("T", 1)) < 1:
+    if signal.get("T") is not None and int(signal["T"]) < 1:
         raise ValueError(f"early.signal.T={signal.get('T')} must be >= 1")
     bad = [f for f in fprs if not 0 <= f < 1]
     if bad:
@@ -220,18 +221,20 @@ def job_results(store: TraceStore, generations: list[Generation], arrays: TraceA
                 n_boot: int = 1000, truth: dict[str, Truth] | None = None, rule: str = "otsu") -> dict:
     """What the detection job adds to metrics.json: ``early_detection`` (:func:`detection_by_step` of every early
     detector per layer set, a windowed one, e.g. LD, with T = 1, T = k + 1 (every step so far) and the signal's T),
-    ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T}), and where ground-truth masks
-    exist ``early_localization`` (:func:`localization_by_step`) and ``localization_leaderboard``
-    (``localization.job_leaderboard``: every registered localizer, with each end-map localizer's earlier-step masks
-    on the first layer set and the oracle best word where token maps were stored). ``recorded``: the steps of ``sampler.end_map_steps``;
-    the final step is always added. Without earlier steps only the leaderboard (where masks exist)."""
+    ``early_stopping`` (:func:`early_stopping` with ``signal`` = {detector, layers, T; T None: every step so far}),
+    and where ground-truth masks exist ``early_localization`` (:func:`localization_by_step`) and
+    ``localization_leaderboard`` (``localization.job_leaderboard``: every registered localizer, with each end-map
+    localizer's earlier-step masks on the first layer set and the oracle best word where token maps were stored).
+    ``recorded``: the steps of ``sampler.end_map_steps``; the final step is always added. Without earlier steps only
+    the leaderboard (where masks exist)."""
     steps = sorted(set(recorded) - {n_steps - 1})
+    window = n_steps if signal.get("T") is None else int(signal["T"])  # T None: every step so far
     out: dict = {}
     step_maps = (load_step_maps(store, generations, steps) if steps else {}) | {n_steps - 1: arrays.end_maps}
     if steps:
-        scores = score_by_step(arrays, step_maps, layer_sets, [int(signal["T"]), n_steps])
+        scores = score_by_step(arrays, step_maps, layer_sets, [window, n_steps])
         out["early_detection"] = detection_by_step(scores, n_boot).to_dict(orient="records")
-        out["early_stopping"] = early_stopping(scores, signal["detector"], signal["layers"], signal["T"], fprs,
+        out["early_stopping"] = early_stopping(scores, signal["detector"], signal["layers"], window, fprs,
                                                n_steps).to_dict(orient="records")
     masked = [t.mask for t in (truth or {}).values() if t.mask is not None]
     if masked:

@@ -100,7 +100,9 @@ def rule_from_job(job: Job, step: int, fpr: float) -> StopRule:
     signal = job.config["early"]["signal"]
     layers = job.config["layers"]["sets"][signal["layers"]]
     load_plugins(job.config.get("plugins") or [])  # a plug-in's detector as the signal: the calibration job's own
-    return StopRule(step, signal["detector"], tuple(layers), int(signal["T"]), float(match[0]["threshold"]))
+    # T None (every step so far) is the whole run's steps: min(T, k + 1) is then k + 1 at every step k
+    T = job.config["sampler"]["steps"] if signal.get("T") is None else int(signal["T"])
+    return StopRule(step, signal["detector"], tuple(layers), T, float(match[0]["threshold"]))
 
 
 @dataclass

@@ -80,7 +80,8 @@ class Store(Section):
 
 
 class Sampler(Section):
-    """DDIM with classifier-free guidance (``benchmark.sampling.capture.SamplerSettings``) and how many images to make."""
+    """DDIM with classifier-free guidance (``benchmark.sampling.capture.SamplerSettings``) and how many images to
+    make."""
 
     steps: PositiveInt
     guidance: NonNegative
@@ -111,9 +112,10 @@ class Sampler(Section):
 
 
 class Model(Section):
-    """A text-to-image model preset (conf/model/); ``extra``, ``token_maps``, ``mitigation_targets`` and
-    ``anisotropy_gamma_cos`` are the preset's defaults for ``capture.extra``, ``capture.token_maps``,
-    ``mitigation.target_losses`` and ``extra.anisotropy.gamma_cos``."""
+    """A text-to-image model preset (conf/model/); ``token_maps``, ``mitigation_targets`` and
+    ``anisotropy_gamma_cos`` are the preset's defaults for ``capture.token_maps``, ``mitigation.target_losses`` and
+    ``extra.anisotropy.gamma_cos`` (the extra passes it turns on for detection it sets in
+    ``conf/model/detect/<name>.yaml``, ``extra.passes``)."""
 
     name: Name
     source: Name
@@ -121,7 +123,6 @@ class Model(Section):
     use_safetensors: bool = True
     device: Device = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    extra: list[Name] = []
     token_maps: bool = False
     mitigation_targets: list[NonNegative] = []
     # the preset's default for extra.anisotropy.gamma_cos: the official weight is per model (SD v1: 2, SD 2: 0.1)
@@ -182,7 +183,7 @@ class Score(Section):
 class Capture(Section):
     token_maps: bool = False
     compile: bool = False
-    extra: list[Name] = []
+    extra: None = None  # renamed extra.passes (RENAMED): present only to be refused by name
 
 
 class Localization(Section):
@@ -192,7 +193,7 @@ class Localization(Section):
 class Signal(Section):
     detector: Name
     layers: Name
-    T: PositiveInt
+    T: PositiveInt | None = None  # LD's window at step k: the first min(T, k + 1) steps; None: every step so far
 
 
 class Early(Section):
@@ -330,7 +331,8 @@ JOBS = Registry("job")
 class DetectJob(TextToImageJob):
     score: Score
     capture: Capture
-    extra: dict[Name, dict[str, Any]] = {}
+    # passes: the extra passes to run (names in EXTRA_PASSES); <pass>: that pass's knobs (checked by check_extra)
+    extra: dict[Name, Any] = {}
     localization: Localization
     early: Early
     dynamic: ClassVar[tuple[str, ...]] = ("prompts", "extra")
@@ -360,9 +362,20 @@ class DetectJob(TextToImageJob):
         except ValueError as err:
             raise ConfigError(f"localization.rule={self.localization.rule!r}: {err}") from None
         # every configured pass's knobs, asked for or not (a knob set now is meant for a later run)
-        self.library_check(extras.requests, list(self.extra), self.extra, self.sampler.settings())
-        self.library_check(lambda: extras.check_detector(
-            head.detector, extras.requests(self.capture.extra, self.extra, self.sampler.settings())))
+        knobs = self.pass_knobs()
+        self.library_check(extras.requests, list(knobs), knobs, self.sampler.settings())
+        self.library_check(lambda: extras.check_detector(head.detector, self.extra_requests()))
+
+    def pass_knobs(self) -> dict[str, dict]:
+        """``extra.<pass>``: each configured pass's knobs, by pass name."""
+        return {name: knobs for name, knobs in self.extra.items() if name != "passes"}
+
+    def extra_requests(self) -> list:
+        """The extra passes asked for (``extra.passes``) with their knobs resolved
+        (:func:`benchmark.detectors.extra_passes.requests`); raises ValueError on an unknown or repeated pass."""
+        from benchmark.detectors import extra_passes as extras
+
+        return extras.requests(self.extra.get("passes", []), self.pass_knobs(), self.sampler.settings())
 
 
 @JOBS.register("mitigate", label="mitigation")
@@ -479,6 +492,11 @@ class DDPMJob(Job):
 
 # ---------------------------------------------------------------------------------------------- checking
 
+# Settings that were renamed: (section, key) -> the setting that replaced it. A config still holding one is refused
+# with one line naming the new key (before the schema's "unknown setting", which would not say where it went).
+RENAMED = {("capture", "extra"): "extra.passes", ("model", "extra"): "extra.passes"}
+
+
 def check_job(config: dict) -> Job:
     """The job schema of ``config['task']`` (:data:`JOBS`) applied to a resolved config: the validated sections
     (``job.sampler.settings()`` etc.). Raises ConfigError (one line) naming every bad setting and its value."""
@@ -487,6 +505,11 @@ def check_job(config: dict) -> Job:
     schema = JOBS.get(task) if isinstance(task, str) else None
     if schema is None:
         raise ConfigError(f"task={task!r} is not a job ({', '.join(JOBS)})")
+    for (section, key), new in RENAMED.items():
+        if isinstance(config.get(section), dict) and config[section].get(key) is not None:
+            value = config[section][key]
+            shown = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else value
+            raise ConfigError(f"{section}.{key} is now {new}: set {new}={shown} instead")
     job = validate(schema.fn, config)
     job._resolved = config
     errors = []
@@ -621,10 +644,16 @@ def check_prompts(spec: dict, where: str = "prompts") -> list[str]:
     return errors + _errors(model, arguments, where)
 
 
-def check_extra_knobs(knobs: dict, where: str = "extra") -> list[str]:
-    """Errors of the ``extra`` section: each pass's knobs typed by its function's signature, plus ``n``."""
+def check_extra(section: dict, where: str = "extra") -> list[str]:
+    """Errors of the ``extra`` section: ``passes`` a list of names (which passes run), and each pass's knobs typed by
+    its function's signature, plus ``n``."""
     errors = []
-    for name, given in knobs.items():
+    passes = section.get("passes", [])
+    if not isinstance(passes, list) or not all(isinstance(name, str) for name in passes):
+        errors.append(f"{where}.passes={passes!r}: a list of extra passes ({', '.join(EXTRA_PASSES)})")
+    for name, given in section.items():
+        if name == "passes":
+            continue
         entry = EXTRA_PASSES.get(name)
         if entry is None:
             errors.append(f"unknown setting {where}.{name} (extra passes: {', '.join(EXTRA_PASSES)})")
@@ -638,7 +667,7 @@ class _PassKnobs(Section):
     n: PositiveInt | None = None  # how many of a prompt's images get the pass; None: all
 
 
-DYNAMIC = {"prompts": check_prompts, "extra": check_extra_knobs}
+DYNAMIC = {"prompts": check_prompts, "extra": check_extra}
 
 
 # --------------------------------------------------------------------------------------- sampler vs model

@@ -27,7 +27,7 @@ def no_progress(items: Iterable, desc: str) -> Iterable:
 def run_detection(job: DetectJob, device: str | None = None, progress: Progress = no_progress) -> DetectionResult:
     """The detection job of a checked config (``benchmark.jobs.config.check_job``), on ``device`` (default
     ``model.device``): traces missing from ``paths.store_dir`` are sampled (and the extra passes of
-    ``capture.extra`` computed), every registered detector is scored on ``layers.sets`` x ``score.T``, its metrics
+    ``extra.passes`` computed), every registered detector is scored on ``layers.sets`` x ``score.T``, its metrics
     computed (``detection.detection_table``, ``score.n_boot`` bootstrap replicates); with ground-truth masks, the
     localization tables and the mask gallery; with ``sampler.end_map_steps``, early-step detection and simulated
     early stopping (``early.job_results``). Nothing is written but the store: the caller writes the result.
@@ -50,7 +50,7 @@ def run_detection(job: DetectJob, device: str | None = None, progress: Progress 
     prompt_set = load_prompt_set(job.prompts)
     check_labels(prompt_set, job.score.headline.subset)
     settings = job.sampler.settings()
-    extra = extras.requests(job.capture.extra, job.extra, settings)
+    extra = job.extra_requests()
     extras.check_detector(job.score.headline.detector, extra)
     store = TraceStore(job.paths.store_dir, job.store.dtype)
     seeds = image_seeds(settings, s.n_images)

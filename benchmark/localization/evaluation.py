@@ -168,7 +168,8 @@ def rmse(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float
     return float(np.sqrt(diff.mean()))
 
 
-def copy_table(images: list[np.ndarray], prompt_ids: list[str], kinds: list[str], truth: dict[str, Truth]) -> pd.DataFrame:
+def copy_table(images: list[np.ndarray], prompt_ids: list[str], kinds: list[str],
+               truth: dict[str, Truth]) -> pd.DataFrame:
     """Per generation: distance to its own training image (in its region), or for a prompt without ground
     truth, to the nearest one of every kind (its chance level)."""
     rows = []
@@ -263,7 +264,8 @@ def summarise(tables: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
-def mask_gallery(images: list[np.ndarray], soft_masks: np.ndarray, truths: list[np.ndarray], scale: int = 4) -> np.ndarray:
+def mask_gallery(images: list[np.ndarray], soft_masks: np.ndarray, truths: list[np.ndarray],
+                 scale: int = 4) -> np.ndarray:
     """Rows of (generated image | BE mask over it | ground-truth region over it), (H, W, 3) in [0, 1]."""
     rows = []
     for image, soft, truth in zip(images, soft_masks, truths):

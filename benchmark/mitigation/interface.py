@@ -1,9 +1,9 @@
 """The one mitigation interface: a registered factory per method, returning the hooks it applies to a sampling pass.
 
 Mitigations act on different things (``registry.MITIGATION_ACTS_ON``): the prompt text (Somepalli et al.'s
-RTA/RNA), the conditional embedding (Wen et al., BE, Kim & No), the initial noise (SAIL, Han et al.), the guidance per step, or the UNet's
-modules (attention processors, neurons). Each method is one factory registered in
-``benchmark.registry.MITIGATIONS``::
+RTA/RNA, PRSS), the conditional embedding (Wen et al., BE, Kim & No), the initial noise (SAIL, Han et al.), the
+guidance per step (Jain et al.), or the UNet's modules (Ren et al.'s attention re-weighting, NeMo's neurons).
+Each method is one factory registered in ``benchmark.registry.MITIGATIONS``::
 
     @MITIGATIONS.register("rna", label="RNA (random numbers)", acts_on="prompt", strength="repeats",
                           stronger="higher", needs_mask=False, requires=("tokenizer",))

@@ -28,7 +28,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from benchmark.models.text_to_image import (
-    SD2_PAD_TOKEN, SD14_SCHEDULER, TextToImage, check_pipeline_folder, clip_tokenizer, ddim_from_config, load_error,
+    SD2_PAD_TOKEN,
+    SD14_SCHEDULER,
+    TextToImage,
+    check_pipeline_folder,
+    clip_tokenizer,
+    ddim_from_config,
+    load_error,
 )
 from benchmark.registry import MODEL_BUILDERS, MODEL_FAMILIES
 

@@ -365,7 +365,8 @@ CLIP_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d
 
 
 def clip_vocabulary_file() -> Path:
-    """CLIP's BPE vocabulary, shipped with be-bench (``benchmark/models/clip_vocab/``: OpenAI CLIP's file, MIT License)."""
+    """CLIP's BPE vocabulary, shipped with be-bench (``benchmark/models/clip_vocab/``: OpenAI CLIP's file, MIT
+    License)."""
     return Path(__file__).parent / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"
 
 
@@ -424,7 +425,8 @@ def tiny_text_to_image(seed: int = 0, latent: bool = True) -> TextToImage:
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             norm_num_groups=8, sample_size=16)
     scheduler = DDIMScheduler(**SD14_SCHEDULER)
-    return TextToImage("tiny", unet.eval(), text_encoder.eval(), clip_tokenizer(), scheduler, vae.eval() if vae else None)
+    return TextToImage("tiny", unet.eval(), text_encoder.eval(), clip_tokenizer(), scheduler,
+                       vae.eval() if vae else None)
 
 
 @MODEL_BUILDERS.register("sd14-architecture", label="SD v1-4 architecture, random weights", in_process=True,

@@ -223,8 +223,9 @@ def initial_noise(model: TextToImage, seeds: list[int], settings: SamplerSetting
 
     ``per_image``: one CPU generator per seed, so an image depends on its seed alone, not on its batch.
     ``official``: ``seeds`` are rows of their prompt's batch and ``prompt_index`` the prompt's position in its whole
-    set (``Prompt.position``; one for all images, or one per image); see ``official_batch_noise``. A row's noise does not depend on the other rows sampled
-    with it. Raises ValueError when official seeding gets no ``prompt_index`` or a negative row."""
+    set (``Prompt.position``; one for all images, or one per image); see ``official_batch_noise``. A row's noise does
+    not depend on the other rows sampled with it. Raises ValueError when official seeding gets no ``prompt_index`` or
+    a negative row."""
     shape = model.latent_shape(settings.height, settings.width)
     if settings.seeding == "official":
         if prompt_index is None or min(seeds) < 0:

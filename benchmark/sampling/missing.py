@@ -115,11 +115,6 @@ def mitigation_suffix(mitigation, mask_layers: Sequence[str] | None = None) -> s
     return suffix
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``float16``, as configs and keys spell it."""
-    return str(dtype).removeprefix("torch.")
-
-
 def _default(f):
     return f.default_factory() if callable(f.default_factory) else f.default
 

@@ -44,6 +44,7 @@ SAMPLE_BLOCK = 1 << 20
 
 # --------------------------------------------------------------------------------------------- fingerprints
 
+# mtime_ns is read by the cache only: a file changed in place gets a new key, so it is hashed again
 @lru_cache(maxsize=4096)
 def _file_fingerprint(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256(f"{size}:".encode())

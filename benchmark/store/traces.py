@@ -187,8 +187,10 @@ class TraceStore:
                 meta = f.metadata()
         except SafetensorError as err:
             raise ValueError(set_aside(path, err)) from None
-        pick = lambda prefix: {k.removeprefix(prefix): v.astype(np.float32)
-                               for k, v in arrays.items() if k.startswith(prefix)}
+
+        def pick(prefix: str) -> dict[str, np.ndarray]:
+            return {k.removeprefix(prefix): v.astype(np.float32) for k, v in arrays.items() if k.startswith(prefix)}
+
         return Trace(
             delta_sq=arrays["delta_sq"].astype(np.float32),
             end_maps=pick("end_map/"),

@@ -14,7 +14,6 @@ from benchmark.testbed.train import Architecture, TestbedSpec, Training, build_u
 # The shipped UNets by model builder: attempt 7 (`make testbed-weights`), the default, and attempt 9 at step 4500,
 # padded with copies of the end token (`make testbed-weights-endpad`; docs/testbed.md has both).
 WEIGHTS = {"testbed": Path(__file__).parent / "weights", "testbed_endpad": Path(__file__).parent / "weights_endpad"}
-SHIPPED = WEIGHTS["testbed"]
 ASSEMBLED = "assembled_from.txt"  # in a folder assembled from the shipped weights: their fingerprint
 
 

@@ -42,8 +42,10 @@ class Recipe:
     global_copies: PositiveInt = 50
     n_local: Count = 12
     local_copies: PositiveInt = 100
-    patch_fraction: OpenFraction = 0.5  # side of the planted patch as a fraction of the image side (0.5 -> 25% of pixels)
-    patch: Literal["smooth", "flat"] = "flat"  # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
+    # side of the planted patch as a fraction of the image side (0.5 -> 25% of pixels)
+    patch_fraction: OpenFraction = 0.5
+    # the planted patch: "smooth" (soft random blobs) or "flat" (one random colour)
+    patch: Literal["smooth", "flat"] = "flat"
     n_heldout: PositiveInt = 120
     seed: Seed = 0
 
