@@ -214,7 +214,8 @@ def mitigation_section(r: Inputs) -> Section:
     for (model, prompt_set), part in (points.groupby(["model", "prompt_set"], sort=True) if not points.empty else ()):
         # one figure per model and prompt set: their measures and scales are their own
         part = part.dropna(axis=1, how="all")
-        if part.utility.notna().all() and set(plots._SIMILARITIES) & set(part):
+        # a job without a utility measure (no CLIP weights, no caption renderer) has no curve to draw
+        if "utility" in part and part.utility.notna().all() and set(plots._SIMILARITIES) & set(part):
             figure += html._img(plots.tradeoff_figure(part), f"trade-off curves: {model} on {prompt_set}",
                                 f"{model} on {prompt_set}: similarity to the training image vs utility, every "
                                 "method's curve, the Pareto front ringed; ours beside the paper's Fig. 6/7.")

@@ -225,7 +225,7 @@ def test_detect_job_on_each_tiny_twin_scores_every_defined_detector_and_marks_th
     from runners.detect import run
 
     # every extra pass too: every registered detector is either scored or marked
-    run(compose("detect", f"model={model}", "debug=default", "capture.extra=[sail,anisotropy,curvature]",
+    run(compose("detect", f"model={model}", "debug=default", "extra.passes=[sail,anisotropy,curvature]",
                 "extra.curvature.probes=2"), tmp_path / "job")
     result = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert result["family"] == {"tiny-sdxl": "SDXL, epsilon", "tiny-pixart": "PixArt-alpha, epsilon"}[model]

@@ -65,9 +65,9 @@ def test_chdir_jobs_share_the_launch_directory_store(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)  # paths.root is the default '.': the launch directory
     for run in ("a", "b"):
         run_main(detect.main, monkeypatch, "hydra.job.chdir=true", "debug=default", f"hydra.run.dir=outputs/{run}")
-    out = capsys.readouterr().out
-    assert "0 images sampled now" not in out.split("results in")[0]  # the first run sampled
-    assert f"0 images sampled now, results in {tmp_path}/outputs/b" in out  # the second reused its store
+    first, second = capsys.readouterr().out.split("detect: ")[1:]  # each job's summary starts with its task
+    assert "(8 sampled now)" in first and f"folder: {tmp_path}/outputs/a " in first  # the first run sampled
+    assert "(0 sampled now)" in second and f"folder: {tmp_path}/outputs/b " in second  # the second reused its store
     traces = list(tmp_path.rglob("*.safetensors"))
     assert traces and all(p.is_relative_to(tmp_path / "artifacts/traces") for p in traces)
     assert json.loads((tmp_path / "outputs/b/metrics.json").read_text())["sampled_now"] == 0
