@@ -61,7 +61,10 @@ import sys
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
-for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+wheels = sorted(pathlib.Path(sys.argv[1]).glob("*.whl"))
+if not wheels:
+    sys.exit(f"no wheels in {sys.argv[1]} (a device run needs it named in carry)")
+for wheel in wheels:
     name, version, _, _ = parse_wheel_filename(wheel.name)
     try:
         have = Version(md.version(name))
