@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import runners.common  # noqa: F401  (registers the help_text resolver)
@@ -17,6 +16,7 @@ from benchmark.jobs.config import ConfigError, check_job
 from benchmark.store import job_folder as jobfolder
 from runners import detect, mitigate
 from runners import help as runner_help
+from tests.test_sweeps import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -101,15 +101,6 @@ def test_prompt_sets_sweeps_sets_with_both_labels(shared_data, tmp_path):
         assert {p.memorized for p in prompt_set} == {True, False}, prompts
 
 
-def _main(main, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["runner", *args])
-    GlobalHydra.instance().clear()
-    try:
-        main()
-    finally:
-        GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize("main, args, line", [
     (detect.main, ["experiment=testbed_sweep"],
      "config error: experiment=testbed_sweep is a sweep over sampler.steps, sampler.guidance: run it with -m"),
@@ -121,7 +112,7 @@ def _main(main, monkeypatch, *args):
 def test_a_sweep_without_m_or_another_runners_experiment_is_refused_in_one_line(main, args, line, tmp_path,
                                                                                 monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _main(main, monkeypatch, *args, f"paths.root={tmp_path}")
+        run_main(main, monkeypatch, *args, f"paths.root={tmp_path}")
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == line
     # refused before the job folder is written (Hydra's own .hydra/ aside)
