@@ -62,12 +62,14 @@ def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
     model = get_model(m.source, spec.device, m.dtype, m.use_safetensors, m.build)
     check_ddim_steps(model.scheduler.config, job.sampler.steps)
     layers = select_layers(list(cross_attention_layers(model.unet)), list(job.layers.sets[mit.mask_layers]))
-    for setting in settings:  # what each method requires of this model, before anything is sampled
-        setting.check_model(model)
-    undefined = detection.not_defined(model, [MITIGATIONS[name] for name in mit.methods if name in MITIGATIONS])
+    # a method resting on a premise the family lacks is refused first (the config check knows every method), then
+    # what each setting requires of this model, all before anything is sampled
+    undefined = detection.not_defined(model, [MITIGATIONS[name] for name in mit.methods])
     if undefined:
         raise ValueError(f"mitigation.methods={sorted(undefined)} are not defined on model family {model.family}: "
                          + "; ".join(sorted(set(undefined.values()))))
+    for setting in settings:
+        setting.check_model(model)
     sim = job.similarity
     measures = tradeoff.Measures(layers, SSCD(sim.sscd, spec.device) if sim.sscd else None,
                                  CLIPScore(sim.clip_architecture, sim.clip_weights, spec.device)
