@@ -54,9 +54,14 @@ def mitigation_markdown(result: MitigationResult) -> str:
             knobs=lambda t: [", ".join(f"{k}={v}" for k, v in knobs.items()) or "-" for knobs in t.knobs])
         parts += ["", "## Methods", "", table[["method", "label", "acts_on", "strength", "knobs"]]
                   .to_markdown(index=False)]
+    stats = [c for c in points if c.startswith("stat/")]
     parts += ["", "## Trade-off points: mean per kind, method and strength"
               + (" (`pareto`: on the front of copying vs utility)" if "pareto" in points else ""), "",
-              points.round(4).to_markdown(index=False)]
+              points.drop(columns=stats).round(4).to_markdown(index=False)]
+    reported = method_statistics(points, stats)
+    if not reported.empty:
+        parts += ["", "## What the methods report per image (mean per kind, method and strength; every image's value "
+                  "in the table's `stat/` columns)", "", reported.to_markdown(index=False)]
     rate = pd.DataFrame(result.memorization_rate or [])
     if not rate.empty:
         rules = ", ".join(f"{m} {'<' if m == 'train_rmse' else '>'} {t:g}"
@@ -84,6 +89,23 @@ def mitigation_markdown(result: MitigationResult) -> str:
         parts += ["", "## Cost: extra UNet evaluations per image (plain sampling: 2 x steps)", "",
                   cost.round(2).to_markdown(index=False)]
     return "\n".join(str(p) for p in parts) + "\n"
+
+
+def method_statistics(points: pd.DataFrame, stats: list[str]) -> pd.DataFrame:
+    """The ``stat/`` columns of the trade-off points where a method reports them: one column per statistic, and a
+    statistic per layer (NeMo's ``stat/neurons/<layer>``) as one ``<layer>: mean`` list of the layers it touched."""
+    per_layer = {c for c in stats if c.count("/") > 1}
+    rows = []
+    for _, point in points.iterrows():
+        values = {c.removeprefix("stat/"): round(float(point[c]), 3) for c in stats
+                  if c not in per_layer and pd.notna(point[c])}
+        layers = {c.split("/", 2)[2]: float(point[c]) for c in per_layer if pd.notna(point[c]) and point[c] > 0}
+        if values or layers:
+            by_layer = {f"{c.split('/')[1]} per layer": ", ".join(f"{k}: {v:.2g}" for k, v in layers.items()) or "-"
+                        for c in list(per_layer)[:1]}
+            rows.append({"kind": point.kind, "method": point.method, "strength": point.strength, **values,
+                         **by_layer})
+    return pd.DataFrame(rows)
 
 
 def early_signals(det: pd.DataFrame) -> pd.DataFrame:

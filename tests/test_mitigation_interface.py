@@ -337,3 +337,32 @@ def test_bad_mitigation_settings_fail_before_sampling(tmp_path, compose, overrid
         run(cfg, tmp_path / "job")
     assert not (tmp_path / "artifacts").exists()  # nothing sampled
 
+
+
+def test_nemo_statistics_from_the_prompt_sets_non_memorized_prompts(tmp_path, compose, tiny_model):
+    """knobs.nemo.statistics=nonmemorized: the job computes the statistics over its prompt set's non-memorized
+    prompts once (a file under the store, reused by a rerun), and NeMo's neurons per image reach the table."""
+    import pandas as pd
+
+    from benchmark.data.prompts import load_prompt_set
+    from benchmark.mitigation.neurons import ActivationStatistics, activation_statistics
+    from omegaconf import OmegaConf
+    from runners.mitigate import run
+
+    knobs = ", ".join(f"{k}: {v}" for k, v in FAST["nemo"].items())
+    cfg = compose("mitigate", "debug=default", "sampler.steps=3", "mitigation.methods=[nemo]", "headline.method=nemo",
+                  "mitigation.n_boot=5",
+                  f"+mitigation.knobs.nemo={{{knobs}, statistics: nonmemorized}}")
+    run(cfg, tmp_path / "job")
+    files = list((tmp_path / "artifacts" / "traces" / "nemo_statistics").glob("*.safetensors"))
+    assert len(files) == 1
+    prompts = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
+    expected = activation_statistics(tiny_model, [p.text for p in prompts if not p.memorized])
+    stats = ActivationStatistics.load(files[0])
+    assert stats.prompts == expected.prompts and all(torch.allclose(stats.mean[k], expected.mean[k]) for k in stats.mean)
+    rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
+    assert rows.loc[rows.method == "nemo", "stat/neurons"].notna().all()
+    assert "What the methods report" in (tmp_path / "job" / "report.md").read_text()
+    stamp = files[0].stat().st_mtime_ns
+    run(cfg, tmp_path / "job2")
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not recomputed

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -22,7 +23,7 @@ from benchmark.jobs.config import MitigateJob, check_ddim_steps
 from benchmark.jobs.keys import model_key, trace_sampler_key
 from benchmark.jobs.results import MitigationResult, sampler_record
 from benchmark.measures.similarity import SSCD, CLIPScore
-from benchmark.mitigation import tradeoff
+from benchmark.mitigation import neurons, tradeoff
 from benchmark.mitigation.embedding import OFFICIAL_N_IMAGES
 from benchmark.mitigation.interface import Mitigation, method_settings
 from benchmark.models.text_to_image import get_model
@@ -57,9 +58,15 @@ def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
     job, config = spec.job, spec.config
     m, mit = job.model, job.mitigation
     section = mit.model_dump()
-    settings = method_settings(section)
     n_images = n_images_of(section)
     model = get_model(m.source, spec.device, m.dtype, m.use_safetensors, m.build)
+    full = load_prompt_set(config["prompts"])
+    if "nemo" in mit.methods and "statistics" in section["knobs"].get("nemo", {}):
+        knobs = section["knobs"]["nemo"]
+        knobs["statistics"] = neurons.statistics_file(
+            knobs["statistics"], model, model_key(m.name, m.source), [p.text for p in full if not p.memorized],
+            Path(job.paths.store_dir) / "nemo_statistics", f"{full.name}: non-memorized prompts")
+    settings = method_settings(section)
     check_ddim_steps(model.scheduler.config, job.sampler.steps)
     layers = select_layers(list(cross_attention_layers(model.unet)), list(job.layers.sets[mit.mask_layers]))
     # a method resting on a premise the family lacks is refused first (the config check knows every method), then
@@ -74,7 +81,6 @@ def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
     measures = tradeoff.Measures(layers, SSCD(sim.sscd, spec.device) if sim.sscd else None,
                                  CLIPScore(sim.clip_architecture, sim.clip_weights, spec.device)
                                  if sim.clip_weights else None)
-    full = load_prompt_set(config["prompts"])
     kinds = set(mit.kinds) if mit.kinds else {p.kind for p in full if p.memorized}
     chosen = [p for p in full if p.memorized and p.kind in kinds]
     if not chosen:

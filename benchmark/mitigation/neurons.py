@@ -135,6 +135,27 @@ def activation_statistics(model: TextToImage, prompts: list[str], source: str = 
                                 len(prompts), model.model_id, source)
 
 
+NON_MEMORIZED = "nonmemorized"  # knobs.nemo.statistics: computed over the prompt set's non-memorized prompts
+
+
+def statistics_file(statistics: str, model: TextToImage, model_key: str, prompts: list[str], folder: str | Path,
+                    source: str = "") -> str:
+    """The statistics file NeMo reads: ``statistics`` itself (a file of yours, e.g. the official LAION statistics
+    converted), or for :data:`NON_MEMORIZED` the statistics over ``prompts`` (the job's non-memorized prompts),
+    computed once into ``folder`` under a name of the model and prompts, then reused. Raises ValueError (from
+    :func:`activation_statistics`) for fewer than two prompts."""
+    if statistics != NON_MEMORIZED:
+        return statistics
+    digest = hashlib.sha1(json.dumps([model_key, prompts]).encode()).hexdigest()[:16]
+    path = Path(folder) / f"{digest}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".partial")
+        activation_statistics(model, prompts, source).save(part)
+        part.replace(path)  # a killed job leaves no half-written file under the final name
+    return str(path)
+
+
 def outlier_neurons(activations: dict[str, torch.Tensor], stats: ActivationStatistics, theta: float,
                     k: int) -> Neurons:
     """Per layer, the neurons of one prompt's ``activations`` (layer -> (neurons,)) with ``|a - mean| / std > theta``,
@@ -376,8 +397,9 @@ def nemo_intervention(statistics: str, settings: NeMoSettings) -> Intervention:
 
     def load(model: TextToImage) -> ActivationStatistics:
         if not statistics:
-            raise ValueError("needs activation statistics over non-memorized prompts (knobs.nemo.statistics=<file>, "
-                             "written by benchmark.mitigation.neurons.activation_statistics)")
+            raise ValueError("needs activation statistics over non-memorized prompts (knobs.nemo.statistics=<file> "
+                             "written by benchmark.mitigation.neurons.activation_statistics, or nonmemorized: "
+                             "computed over the prompt set's non-memorized prompts)")
         try:
             stats = ActivationStatistics.load(statistics)
         except FileNotFoundError as err:
@@ -420,8 +442,9 @@ def nemo(factor: float = 0.0, statistics: str = "", samples: int = 10, seed: int
          initial_theta: float = 5.0, theta_step: float = 0.25, min_theta: float = 1.0, initial_k: int = 0,
          ssim_kernel: int = 11) -> Intervention:
     """NeMo with the official defaults (3_detect_memorized_neurons.py, 4_generate_images.py --refined_neurons);
-    ``statistics``: a file of :class:`ActivationStatistics` for this model (no default: the method fails before
-    sampling without one)."""
+    ``statistics``: a file of :class:`ActivationStatistics` for this model, or ``nonmemorized`` (the job computes
+    them over its prompt set's non-memorized prompts, :func:`statistics_file`); no default: the method fails
+    before sampling without one."""
     settings = NeMoSettings(samples=samples, seed=seed, pairwise_threshold=pairwise_threshold,
                             initial_threshold=initial_threshold, refinement_threshold=refinement_threshold,
                             initial_theta=initial_theta, theta_step=theta_step, min_theta=min_theta,

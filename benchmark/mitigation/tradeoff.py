@@ -7,7 +7,9 @@ the mitigation setting (``interface.Mitigation.tag``), so a rerun samples nothin
 - utility: ``CLIP`` score when configured; ``caption_rmse``: RMSE to the scene the caption names, where a registered
   caption renderer can draw it (the testbed's data recipe; lower = more faithful), which needs no downloaded network;
 - cost: ``extra_unet_evals``, the UNet evaluations per image beyond plain sampling's 2 x steps (one CFG batch row
-  counts one).
+  counts one);
+- what the method reports per image, as ``stat/<name>`` columns (NeMo's ``stat/neurons`` and
+  ``stat/neurons/<layer>``, PRSS's ``stat/triggered`` and ``stat/chosen``, Jain et al.'s ``stat/transition_step``).
 Every registered method runs through the one interface (``benchmark.mitigation.interface``); its strength sits in
 the ``strength`` column, named and directed per method by its registration (``strength``, ``stronger``).
 """
@@ -102,8 +104,9 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
             stats = intervention.stats
             extra = rows[0] / len(seeds) - 2 * sampler.steps
             for i, trace in enumerate(traces):
-                # every other per-image value a method reports too (NeMo's neurons per layer, PRSS's trigger...)
-                trace.meta |= {name: _stat(stats, name, i) for name in stats}
+                # every per-image value the method reports (NeMo's neurons per layer, PRSS's trigger...), kept
+                # under one key so that the table can carry them as columns
+                trace.meta["method_stats"] = {name: _stat(stats, name, i) for name in stats}
                 trace.meta |= {"loss_first": _stat(stats, "loss_first", i), "loss_last": _stat(stats, "loss_last", i),
                                "iterations": int(_stat(stats, "iterations", i) or 0), "extra_unet_evals": extra}
             return list(zip(traces, batch.images))
@@ -112,6 +115,9 @@ def run_mitigation(model: TextToImage, baseline: list[Generation], sampler: Samp
         sampled += sample_missing(store, mitigated, sample_batch, batch_size, progress, across_prompts=False,
                                   whole_prompt=mit.values.get("protocol") == "official")
     return sampled
+
+
+_LOSS_STATS = ("loss_first", "loss_last", "iterations")  # columns of their own (loss_*: in the trace only)
 
 
 def _stat(stats: dict, name: str, i: int) -> float | None:
@@ -168,8 +174,12 @@ def measure_all(store: TraceStore, baseline: list[Generation], settings: list[Mi
                     "prompt_id": gen.prompt.id, "kind": gen.prompt.kind, "seed": seed,
                     "D1": float(np.sqrt(trace.delta_sq[0].sum())),
                     "iterations": trace.meta.get("iterations", 0),
-                    "extra_unet_evals": float(trace.meta.get("extra_unet_evals", 0.0)),
-                    **measure(image, gen.prompt.text, trace.end_maps, truth.get(gen.prompt.id), measures)})
+                    # a baseline costs nothing extra by definition; a mitigated trace stored before the cost was
+                    # recorded has an unknown cost (NaN), not zero
+                    "extra_unet_evals": float(trace.meta.get("extra_unet_evals", 0.0 if mit is None else np.nan)),
+                    **measure(image, gen.prompt.text, trace.end_maps, truth.get(gen.prompt.id), measures),
+                    **{f"stat/{k}": np.nan if v is None else v
+                       for k, v in trace.meta.get("method_stats", {}).items() if k not in _LOSS_STATS}})
     return pd.DataFrame(rows)
 
 
