@@ -343,10 +343,10 @@ def test_nemo_statistics_from_the_prompt_sets_non_memorized_prompts(tmp_path, co
     """knobs.nemo.statistics=nonmemorized: the job computes the statistics over its prompt set's non-memorized
     prompts once (a file under the store, reused by a rerun), and NeMo's neurons per image reach the table."""
     import pandas as pd
+    from omegaconf import OmegaConf
 
     from benchmark.data.prompts import load_prompt_set
     from benchmark.mitigation.neurons import ActivationStatistics, activation_statistics
-    from omegaconf import OmegaConf
     from runners.mitigate import run
 
     knobs = ", ".join(f"{k}: {v}" for k, v in FAST["nemo"].items())
@@ -359,7 +359,8 @@ def test_nemo_statistics_from_the_prompt_sets_non_memorized_prompts(tmp_path, co
     prompts = load_prompt_set(OmegaConf.to_container(cfg.prompts, resolve=True))
     expected = activation_statistics(tiny_model, [p.text for p in prompts if not p.memorized])
     stats = ActivationStatistics.load(files[0])
-    assert stats.prompts == expected.prompts and all(torch.allclose(stats.mean[k], expected.mean[k]) for k in stats.mean)
+    assert stats.prompts == expected.prompts
+    assert all(torch.allclose(stats.mean[k], expected.mean[k]) for k in stats.mean)
     rows = pd.read_csv(tmp_path / "job" / "mitigation.csv")
     assert rows.loc[rows.method == "nemo", "stat/neurons"].notna().all()
     assert "What the methods report" in (tmp_path / "job" / "report.md").read_text()
