@@ -184,15 +184,21 @@ def tradeoff_figure(points: pd.DataFrame) -> str:
     utility = points.utility.iloc[0]
     same_axes = similarity == "SSCD" and utility == "CLIP"
     kinds = sorted(points.kind.unique())
-    fig, axes = plt.subplots(len(kinds), 1 if same_axes else 2, figsize=(5.5 if same_axes else 11, 3.8 * len(kinds)),
+    fig, axes = plt.subplots(len(kinds), 1 if same_axes else 2, figsize=(6.5 if same_axes else 13, 3.8 * len(kinds)),
                              squeeze=False, sharex="col", sharey="col")
+    # one colour and marker per (job, method), the same in every row: twenty-odd methods stay told apart
+    curves = sorted(points.groupby(["job", "method"]).groups)
+    colours = plt.get_cmap("tab20").colors
+    style = {c: (colours[i % len(colours)], "os^vDPX<>h"[i // 2 % 10]) for i, c in enumerate(curves)}
     for row, kind in zip(axes, kinds):
         part = points[points.kind == kind]
         for (job, method), curve in part.groupby(["job", "method"], sort=True):
             curve = curve.sort_values("strength", na_position="last")
             label = f"ours {method}" + (f" ({job})" if part.job.nunique() > 1 else "")
-            row[0].plot(curve[utility], curve[similarity], "*" if method == "none" else "o-", ms=9 if method ==
-                        "none" else 5, label=label)
+            colour, marker = style[job, method]
+            row[0].plot(curve[utility], curve[similarity], "*" if method == "none" else marker + "-",
+                        color="k" if method == "none" else colour, ms=9 if method == "none" else 4, lw=1,
+                        label=label)
         if "pareto" in part and part.pareto.fillna(False).astype(bool).any():
             # the front of the job's points (less copying, more utility), ringed and joined
             front = part[part.pareto.fillna(False).astype(bool)].sort_values(utility)
@@ -218,7 +224,7 @@ def tradeoff_figure(points: pd.DataFrame) -> str:
             target.set_title(f"published (Chen et al. Fig. {6 if kind == 'local' else 7}, digitized): {kind}",
                              fontsize=9)
             target.legend(fontsize=8)
-        row[0].legend(fontsize=8)
+        row[0].legend(fontsize=6 if len(curves) > 8 else 8, ncol=2 if len(curves) > 12 else 1)
         for ax in row:
             ax.grid(alpha=0.3)
     fig.tight_layout()
