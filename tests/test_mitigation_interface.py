@@ -198,7 +198,54 @@ def test_han_batch_wise_update_and_delayed_guidance_by_hand(tiny_model, monkeypa
     torch.testing.assert_close(out, x - 0.5 * 3.0 * 4 * x / (2 * x.norm()))
     guide = Mitigation.of("han_batch_wise", gamma=0.7, apply_cfg_step=1).intervention().guidance
     u, c = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
-    assert [float(guide(setup, step, 0, u, c).mean()) for step in range(3)] == [0, 0, SAMPLER.guidance]
+    assert [float(guide(setup, step, 0, setup.latents, u, c).mean()) for step in range(3)] == [0, 0, SAMPLER.guidance]
+
+
+@torch.no_grad()
+def test_the_guidance_hook_gets_each_steps_latents(tiny_model):
+    from benchmark.mitigation.interface import Intervention
+    from benchmark.sampling.capture import ddim_step
+
+    seen = []
+
+    @MITIGATIONS.register("toy_guide", label="toy (plain guidance, latents kept)", acts_on="guidance",
+                          needs_mask=False)
+    def toy_guide() -> Intervention:
+        def guidance(setup, step, t, latents, eps_uncond, eps_cond):
+            eps = eps_uncond + setup.settings.guidance * (eps_cond - eps_uncond)
+            seen.append((step, t, latents.clone(), eps))
+            return eps
+        return Intervention(guidance=guidance)
+
+    try:
+        got = sample_with_capture(tiny_model, PROMPT, [0, 1], SAMPLER, record=False,
+                                  intervention=Mitigation.of("toy_guide").intervention())
+    finally:
+        MITIGATIONS.unregister("toy_guide")
+    setup = prepare_sampling(tiny_model, PROMPT, [0, 1], SAMPLER)
+    assert [(step, t) for step, t, _, _ in seen] == list(enumerate(setup.steps))
+    x = setup.latents
+    for _, t, latents, eps in seen:  # step i's latents: the initial noise, then each DDIM update in turn
+        assert torch.equal(latents, x)
+        x = ddim_step(tiny_model.scheduler, eps, t, x, SAMPLER.eta, None)
+    assert torch.equal(got, x)
+    assert torch.equal(got, sample_with_capture(tiny_model, PROMPT, [0, 1], SAMPLER, record=False))
+
+
+def test_a_guidance_hook_without_the_latents_is_refused_naming_the_method():
+    from benchmark.mitigation.interface import Intervention
+
+    @MITIGATIONS.register("toy_old_guide", label="toy (the signature before the latents)", acts_on="guidance",
+                          needs_mask=False)
+    def toy_old_guide() -> Intervention:
+        return Intervention(guidance=lambda setup, step, t, eps_uncond, eps_cond: eps_uncond)
+
+    try:
+        with pytest.raises(ValueError, match=r"mitigation toy_old_guide: its guidance hook must take \(setup, step, "
+                                             r"t, latents, eps_uncond, eps_cond\), got \(setup, step, t, eps_uncond"):
+            Mitigation.of("toy_old_guide")
+    finally:
+        MITIGATIONS.unregister("toy_old_guide")
 
 
 # -------------------------------------------------------------------------------------- job and plug-ins

@@ -171,7 +171,8 @@ def transition_intervention(settings: TransitionGuidance) -> Intervention:
         out.stats["transition_step"] = steps.numpy().astype(np.float64)
         return setup.latents
 
-    def guidance(setup: SamplingSetup, step: int, t: int, eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+    def guidance(setup: SamplingSetup, step: int, t: int, latents: torch.Tensor, eps_u: torch.Tensor,
+                 eps_c: torch.Tensor) -> torch.Tensor:
         delta = eps_c - eps_u
         if settings.rule == "dynamic":
             state["magnitudes"].append(delta.flatten(1).float().norm(dim=1))

@@ -205,7 +205,7 @@ def han_batch_wise(gamma: NonNegative, rho: NonNegative = 50.0, adj_iters: Count
     def latents(setup: SamplingSetup) -> torch.Tensor:
         return han_batch_wise_latents(setup, rho, gamma, adj_iters)
 
-    def guidance(setup: SamplingSetup, step: int, t, eps_uncond: torch.Tensor, eps_cond: torch.Tensor):
+    def guidance(setup: SamplingSetup, step: int, t, latents, eps_uncond: torch.Tensor, eps_cond: torch.Tensor):
         if step <= apply_cfg_step:
             return eps_uncond
         return eps_uncond + setup.settings.guidance * (eps_cond - eps_uncond)

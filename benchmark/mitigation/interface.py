@@ -23,6 +23,7 @@ registration).
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ REQUIREMENTS: dict[str, tuple[Callable[[TextToImage], bool], str]] = {
 
 PromptHook = Callable[[TextToImage, list[str], list[int], "int | Sequence[int] | None"], list[str]]
 TensorHook = Callable[[SamplingSetup], torch.Tensor]
-GuidanceHook = Callable[[SamplingSetup, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+GuidanceHook = Callable[[SamplingSetup, int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GUIDANCE_HOOK_ARGUMENTS = ("setup", "step", "t", "latents", "eps_uncond", "eps_cond")
 ModulesHook = Callable[[SamplingSetup], AbstractContextManager]
 
 
@@ -58,9 +60,12 @@ class Intervention:
       unconditional one too sets ``setup.uncond``);
     - ``latents(setup) -> latents`` (n, c, h, w): the initial noise replaced (``setup.cond`` is already the hook
       above's);
-    - ``guidance(setup, step, t, eps_uncond, eps_cond) -> eps`` (n, c, h, w): the guided noise prediction of 0-based
-      step ``step`` (timestep ``t``) in place of ``eps_u + w (eps_c - eps_u)``; the trace still records
-      ``eps_c - eps_u``;
+    - ``guidance(setup, step, t, latents, eps_uncond, eps_cond) -> eps`` (n, c, h, w): the guided noise prediction
+      of 0-based step ``step`` (timestep ``t``, a host int) in place of ``eps_u + w (eps_c - eps_u)``; ``latents``
+      (n, c, h, w) are the step's input x_t, the UNet's input in both halves of the CFG batch (read only: the DDIM
+      update uses them next), for a hook that evaluates the network once more (PRSS's re-anchoring); the trace
+      still records ``eps_c - eps_u``. A hook of the older signature without ``latents`` is refused when its
+      setting is made (:meth:`Mitigation.intervention`), never called with shifted arguments;
     - ``modules(setup)``: a context manager installing module hooks or attention processors for the whole loop;
       it is entered before capture's recorders, which then wrap the processors it installed (a processor that is
       not diffusers' plain one is called for the output; the recorded maps are computed beside it, unweighted);
@@ -86,10 +91,13 @@ class Intervention:
             setup.latents = self.latents(setup).to(setup.model.device, setup.model.dtype)
 
     def guidance_for(self, setup: SamplingSetup
-                     ) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+                     ) -> Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The guidance hook bound to ``setup``: ``(step, t, latents, eps_uncond, eps_cond) -> eps``; None without
+        one."""
         if self.guidance is None:
             return None
-        return lambda step, t, eps_uncond, eps_cond: self.guidance(setup, step, t, eps_uncond, eps_cond)
+        return lambda step, t, latents, eps_uncond, eps_cond: self.guidance(setup, step, t, latents, eps_uncond,
+                                                                            eps_cond)
 
     def installed(self, setup: SamplingSetup) -> AbstractContextManager:
         return nullcontext() if self.modules is None else self.modules(setup)
@@ -152,11 +160,15 @@ class Mitigation:
         return "-".join(parts)
 
     def intervention(self) -> Intervention:
-        """A fresh :class:`Intervention` of this setting (its ``stats`` are the next batch's)."""
+        """A fresh :class:`Intervention` of this setting (its ``stats`` are the next batch's). Raises TypeError when
+        the factory returns no Intervention, ValueError when its guidance hook cannot take
+        :data:`GUIDANCE_HOOK_ARGUMENTS` (a plug-in written before the hook got the step's latents)."""
         out = self.entry.fn(**self.values)
         if not isinstance(out, Intervention):
             raise TypeError(f"mitigation {self.method}: its factory returned {type(out).__name__}, not an "
                             "Intervention")
+        if out.guidance is not None:
+            check_guidance_hook(self.method, out.guidance)
         return out
 
     def check_model(self, model: TextToImage) -> None:
@@ -172,6 +184,17 @@ class Mitigation:
                 intervention.check(model)
             except ValueError as err:
                 raise ValueError(f"mitigation {self.tag}: {err}") from None
+
+
+def check_guidance_hook(method: str, hook: GuidanceHook) -> None:
+    """Raise ValueError, naming ``method``, when ``hook`` cannot be called with the six positional arguments
+    :data:`GUIDANCE_HOOK_ARGUMENTS`: an older hook ``(setup, step, t, eps_uncond, eps_cond)`` would otherwise fail
+    at its first step, after the set-up's work."""
+    try:
+        inspect.signature(hook).bind(*GUIDANCE_HOOK_ARGUMENTS)
+    except TypeError:
+        raise ValueError(f"mitigation {method}: its guidance hook must take ({', '.join(GUIDANCE_HOOK_ARGUMENTS)}), "
+                         f"got {inspect.signature(hook)} (the step's latents come after t)") from None
 
 
 def _entry(method: str):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -221,11 +220,9 @@ def prss_intervention(settings: PRSSSettings, rephraser_file: str = "", with_mas
     after ``target_step`` plain guided steps (:func:`search_embeddings`, with the call's BE mask when the method
     reads one); the images are then sampled from the same noise with the chosen embeddings. In the loop, when
     ``l_target_pr`` is set, the triggered images' steps are re-anchored (:func:`reanchored_eps`) on the original
-    prompt's prediction, one more conditional UNet evaluation per step that capture does not record. ``stats``:
-    ``triggered``, ``chosen`` (0: the prompt itself) per image.
-
-    The guidance hook gets no latents, so a forward pre-hook on the UNet keeps the unconditional half of the
-    step's CFG input (the latents) for the original prompt's evaluation."""
+    prompt's prediction at the step's latents (the guidance hook's ``latents``), one more conditional UNet
+    evaluation per step that capture does not record. ``stats``: ``triggered``, ``chosen`` (0: the prompt itself)
+    per image."""
     out = Intervention()
     state: dict = {}
 
@@ -255,42 +252,25 @@ def prss_intervention(settings: PRSSSettings, rephraser_file: str = "", with_mas
         out.stats["chosen"] = found.result.chosen.numpy().astype(np.float64)
         return found.embedding
 
-    def guidance(setup: SamplingSetup, step: int, t: int, eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+    def guidance(setup: SamplingSetup, step: int, t: int, latents: torch.Tensor, eps_u: torch.Tensor,
+                 eps_c: torch.Tensor) -> torch.Tensor:
         g = setup.settings.guidance
         eps = eps_u + g * (eps_c - eps_u)
         found = state["found"]
         rows = found.result.triggered.nonzero().flatten().tolist()
         if settings.l_target_pr is None or not rows:
             return eps
-        x = setup.model.scheduler.scale_model_input(state["latents"][rows], t)
+        x = setup.model.scheduler.scale_model_input(latents[rows], t)
         with recording_paused(setup.model.unet):
-            state["own_call"] = True
-            try:
-                eps_o = setup.model.noise_prediction(x, torch.tensor(t, device=x.device),
-                                                     found.original[rows].to(x.device, x.dtype))
-            finally:
-                state["own_call"] = False
+            eps_o = setup.model.noise_prediction(x, torch.tensor(t, device=x.device),
+                                                 found.original[rows].to(x.device, x.dtype))
         eps = eps.clone()
         eps[rows] = reanchored_eps(eps_u[rows], eps_c[rows], eps_o, g, settings.l_target_pr, settings.mag_thres_pr)
         return eps
 
-    @contextmanager
-    def keep_latents(setup: SamplingSetup):
-        def pre_hook(module, args, kwargs):
-            if not state.get("own_call"):
-                sample = args[0] if args else kwargs["sample"]
-                state["latents"] = sample[:len(sample) // 2]  # the CFG batch repeats the latents: [x, x]
-        handle = setup.model.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-
     out.check = check
     out.embedding = search
     out.guidance = guidance
-    if settings.l_target_pr is not None:
-        out.modules = keep_latents
     return out
 
 

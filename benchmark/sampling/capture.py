@@ -436,7 +436,8 @@ def sample_with_capture(model: TextToImage, prompt: str | Sequence[str], seeds: 
             if rec is not None:
                 rec.start_step(i)
             latents, delta = ddim_cfg_step(model, latents, t, timesteps[i], context, settings, setup.generators,
-                                           None if guide is None else lambda u, c, i=i, t=t: guide(i, t, u, c))
+                                           None if guide is None else
+                                           lambda u, c, i=i, t=t, x=latents: guide(i, t, x, u, c))
             if record:
                 delta_sq.append(delta.float().pow(2).sum(1))
     if not record:
