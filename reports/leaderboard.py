@@ -35,6 +35,7 @@ from reports.tables import (
     localization_board,
     mitigation_points,
     published,
+    published_mitigation,
     table1,
     table1_wide,
     table2,
@@ -219,8 +220,13 @@ def mitigation_section(r: Inputs) -> Section:
             figure += html._img(plots.tradeoff_figure(part), f"trade-off curves: {model} on {prompt_set}",
                                 f"{model} on {prompt_set}: similarity to the training image vs utility, every "
                                 "method's curve, the Pareto front ringed; ours beside the paper's Fig. 6/7.")
+    quoted = published_mitigation()
+    # beside ours, never in ours: the papers' model and prompts are not the testbed's
+    after = (f"<details><summary>{len(quoted)} published rows ({', '.join(sorted(quoted.source.unique()))}): "
+             "published, SD v1-4, not comparable to testbed numbers</summary>"
+             f"{html._table(quoted, 3)}</details>")
     return table_section("mitigation", "Mitigation trade-off (Fig. 6/7)", "mitigation", points, figures=figure,
-                         digits=4)
+                         digits=4, after=after)
 
 
 def ddpm_section(r: Inputs) -> Section:

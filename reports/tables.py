@@ -25,6 +25,17 @@ def published(name: str) -> pd.DataFrame:
     return pd.read_csv(REFERENCE / name)
 
 
+PUBLISHED_MITIGATION = ("be2025_fig6_fig7_mitigation_digitized.csv",)
+"""The reference CSVs of published mitigation results (every row SD v1-4; ``reports/reference/README.md`` lists
+what the other mitigation papers publish and why it is not here)."""
+
+
+def published_mitigation() -> pd.DataFrame:
+    """Every published mitigation row, ``source`` first (the paper and figure or table), columns as each CSV
+    names them; quoted, never comparable to a testbed job's numbers (another model and prompt set)."""
+    return pd.concat([published(name) for name in PUBLISHED_MITIGATION], ignore_index=True)
+
+
 def fmt(value, digits: int = 3) -> str:
     return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
