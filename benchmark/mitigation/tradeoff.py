@@ -243,7 +243,8 @@ def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, referenc
     resamples prompts with replacement (every method ran on the same prompts and seeds, so the resample is
     shared: paired), recomputing every curve, ``n_boot`` times (seeded; percentile interval). Columns: ``kind``,
     the utility, ``method``, the similarity, ``difference``, ``ci_low``, ``ci_high``. Empty when the reference
-    did not run or the measures are missing."""
+    did not run or the measures are missing. The level of the baseline itself is left out
+    (:func:`utility_levels`)."""
     if utility not in rows or similarity not in rows or reference not in set(rows.method):
         return pd.DataFrame()
     rng = np.random.default_rng(seed)
@@ -265,7 +266,7 @@ def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, referenc
         lo, hi = curves_by_draw[0][reference][0].min(), curves_by_draw[0][reference][0].max()
         if not lo < hi:
             continue
-        for level in np.linspace(lo, hi, n):
+        for level in utility_levels(lo, hi, n, points_of(points, BASELINE)[:, 0].mean()):
             values = np.array([[_read(c[m], level) for m in methods] for c in curves_by_draw])  # (draws, methods)
             ref = values[:, methods.index(reference)]
             for j, method in enumerate(methods):
@@ -275,6 +276,20 @@ def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, referenc
                 out.append({"kind": kind, utility: float(level), "method": method, similarity: values[0, j],
                             "difference": diff[0], "ci_low": float(low), "ci_high": float(high)})
     return pd.DataFrame(out)
+
+
+def utility_levels(lo: float, hi: float, n: int, baseline: float) -> np.ndarray:
+    """``n`` evenly spaced levels over [lo, hi], the end at the unmitigated ``baseline``'s utility left out: every
+    curve starts there, so the difference is 0 by construction and a bootstrap interval of it is meaningless."""
+    if np.isclose(lo, baseline) or np.isclose(hi, baseline):
+        levels = np.linspace(lo, hi, n + 1)
+        return levels[1:] if np.isclose(lo, baseline) else levels[:-1]
+    return np.linspace(lo, hi, n)
+
+
+def points_of(points: dict, method: str) -> np.ndarray:
+    """The (prompts, 2) per-prompt means of ``method``'s first setting (the baseline has one)."""
+    return next(v for (m, _), v in points.items() if m == method)
 
 
 def _curve(points: dict, method: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
