@@ -144,7 +144,8 @@ def test_registered_rules_equal_official_loops(tiny_model, same_up_to_float_orde
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mitigation.methods=[wen,jain_stp]", "+mitigation.strengths.jain_stp=[1000]"], "transition_t must be in"),
+    (["mitigation.methods=[wen,jain_stp]", "+mitigation.strengths.jain_stp=[1000]"],
+     "mitigation.strengths.jain_stp.0.transition_t=1000: input should be less than 1000"),
     (["mitigation.methods=[wen,ren]", "+mitigation.strengths.ren=[nan]"],
      "mitigation.strengths.ren.0.c1=nan: must be a finite"),
 ])

@@ -197,7 +197,8 @@ def test_registered_equals_official(tiny_model, tmp_path, same_up_to_float_order
 
 @pytest.mark.parametrize("overrides, message", [
     (["mitigation.methods=[wen,prss]"], "rephraser listed needs rephraser_file"),
-    (["mitigation.methods=[wen,prss]", "+mitigation.knobs.prss.rephraser=gpt"], "prss: unknown rephraser 'gpt'"),
+    (["mitigation.methods=[wen,prss]", "+mitigation.knobs.prss.rephraser=gpt"],
+     "mitigation.knobs.prss.rephraser='gpt': value error, not a rephraser"),
     (["mitigation.methods=[wen,prss_be]", "+mitigation.knobs.prss_be.l_target_pr=9"], "l_target_pr < mag_thres_pr"),
 ])
 def test_the_job_refuses_bad_settings_before_sampling(tmp_path, compose, overrides, message):

@@ -17,5 +17,7 @@ Rate = Annotated[float, Field(ge=0, lt=1)]  # a target false-positive rate
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
 Name = Annotated[str, Field(min_length=1, pattern=r"\S")]  # a name, path or id: not empty, not only blanks
+MaybeName = Annotated[str, Field(pattern=r"^(|.*\S.*)$")]  # a name, path or id, or "" for none: not only blanks
+Timestep = Annotated[int, Field(ge=0, lt=1000)]  # a training timestep of the 1000-step schedules every model here has
 Channels = Annotated[tuple[PositiveInt, ...], Field(min_length=1)]  # a UNet's block_out_channels
 Kind = Literal["global", "local", "memorized", "none"]  # a prompt's kind of memorization (benchmark.data.prompts)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.core.config_types import Positive
 from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import MITIGATIONS
@@ -51,8 +52,9 @@ class RenSettings:
     mask_end: bool = False  # --mask_length_minis1: the end token is masked too
 
     def __post_init__(self):
-        if not (self.c1 == self.c1 and abs(self.c1) != float("inf")):  # finite; rescaling by <= 0 is allowed
-            raise ValueError(f"mitigation ren: c1 must be finite, got {self.c1}")
+        # a factor <= 0 would flip or zero the start token's logit: not a point on the strength axis
+        if not (0 < self.c1 < float("inf")):
+            raise ValueError(f"mitigation ren: c1 must be a finite number > 0, got {self.c1}")
         if self.mask_end and not self.mask_summary:
             raise ValueError("mitigation ren: mask_end needs mask_summary (the official --mask_length_minis1 only "
                              "shortens --cross_attn_mask's mask)")
@@ -146,7 +148,7 @@ def ren_attention(model: TextToImage, prompts: list[str], settings: RenSettings)
 @MITIGATIONS.register("ren", label="Ren et al. (attention re-weighting)", acts_on="modules", needs_mask=False,
                       strength="c1", stronger="higher", strengths=(1.25,), requires=("cross_attention", "tokenizer"),
                       tag=lambda k: RenSettings(**k).tag)
-def ren(c1: float = 1.25, mask_summary: bool = True, mask_end: bool = False) -> Intervention:
+def ren(c1: Positive = 1.25, mask_summary: bool = True, mask_end: bool = False) -> Intervention:
     """Ren et al.'s mitigation (``--miti_mem --cross_attn_mask --c1 1.25``): every cross-attention layer re-weighted
     at every step for the sampled prompts (:func:`ren_attention`); no extra UNet evaluation."""
     settings = RenSettings(float(c1), bool(mask_summary), bool(mask_end))

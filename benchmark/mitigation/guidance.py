@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from scipy.signal import argrelextrema
 
+from benchmark.core.config_types import Timestep
 from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import MITIGATIONS
@@ -198,7 +199,7 @@ _JAIN = {"acts_on": "guidance", "needs_mask": False}
 
 @MITIGATIONS.register("jain_stp", label="Jain et al. (static transition)", strength="transition_t",
                       stronger="lower", strengths=(500,), tag=lambda k: TransitionGuidance("static", **k).tag, **_JAIN)
-def jain_stp(transition_t: int = 500, before: float = 0.0, after: float = 7.5) -> Intervention:
+def jain_stp(transition_t: Timestep = 500, before: float = 0.0, after: float = 7.5) -> Intervention:
     """Static transition point (generate_test_dataset_stp.py, README: 0 before timestep 500, 7.5 after)."""
     return transition_intervention(TransitionGuidance("static", float(before), float(after), int(transition_t)))
 
@@ -206,7 +207,7 @@ def jain_stp(transition_t: int = 500, before: float = 0.0, after: float = 7.5) -
 @MITIGATIONS.register("jain_stp_og", label="Jain et al. (opposite guidance, static transition)",
                       strength="transition_t", stronger="lower", strengths=(650,),
                       tag=lambda k: TransitionGuidance("static", **k).tag, **_JAIN)
-def jain_stp_og(transition_t: int = 650, before: float = -2.0, after: float = 7.5) -> Intervention:
+def jain_stp_og(transition_t: Timestep = 650, before: float = -2.0, after: float = 7.5) -> Intervention:
     """Opposite guidance with a static transition point (README: -2 before timestep 650, 7.5 after)."""
     return transition_intervention(TransitionGuidance("static", float(before), float(after), int(transition_t)))
 

@@ -116,7 +116,7 @@ def sail_latent(setup: SamplingSetup, row: int, threshold: float, lr: float, bud
 
 @MITIGATIONS.register("sail", label="SAIL (sharpness-aware initial noise)", acts_on="latents", needs_mask=False,
                       strength="threshold", stronger="lower", strengths=(8.2,))
-def sail(threshold: float, lr: Positive = 0.05, budget: PositiveInt = 8, max_steps: PositiveInt = 10,
+def sail(threshold: Positive, lr: Positive = 0.05, budget: PositiveInt = 8, max_steps: PositiveInt = 10,
          gaussianity: NonNegative = 0.05, max_rounds: PositiveInt = 30) -> Intervention:
     """SAIL's mitigation: each image's initial latent replaced by its first accepted candidate (module docstring).
     ``threshold``: SAIL's l_thres (``--miti_thres``, 8.2 on SD v1-4; the scale is the model's), lower = stronger;

@@ -39,11 +39,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, Field
 from safetensors.torch import load_file, save_file
 
+from benchmark.core.config_types import Count, MaybeName, NonNegative, Positive, Seed
 from benchmark.mitigation.interface import Intervention
 from benchmark.models.text_to_image import TextToImage
 from benchmark.registry import MITIGATIONS
@@ -55,6 +58,13 @@ from benchmark.sampling.capture import (
     initial_noise,
 )
 from benchmark.store.job_folder import file_fingerprint
+
+
+def _odd(kernel: int) -> int:
+    if kernel % 2 == 0:
+        raise ValueError(f"an MS-SSIM window is odd, got {kernel}")
+    return kernel
+
 
 VALUE_BLOCKS = ("down_blocks.", "mid_block.")  # the official value layers: the down path and the middle block
 SSIM_BETAS = (0.33, 0.33, 0.33)  # utils/activation_detection.py: three scales, equal weights
@@ -437,10 +447,11 @@ def nemo_intervention(statistics: str, settings: NeMoSettings) -> Intervention:
 @MITIGATIONS.register("nemo", label="NeMo (memorization neurons deactivated)", acts_on="modules", needs_mask=False,
                       strength="factor", stronger="lower", strengths=(0.0,),
                       requires=("cross_attention", "text_encoder"), tag=_nemo_tag)
-def nemo(factor: float = 0.0, statistics: str = "", samples: int = 10, seed: int = 1,
-         pairwise_threshold: float = 0.428, initial_threshold: float = 0.428, refinement_threshold: float = 0.428,
-         initial_theta: float = 5.0, theta_step: float = 0.25, min_theta: float = 1.0, initial_k: int = 0,
-         ssim_kernel: int = 11) -> Intervention:
+def nemo(factor: Annotated[float, Field(ge=0, lt=1)] = 0.0, statistics: MaybeName = "",
+         samples: Annotated[int, Field(ge=2)] = 10, seed: Seed = 1, pairwise_threshold: float = 0.428,
+         initial_threshold: float = 0.428, refinement_threshold: float = 0.428, initial_theta: Positive = 5.0,
+         theta_step: Positive = 0.25, min_theta: NonNegative = 1.0, initial_k: Count = 0,
+         ssim_kernel: Annotated[int, Field(ge=3), AfterValidator(_odd)] = 11) -> Intervention:
     """NeMo with the official defaults (3_detect_memorized_neurons.py, 4_generate_images.py --refined_neurons);
     ``statistics``: a file of :class:`ActivationStatistics` for this model, or ``nonmemorized`` (the job computes
     them over its prompt set's non-memorized prompts, :func:`statistics_file`); no default: the method fails

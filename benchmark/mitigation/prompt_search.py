@@ -31,16 +31,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import AfterValidator
 
+from benchmark.core.config_types import Count, MaybeName, Name, NonNegative, Positive
 from benchmark.mitigation.embedding import magnitude_loss, mask_at_latent_size
 from benchmark.mitigation.interface import Intervention
 from benchmark.registry import MITIGATIONS, REPHRASERS
 from benchmark.sampling.capture import SamplingSetup, ddim_cfg_step, recording_paused, step_generators
 from benchmark.store.job_folder import file_fingerprint
 
+
+def _known_rephraser(name: str) -> str:
+    if name not in REPHRASERS:
+        raise ValueError(f"not a rephraser ({', '.join(REPHRASERS.names())})")
+    return name
+
+
+Rephraser = Annotated[Name, AfterValidator(_known_rephraser)]  # a registered REPHRASERS entry (a plug-in's too)
 OFFICIAL_CANDIDATES = 25  # caption1 .. caption25 per prompt in the official data file
 
 
@@ -284,9 +295,9 @@ def _prss_tag(method: str) -> Callable[[dict], str]:
 
 
 def _prss_factory(method: str, with_mask: bool) -> Callable[..., Intervention]:
-    def factory(l_target_ss: float = 1.0, l_target_pr: float | None = 3.0, mag_thres_pr: float = 5.0,
-                target_step: int = 0, rephraser: str = "listed", rephraser_file: str = "",
-                count: int = OFFICIAL_CANDIDATES) -> Intervention:
+    def factory(l_target_ss: NonNegative = 1.0, l_target_pr: NonNegative | None = 3.0, mag_thres_pr: Positive = 5.0,
+                target_step: Count = 0, rephraser: Rephraser = "listed", rephraser_file: MaybeName = "",
+                count: Count = OFFICIAL_CANDIDATES) -> Intervention:
         """PRSS with the official defaults (inference_mem.py README: --l_target_ss 1 --l_target_pr 3
         --mag_thres_pr 5 --optim_target_steps 0); ``l_target_pr`` None: the search alone."""
         return prss_intervention(PRSSSettings(l_target_ss, l_target_pr, mag_thres_pr, target_step, rephraser, count),
