@@ -24,12 +24,15 @@ test-all:           ## everything, including the minutes-long tests
 report:             ## leaderboard (Markdown, CSV, LaTeX, HTML) from every job under outputs/
 	$(PY) -m reports.leaderboard outputs --out outputs/report
 
-bench:              ## side-by-side timings on SD v1-4's architecture (see runners/bench.py, docs/performance.md)
+bench:              ## side-by-side timings on SD v1-4's architecture, FLOPs per image of each family (runners/bench.py)
 	$(PY) -m runners.bench
+	$(PY) -m runners.bench --flops
 
-bench-gpu:          ## GPU throughput suite, <= 13 min: SD v1-4 512 px fp16 + bf16, SD 2.1 768 px fp16; 50 steps, 16 images per call
-	$(PY) -m runners.bench --gpu-suite --device cuda
-	$(PY) -m runners.bench --gpu-suite --device cuda --model sd2-architecture --resolution 768 --dtypes float16 --budget-s 240
+bench-gpu:          ## GPU throughput suite, <= 14 min: SD v1-4 512 px fp16 + bf16 and SD 2.1 768 px fp16 (16 images per call), SDXL and PixArt-alpha 1024 px fp16 (4 per call); 50 steps
+	$(PY) -m runners.bench --gpu-suite --device cuda --budget-s 300
+	$(PY) -m runners.bench --gpu-suite --device cuda --model sd2-architecture --resolution 768 --dtypes float16 --budget-s 150
+	$(PY) -m runners.bench --gpu-suite --device cuda --model sdxl-architecture --resolution 1024 --dtypes float16 --batch 4 --budget-s 60
+	$(PY) -m runners.bench --gpu-suite --device cuda --model pixart-architecture --resolution 1024 --dtypes float16 --batch 4 --budget-s 60
 
 testbed-weights:    ## retrain the shipped testbed weights from scratch (about 100 min on 2 idle cores)
 	$(PY) -m runners.train_testbed testbed.training.steps=3000

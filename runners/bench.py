@@ -27,19 +27,31 @@ A and B alternate, and the best of ``--repeats`` rounds counts, because these ma
 seeds (``batch16``) and as 16 prompts x 1 seed (``n1x16``); per case images/s of the plain pipeline and of
 capture, their ratio, the achieved TFLOP/s of the UNet (FLOPs counted by torch's FlopCounterMode on one CFG call,
 times the steps) and its fraction of the device's dense peak (``benchmark.core.profiling.PEAK_TFLOPS``), and the trace
-size. It stops starting new cases after ``--budget-s`` seconds. ``--device cpu --model tiny --resolution 64
+size. It stops starting new cases after ``--budget-s`` seconds. ``--model`` any in-process architecture: the plain
+reference is its family's own diffusers pipeline (``sdxl-architecture``, ``pixart-architecture`` at 1024 px).
+
+`make bench` also prints (``--flops``) ``flops_<family>_<part>_tflop``: the FLOPs per image of each family's full
+architecture at its preset's size and 50 steps, counted by FlopCounterMode on the meta device (no weights, no
+memory: seconds on a CPU), split into text encoding, one CFG denoiser step, the VAE decode and their total
+(:func:`family_flops`). ``--device cpu --model tiny --resolution 64
 --steps 2`` runs it in seconds (tests/test_bench.py does).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmark.core.profiling import count_flops, count_host_transfers, peak_tflops
 from benchmark.data.prompts import inline_prompt_set
@@ -48,7 +60,7 @@ from benchmark.early.stopping import StopRule, sample_with_early_stop
 from benchmark.measures.metrics import _metric_rows
 from benchmark.models.text_to_image import DTYPES, TextToImage
 from benchmark.registry import MODEL_BUILDERS
-from benchmark.sampling.capture import SamplerSettings, encode_prompts, guided_eps, initial_noise, sample_with_capture
+from benchmark.sampling.capture import SamplerSettings, sample_with_capture
 from benchmark.store.traces import TraceStore
 
 PROMPT = "Mothers influence on her young hippo"
@@ -92,22 +104,31 @@ def bootstrap_ratio(n: int, n_pos: int, replicates: int = 1000, repeats: int = 2
     return min(batched) / min(looped)
 
 
-def pipeline(model: TextToImage) -> StableDiffusionPipeline:
-    """diffusers' own pipeline on the same components: the no-capture reference. Its scheduler reads the network's
-    own prediction type (v on SD 2.1 at 768 px); the model's is kept at epsilon for ``noise_prediction``'s output."""
+def pipeline(model: TextToImage) -> DiffusionPipeline:
+    """diffusers' own pipeline of the model's family (``model.pipeline_class``: StableDiffusionPipeline,
+    StableDiffusionXLPipeline, PixArtAlphaPipeline) on the same components: the no-capture reference. Its scheduler
+    reads the network's own prediction type (v on SD 2.1 at 768 px); the model's is kept at epsilon for
+    ``noise_prediction``'s output."""
+    cls = getattr(diffusers, model.pipeline_class)
     scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=model.prediction_type)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+             "requires_safety_checker": False, **model.components(), "scheduler": scheduler,
+             **model.pipeline_config()}
+    accepted = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{k: v for k, v in parts.items() if k in accepted})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def plain_call(pipe, prompts: list[str], seeds: list[int], settings: SamplerSettings):
     """The pipeline on one image per (prompt, seed), latents out (no decoding, like capture with decode=False)."""
+    # PixArt's pipeline: the size as asked (no binning to its aspect-ratio table) and the prompt as given, as capture
+    family = {"use_resolution_binning": False, "clean_caption": False}
+    accepted = inspect.signature(type(pipe).__call__).parameters
     return lambda: pipe(prompts, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
                         guidance_scale=settings.guidance, num_images_per_prompt=1,
-                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent")
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
+                        **{k: v for k, v in family.items() if k in accepted})
 
 
 def capture_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings):
@@ -202,14 +223,72 @@ def bench_knobs(model: TextToImage, folder: str) -> dict[str, dict]:
             "prss": {"rephraser": "none"}, "prss_be": {"rephraser": "none"}}
 
 
+def sampling_flops(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
+                   steps: int) -> int:
+    """FLOPs of one plain sampling call of ``steps`` steps (text encoding included, decoding not), as torch's
+    FlopCounterMode counts them; runs on a model built on the meta device too (:func:`family_flops`)."""
+    call = replace(settings, steps=steps)
+    with torch.no_grad(), countable(model):
+        return count_flops(lambda: sample_with_capture(model, prompts, seeds, call, record=False, decode=False))
+
+
+def denoiser_flops_per_step(model: TextToImage, prompts: list[str], seeds: list[int],
+                            settings: SamplerSettings) -> int:
+    """FLOPs of the denoiser (UNet or transformer) in one CFG step of a call: a 2-step call less a 1-step call, so
+    every family's own conditions (SDXL's added embeddings, PixArt's mask) are in and the text encoding cancels."""
+    return (sampling_flops(model, prompts, seeds, settings, 2) - sampling_flops(model, prompts, seeds, settings, 1))
+
+
 def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
-    """FLOPs of the UNet over one sampling call: one CFG forward counted by FlopCounterMode, times the steps."""
-    n = len(seeds)
-    context = torch.cat([model.encode([""]).expand(n, -1, -1), encode_prompts(model, prompts)])
-    latents = initial_noise(model, seeds, settings)
-    t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=model.device)
-    with torch.no_grad():
-        return count_flops(lambda: guided_eps(model, latents, t, context)) * settings.steps
+    """FLOPs of the denoiser over one sampling call: one CFG step's (:func:`denoiser_flops_per_step`) times the
+    steps."""
+    return denoiser_flops_per_step(model, prompts, seeds, settings) * settings.steps
+
+
+@contextmanager
+def countable(model: TextToImage):
+    """Where FlopCounterMode counts every FLOP of ``model``'s calls. On the CPU, torch's fused attention kernel is not
+    in its table (it would count 0 for every attention): the math kernel runs instead, whose matmuls it counts (the
+    meta device and CUDA's fused kernels are counted as they are). transformers asks a T5 padding mask whether it
+    may be dropped (``mask.all()``, a data-dependent question a meta tensor cannot answer): answered "keep it",
+    which changes no FLOPs, only the kernel called."""
+    import transformers.masking_utils as masking
+
+    with ExitStack() as stack:
+        if model.device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if hasattr(masking, "_ignore_bidirectional_mask_sdpa"):
+            stack.enter_context(mock.patch.object(masking, "_ignore_bidirectional_mask_sdpa", return_value=False))
+        yield
+
+
+# Each family's full architecture (random weights) at its preset's size and steps (conf/model, conf/sampler).
+FAMILIES = (("sd-v1-4", "sd14-architecture", 512), ("sd-2-1", "sd2-architecture", 768),
+            ("sdxl", "sdxl-architecture", 1024), ("pixart-alpha", "pixart-architecture", 1024))
+
+
+def family_flops(builder: str, resolution: int, steps: int = 50, device: str = "meta") -> dict[str, float]:
+    """FLOPs per image of a family's generation, in TFLOP: ``text`` (the prompt's and the empty prompt's
+    encoding), ``denoiser_step`` (one CFG step: both halves), ``decode`` (the VAE), ``per_image`` (text + steps x
+    denoiser_step + decode). On ``device="meta"`` the architecture is built without memory or weights and only the
+    shapes are computed (seconds even for T5-XXL), which FlopCounterMode counts as it counts real tensors."""
+    with torch.device(device):
+        model = MODEL_BUILDERS[builder]()
+    settings = SamplerSettings(steps, 7.5, resolution, resolution)
+    step = denoiser_flops_per_step(model, [PROMPT], [0], settings)
+    text = sampling_flops(model, [PROMPT], [0], settings, 1) - step
+    latents = torch.zeros((1, *model.latent_shape(resolution, resolution)), device=model.device, dtype=model.dtype)
+    with torch.no_grad(), countable(model):
+        decode = 0 if model.vae is None else count_flops(lambda: model.vae.decode(latents))
+    out = {"text": text, "denoiser_step": step, "decode": decode, "per_image": text + steps * step + decode}
+    return {k: v / 1e12 for k, v in out.items()}
+
+
+def print_family_flops(steps: int = 50) -> None:
+    for family, builder, resolution in FAMILIES:
+        figures = family_flops(builder, resolution, steps)
+        for part, tflop in figures.items():
+            print(f"flops_{family.replace('-', '_')}_{part}_tflop: {tflop:.4g} ({resolution} px, {steps} steps)")
 
 
 def trace_kib_per_image(batch) -> float:
@@ -336,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--gpu-suite", action="store_true", help="the make bench-gpu suite")
+    parser.add_argument("--flops", action="store_true",
+                        help="FLOPs per image of every family's architecture, counted on the meta device")
     parser.add_argument("--model", default="sd14-architecture",
                         choices=sorted(n for n in MODEL_BUILDERS if MODEL_BUILDERS[n].in_process))
     parser.add_argument("--resolution", type=int, help="default 256 (bench), 512 (suite)")
@@ -357,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r} (one of {', '.join(DTYPES)})")
     args.resolution = args.resolution or (512 if args.gpu_suite else 256)
-    args.steps = args.steps or (50 if args.gpu_suite else 10)
-    if args.gpu_suite:
+    args.steps = args.steps or (50 if args.gpu_suite or args.flops else 10)
+    if args.flops:
+        print_family_flops(args.steps)
+    elif args.gpu_suite:
         gpu_suite(args)
     else:
         cpu_bench(args)

@@ -7,10 +7,12 @@ import torch
 from benchmark.core.profiling import peak_tflops
 
 
-def test_gpu_suite_runs_on_cpu_at_a_reduced_size(capsys):
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-pixart"])
+def test_gpu_suite_runs_on_cpu_at_a_reduced_size(capsys, model):
+    """Each family against its own diffusers pipeline (StableDiffusion, StableDiffusionXL, PixArtAlpha)."""
     from runners.bench import main
 
-    main(["--gpu-suite", "--device", "cpu", "--model", "tiny", "--resolution", "32", "--steps", "2",
+    main(["--gpu-suite", "--device", "cpu", "--model", model, "--resolution", "32", "--steps", "2",
           "--dtypes", "float32", "--batch", "3", "--repeats", "1"])
     out = capsys.readouterr().out
     figures = dict(re.findall(r"^(\w+): ([0-9.e+-]+)$", out, re.MULTILINE))
@@ -67,3 +69,25 @@ def test_mitigation_costs_are_measured_for_every_method(tiny_model, tmp_path):
     # costs an unconditional and a conditional call, re-anchoring one conditional call per step when triggered
     assert costs["ren"][1] == 0 and costs["jain_stp"][1] == 0 and costs["jain_dtp"][1] == 0
     assert costs["jain_dtp_og"][1] == 2 * 2 and costs["prss"][1] in (2, 2 + 2) and costs["nemo"][1] > 0
+
+
+@pytest.mark.parametrize("builder", ["tiny", "tiny-sd2-v", "tiny-sdxl", "tiny-pixart"])
+def test_family_flops_on_the_meta_device_are_those_of_real_tensors(builder):
+    """`make bench`'s FLOPs per image of SD v1-4, SD 2.1, SDXL and PixArt-alpha are counted on the meta device: on
+    each family's tiny twin the parts equal those counted on real CPU tensors, and their total equals one whole
+    counted generation (text encoding, every step) and its decoding."""
+    from benchmark.core.profiling import count_flops
+    from benchmark.registry import MODEL_BUILDERS
+    from benchmark.sampling.capture import SamplerSettings, sample_with_capture
+    from runners.bench import PROMPT, countable, family_flops
+
+    steps = 3
+    meta, real = family_flops(builder, 32, steps, "meta"), family_flops(builder, 32, steps, "cpu")
+    assert meta == real and min(meta.values()) > 0
+    model = MODEL_BUILDERS[builder]()
+    with countable(model):
+        latents = sample_with_capture(model, [PROMPT], [0], SamplerSettings(steps, 7.5, 32, 32), record=False)
+        whole = count_flops(lambda: sample_with_capture(model, [PROMPT], [0], SamplerSettings(steps, 7.5, 32, 32),
+                                                        record=False))
+        whole += count_flops(lambda: model.to_images(latents))
+    assert meta["per_image"] == pytest.approx(whole / 1e12, rel=1e-12)

@@ -159,7 +159,9 @@ class TextToImage:
             coef = table[:, t]
         else:
             t = torch.as_tensor(t)
-            coef = table[:, (t if t.device == table.device else t.to(table.device)).long()]
+            # index_select, not table[:, t]: a 0-dim index would be read back as a Python int (a device sync, and
+            # impossible on the meta device where runners.bench counts FLOPs)
+            coef = table.index_select(1, (t if t.device == table.device else t.to(table.device)).reshape(-1).long())
         coef = coef.reshape(2, -1, *[1] * (out.ndim - 1))
         return coef[0] * out + coef[1] * latents
 
