@@ -168,3 +168,55 @@ def test_the_conversion_adds_no_host_transfer_per_step():
                                 decode=False)
         counts[steps] = sum(seen.values())
     assert counts[2] == counts[5], counts
+
+
+def _official_sd2(model: TextToImage, seeds: list[int], low_index: int = -3) -> dict[str, np.ndarray]:
+    """The official SD 2 branch, written from memorization-anisotropy and sharpness_memorization_diffusion's
+    ``local_model/pipe.py`` (``sd_ver == 2``) on the raw network output v: score ``(sqrt(abar) v - x) / (1 - abar)``;
+    anisotropy's norm of the score difference at the first step and ``cos(v_u, v_c - v_u)`` (dim 1, mean per
+    image) at ``timesteps[-3]``; SAIL's ``||(H_c - H_u)(s_c - s_u)||`` at the first step (k = 1)."""
+    from torch.func import jvp
+
+    from benchmark.sampling.capture import prepare_sampling
+
+    setup = prepare_sampling(model, PROMPT, seeds, SETTINGS)
+    x, context, steps = setup.latents, setup.context, setup.timesteps
+    abar = model.scheduler.alphas_cumprod
+
+    def v_of(y, t):
+        return model.unet(torch.cat([y, y]), t, encoder_hidden_states=context).sample
+
+    def score(y, t=steps[0]):
+        return (abar[t].sqrt() * v_of(y, t) - torch.cat([y, y])) / (1 - abar[t])
+
+    s_u, s_c = score(x).chunk(2)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        _, hv = jvp(score, (x,), (s_c - s_u,))
+    hv_u, hv_c = hv.chunk(2)
+    v_u, v_c = v_of(x, steps[low_index]).chunk(2)
+    cosine = torch.nn.functional.cosine_similarity(v_u, v_c - v_u, dim=1)
+    return {"guidance_norm": (s_c - s_u).flatten(1).norm(dim=1).numpy(),
+            "alignment": cosine.flatten(1).mean(1).numpy(), "sail": (hv_c - hv_u).flatten(1).norm(dim=1).numpy()}
+
+
+def test_official_units_reproduce_the_official_sd2_branch_on_v(pair):
+    """units=official on the v model: anisotropy's two terms and SAIL equal the official SD 2 formulas on its raw
+    output; units=eps gives different numbers there (the norm by 1 / (1 - abar_t0), the cosine on v, not eps);
+    on the epsilon model official and eps are one number (the official SD v1 branch is ours)."""
+    eps_model, v_model = pair
+    seeds = [0, 1]
+    with torch.no_grad():
+        want = _official_sd2(v_model, seeds)
+    got = J.anisotropy(v_model, PROMPT, seeds, SETTINGS, units="official")
+    close(got["guidance_norm"], want["guidance_norm"])
+    close(got["alignment"], want["alignment"], rel=1e-4)
+    close(J.sail(v_model, PROMPT, seeds, SETTINGS, units="official"), want["sail"], rel=1e-4)
+    ours = J.anisotropy(v_model, PROMPT, seeds, SETTINGS)
+    assert np.abs(ours["alignment"] - got["alignment"]).max() > 1e-3
+    assert np.abs(ours["guidance_norm"] - got["guidance_norm"]).max() > 1e-4 * np.abs(ours["guidance_norm"]).max()
+    official, ours = (J.anisotropy(eps_model, PROMPT, seeds, SETTINGS, units=u) for u in ("official", "eps"))
+    assert all(np.array_equal(official[k], ours[k]) for k in ours)
+    assert np.array_equal(J.sail(eps_model, PROMPT, seeds, SETTINGS, units="official"),
+                          J.sail(eps_model, PROMPT, seeds, SETTINGS))
+    with pytest.raises(ValueError, match="units='v': one of eps, official"):
+        J.sail(v_model, PROMPT, seeds, SETTINGS, units="v")

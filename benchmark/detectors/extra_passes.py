@@ -40,17 +40,19 @@ PASS_ARGS = ("model", "prompts", "seeds", "settings", "prompt_index")  # every p
 SELECTION_KNOBS = ("n",)  # knobs that pick which images get a pass, not what it computes (not in the hash)
 # knobs added after a pass's values were first stored, with the value that computes what was stored before them: at
 # that value a knob stays out of the hash, so adding it renames (invalidates) no existing sidecar
-LATER_KNOBS = {"curvature": {"probe_seeding": "per_image"}}
+LATER_KNOBS = {"curvature": {"probe_seeding": "per_image"}, "sail": {"units": "eps"}, "anisotropy": {"units": "eps"}}
+Units = Literal["eps", "official"]  # jacobian.UNITS
 
 
 # ------------------------------------------------------------------------------------------- the passes
 
-def _check_sail(settings: SamplerSettings, k: int) -> None:
+def _check_sail(settings: SamplerSettings, k: int, units: str) -> None:
     if not 1 <= k <= settings.steps:
         raise ValueError(f"extra.sail.k={k} must be in 1..{settings.steps} sampled steps")
 
 
-def _check_anisotropy(settings: SamplerSettings, gamma_norm: float, gamma_cos: float, low_noise_index: int) -> None:
+def _check_anisotropy(settings: SamplerSettings, gamma_norm: float, gamma_cos: float, low_noise_index: int,
+                      units: str) -> None:
     if not -settings.steps <= low_noise_index < settings.steps:
         raise ValueError(f"extra.anisotropy.low_noise_index={low_noise_index} is outside the {settings.steps} steps")
 
@@ -71,9 +73,11 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)
 def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-              prompt_index: list[int], k: PositiveInt = jacobian.SAIL_STEPS) -> dict[str, np.ndarray]:
-    """SAIL per image over the first ``k`` steps (official k = 1), :func:`jacobian_scores.sail`."""
-    return {"sail": jacobian.sail(model, prompts, seeds, settings, k, prompt_index=prompt_index)}
+              prompt_index: list[int], k: PositiveInt = jacobian.SAIL_STEPS, units: Units = "eps"
+              ) -> dict[str, np.ndarray]:
+    """SAIL per image over the first ``k`` steps (official k = 1), :func:`jacobian.sail`; ``units``: ``eps``
+    (be-bench's, from epsilon) or ``official`` (on a v-prediction model the official SD 2 branch's value)."""
+    return {"sail": jacobian.sail(model, prompts, seeds, settings, k, prompt_index=prompt_index, units=units)}
 
 
 @EXTRA_PASSES.register("anisotropy", label="anisotropy (Asthana & Belagiannis)",
@@ -82,10 +86,12 @@ def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings
 def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
                     prompt_index: list[int], gamma_norm: NonNegative = jacobian.ANISOTROPY_GAMMA_NORM,
                     gamma_cos: NonNegative = jacobian.ANISOTROPY_GAMMA_COS,
-                    low_noise_index: int = jacobian.ANISOTROPY_LOW_NOISE_INDEX) -> dict[str, np.ndarray]:
-    """The anisotropy score and its two terms per image (official SD v1 weights 1, 2),
-    :func:`jacobian_scores.anisotropy`."""
-    return jacobian.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index)
+                    low_noise_index: int = jacobian.ANISOTROPY_LOW_NOISE_INDEX, units: Units = "eps"
+                    ) -> dict[str, np.ndarray]:
+    """The anisotropy score and its two terms per image (official SD v1 weights 1, 2), :func:`jacobian.anisotropy`;
+    ``units`` as SAIL's (``official`` on SD 2.x v: the official SD 2 number, its cosine on v)."""
+    return jacobian.anisotropy(model, prompts, seeds, settings, gamma_norm, gamma_cos, low_noise_index, prompt_index,
+                               units)
 
 
 _BASELINES: dict[tuple, TextToImage] = {}

@@ -52,6 +52,21 @@ SAIL_STEPS = 1  # sharpness_memorization_diffusion/detect_mem.py --hvp_sampling_
 ANISOTROPY_GAMMA_NORM = 1.0  # memorization-anisotropy/detect_eval.py, sd_ver 1
 ANISOTROPY_GAMMA_COS = 2.0  # idem (SD v2: 0.1)
 ANISOTROPY_LOW_NOISE_INDEX = -3  # memorization-anisotropy/local_model/pipe.py: t_cosine = timesteps[-3]
+# "eps": every quantity from epsilon (v converted), be-bench's definition; "official": what the official code's branch
+# for the model's prediction computes (epsilon: its SD v1 branch, the same numbers; v: its SD 2 branch, docs/protocols)
+UNITS = ("eps", "official")
+
+
+def _units(model: TextToImage, units: str) -> bool:
+    """Whether the official SD 2 (v-prediction) branch applies; ValueError for an unknown ``units``."""
+    if units not in UNITS:
+        raise ValueError(f"units={units!r}: one of {', '.join(UNITS)}")
+    return units == "official" and model.prediction_type == "v_prediction"
+
+
+def one_minus_abar(scheduler, t) -> float:
+    """``1 - alpha_bar_t`` of the scheduler's training schedule at timestep ``t``."""
+    return float(1 - scheduler.alphas_cumprod[int(t)])
 CURVATURE_PROBES = 16  # mem-curv-diff/generate_metric_maps.py --hutchinson_k
 CURVATURE_STEP = -1  # idem --target_timestep 49 of --num_inference_steps 50: the last step
 # idem utils/optim_utils.py set_random_seed(seed): torch.manual_seed(seed), then cuda.manual_seed(seed + 1),
@@ -215,15 +230,19 @@ def _step_index(step: int, n_steps: int, what: str) -> int:
 
 @torch.no_grad()
 def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
-         k: int = SAIL_STEPS, prompt_index: int | Sequence[int] | None = None) -> np.ndarray:
+         k: int = SAIL_STEPS, prompt_index: int | Sequence[int] | None = None, units: str = "eps") -> np.ndarray:
     """SAIL's sharpness score per image (n,), float32: the mean over the first ``k`` sampling steps of
     ``||(H_c - H_u)(s_c - s_u)||_2`` (see :func:`sail_step`); higher = memorized. Prompt level (the paper's):
     the mean over a prompt's images. Costs per step one guided UNet pass and one JVP (about three passes).
     ``prompt``: one for every image, or one per image (images of several prompts in one call; each value depends
     on its own prompt and seed alone). ``prompt_index``: the prompt's position in its set (one, or one per image),
-    needed by official seeding (``capture.initial_noise``).
-    Raises ValueError for an empty seed list or ``k`` outside 1..steps."""
+    needed by official seeding (``capture.initial_noise``). ``units="official"`` on a v-prediction model: the
+    official SD 2 branch's value, whose score is ``(sqrt(abar) v - x_t) / (1 - abar)`` (``local_model/pipe.py``,
+    ``sd_ver == 2``): its score and Jacobian differences are ours times ``-1 / sigma_t``, so each step's value is
+    ours divided by ``1 - abar_t``. Raises ValueError for an empty seed list, ``k`` outside 1..steps or unknown
+    ``units``."""
     _check_model(model, seeds, settings)
+    official_v = _units(model, units)
     if not 1 <= k <= settings.steps:
         raise ValueError(f"SAIL steps k={k} must be in 1..{settings.steps}")
     setup = prepare_sampling(model, prompt, seeds, settings, prompt_index=prompt_index)
@@ -234,7 +253,7 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
     for i, t in enumerate(setup.timesteps[:k]):
         x = scheduler.scale_model_input(latents, t)
         values, eps = sail_step(eps_fn, x, t, context, sigma_at(scheduler, t))
-        total += values.cpu()
+        total += values.cpu() / (one_minus_abar(scheduler, t) if official_v else 1.0)
         if i + 1 < k:
             latents = _guided_step(model, eps, t, latents, settings, generators)
     return (total / k).numpy()
@@ -243,14 +262,18 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
 @torch.no_grad()
 def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], settings: SamplerSettings,
                gamma_norm: float = ANISOTROPY_GAMMA_NORM, gamma_cos: float = ANISOTROPY_GAMMA_COS,
-               low_noise_index: int = ANISOTROPY_LOW_NOISE_INDEX, prompt_index: int | Sequence[int] | None = None
-               ) -> dict[str, np.ndarray]:
+               low_noise_index: int = ANISOTROPY_LOW_NOISE_INDEX, prompt_index: int | Sequence[int] | None = None,
+               units: str = "eps") -> dict[str, np.ndarray]:
     """The anisotropy score on pure noise, per image: ``{"anisotropy", "guidance_norm", "alignment"}``, each (n,)
     float32 (see :func:`anisotropy_terms`); higher = memorized. Two guided UNet passes on ``x_T``, at
     ``timesteps[0]`` and ``timesteps[low_noise_index]`` of the sampler's schedule; no denoising step.
-    ``prompt_index``: as in :func:`sail`.
-    Raises ValueError for an empty seed list or a timestep index outside the schedule."""
+    ``prompt_index``: as in :func:`sail`. ``units="official"`` on a v-prediction model: the official SD 2 branch
+    (``local_model/pipe.py``, ``sd_ver == 2``, mode ``x,c|x``): the norm of the score difference
+    ``||eps_c - eps_u|| / (1 - abar_t0)`` and the cosine on the raw network output, ``cos(v_u, v_c - v_u)``, with
+    ``v = (eps - sqrt(1 - abar) x_t) / sqrt(abar)`` at the low-noise timestep.
+    Raises ValueError for an empty seed list, a timestep index outside the schedule or unknown ``units``."""
     _check_model(model, seeds, settings)
+    official_v = _units(model, units)
     _step_index(low_noise_index, settings.steps, "low-noise timestep index")  # before any encoding
     setup = prepare_sampling(model, prompt, seeds, settings, prompt_index=prompt_index)
     scheduler, timesteps = model.scheduler, setup.timesteps
@@ -261,7 +284,14 @@ def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int]
     first = timesteps[0]
     eps_first = eps_fn(scheduler.scale_model_input(pair, first), first, context)
     eps_low = eps_fn(scheduler.scale_model_input(pair, low), low, context)
-    norm, alignment = anisotropy_terms(eps_first, eps_low)
+    if official_v:
+        abar_low = 1 - one_minus_abar(scheduler, low)
+        x_low = scheduler.scale_model_input(pair, low)
+        v_low = (eps_low - (1 - abar_low) ** 0.5 * x_low) / abar_low ** 0.5  # the network's own output
+        norm, alignment = anisotropy_terms(eps_first, v_low)
+        norm = norm / one_minus_abar(scheduler, first)
+    else:
+        norm, alignment = anisotropy_terms(eps_first, eps_low)
     norm, alignment = norm.cpu().numpy(), alignment.cpu().numpy()
     return {"anisotropy": anisotropy_score(norm, alignment, gamma_norm, gamma_cos),
             "guidance_norm": norm, "alignment": alignment}
