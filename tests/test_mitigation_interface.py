@@ -300,6 +300,8 @@ def _at(table, kind, level):
 
 
 def test_equal_utility_table_with_paired_bootstrap():
+    import pandas as pd
+
     from benchmark.mitigation.tradeoff import at_equal_utility
 
     table = at_equal_utility(_rows(), "CLIP", "SSCD", reference="r", n=2, n_boot=50)
@@ -313,6 +315,14 @@ def test_equal_utility_table_with_paired_bootstrap():
     assert mid.loc["a", "ci_high"] - mid.loc["a", "ci_low"] < 0.005
     assert mid.loc["b", "difference"] == pytest.approx(0.3)
     assert np.isnan(_at(table, "global", 28.015).loc["b", "SSCD"])  # b's curve never reaches that utility
+    # c's curve ends at 28.01, just short of the level 28.015, which some resamples of its prompts pass: no value
+    # there and no interval either (the resamples that reach it describe a curve that is not c's)
+    rows = _rows()
+    c = rows[(rows.method == "r") & (rows.strength == 0.1)].assign(method="c")
+    c["CLIP"] = 28 + 2 * (c.CLIP - 28) - 0.02
+    table = at_equal_utility(pd.concat([rows, c]), "CLIP", "SSCD", reference="r", n=2, n_boot=50)
+    unreached = _at(table, "global", 28.015).loc["c"]
+    assert np.isnan(unreached[["SSCD", "difference", "ci_low", "ci_high"]].astype(float)).all()
     assert at_equal_utility(_rows(), "CLIP", "SSCD", reference="missing").empty
 
 

@@ -239,7 +239,7 @@ def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, referenc
 
     A curve = the baseline point plus the method's points (means over generations), sorted by utility and
     interpolated linearly; the levels span the utility range the reference's curve reaches; a method is read only
-    at levels inside its own curve's range (else NaN). ``difference`` = method minus reference; its interval
+    at levels inside its own curve's range (else NaN, its interval too). ``difference`` = method minus reference; its interval
     resamples prompts with replacement (every method ran on the same prompts and seeds, so the resample is
     shared: paired), recomputing every curve, ``n_boot`` times (seeded; percentile interval). Columns: ``kind``,
     the utility, ``method``, the similarity, ``difference``, ``ci_low``, ``ci_high``. Empty when the reference
@@ -272,7 +272,9 @@ def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, referenc
             for j, method in enumerate(methods):
                 diff = values[:, j] - ref
                 boot = diff[1:][np.isfinite(diff[1:])]
-                low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+                # no interval where the curve does not reach the level (its resamples might, but describe nothing)
+                reached = np.isfinite(diff[0]) and len(boot)
+                low, high = np.percentile(boot, [2.5, 97.5]) if reached else (np.nan, np.nan)
                 out.append({"kind": kind, utility: float(level), "method": method, similarity: values[0, j],
                             "difference": diff[0], "ci_low": float(low), "ci_high": float(high)})
     return pd.DataFrame(out)
