@@ -239,11 +239,11 @@ def at_equal_utility(rows: pd.DataFrame, utility: str, similarity: str, referenc
 
     A curve = the baseline point plus the method's points (means over generations), sorted by utility and
     interpolated linearly; the levels span the utility range the reference's curve reaches; a method is read only
-    at levels inside its own curve's range (else NaN, its interval too). ``difference`` = method minus reference; its interval
-    resamples prompts with replacement (every method ran on the same prompts and seeds, so the resample is
-    shared: paired), recomputing every curve, ``n_boot`` times (seeded; percentile interval). Columns: ``kind``,
-    the utility, ``method``, the similarity, ``difference``, ``ci_low``, ``ci_high``. Empty when the reference
-    did not run or the measures are missing. The level of the baseline itself is left out
+    at levels inside its own curve's range (else NaN, its interval too). ``difference`` = method minus reference;
+    its interval resamples prompts with replacement (every method ran on the same prompts and seeds, so the
+    resample is shared: paired), recomputing every curve, ``n_boot`` times (seeded; percentile interval).
+    Columns: ``kind``, the utility, ``method``, the similarity, ``difference``, ``ci_low``, ``ci_high``. Empty
+    when the reference did not run or the measures are missing. The level of the baseline itself is left out
     (:func:`utility_levels`)."""
     if utility not in rows or similarity not in rows or reference not in set(rows.method):
         return pd.DataFrame()
