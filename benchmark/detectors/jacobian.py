@@ -56,17 +56,6 @@ ANISOTROPY_LOW_NOISE_INDEX = -3  # memorization-anisotropy/local_model/pipe.py: 
 # for the model's prediction computes (epsilon: its SD v1 branch, the same numbers; v: its SD 2 branch, docs/protocols)
 UNITS = ("eps", "official")
 
-
-def _units(model: TextToImage, units: str) -> bool:
-    """Whether the official SD 2 (v-prediction) branch applies; ValueError for an unknown ``units``."""
-    if units not in UNITS:
-        raise ValueError(f"units={units!r}: one of {', '.join(UNITS)}")
-    return units == "official" and model.prediction_type == "v_prediction"
-
-
-def one_minus_abar(scheduler, t) -> float:
-    """``1 - alpha_bar_t`` of the scheduler's training schedule at timestep ``t``."""
-    return float(1 - scheduler.alphas_cumprod[int(t)])
 CURVATURE_PROBES = 16  # mem-curv-diff/generate_metric_maps.py --hutchinson_k
 CURVATURE_STEP = -1  # idem --target_timestep 49 of --num_inference_steps 50: the last step
 # idem utils/optim_utils.py set_random_seed(seed): torch.manual_seed(seed), then cuda.manual_seed(seed + 1),
@@ -90,6 +79,18 @@ def forward_mode_attention():
     Attention processors that bypass it (xformers) are not covered; ``_check_model`` refuses them."""
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+def _units(model: TextToImage, units: str) -> bool:
+    """Whether the official SD 2 (v-prediction) branch applies; ValueError for an unknown ``units``."""
+    if units not in UNITS:
+        raise ValueError(f"units={units!r}: one of {', '.join(UNITS)}")
+    return units == "official" and model.prediction_type == "v_prediction"
+
+
+def one_minus_abar(scheduler, t) -> float:
+    """``1 - alpha_bar_t`` of the scheduler's training schedule at timestep ``t``."""
+    return float(1 - scheduler.alphas_cumprod[int(t)])
 
 
 def sigma_at(scheduler, t) -> float:
