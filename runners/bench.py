@@ -236,7 +236,7 @@ def denoiser_flops_per_step(model: TextToImage, prompts: list[str], seeds: list[
                             settings: SamplerSettings) -> int:
     """FLOPs of the denoiser (UNet or transformer) in one CFG step of a call: a 2-step call less a 1-step call, so
     every family's own conditions (SDXL's added embeddings, PixArt's mask) are in and the text encoding cancels."""
-    return (sampling_flops(model, prompts, seeds, settings, 2) - sampling_flops(model, prompts, seeds, settings, 1))
+    return sampling_flops(model, prompts, seeds, settings, 2) - sampling_flops(model, prompts, seeds, settings, 1)
 
 
 def unet_flops_per_call(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings) -> int:
