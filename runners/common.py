@@ -143,7 +143,11 @@ def run_job(run: Callable[[DictConfig, Path], float], cfg: DictConfig) -> float:
         return finished.metrics.get("headline", math.nan)
     try:
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            return run(cfg, folder)
+            try:
+                return run(cfg, folder)
+            except ConfigError as err:  # a check that needs the loaded model (DDIM steps, a mitigation's premises)
+                print(f"config error: {err}", file=sys.stderr)
+                sys.exit(2)
         try:
             value = run(cfg, folder)
             (folder / ERROR_FILE).unlink(missing_ok=True)

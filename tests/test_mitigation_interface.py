@@ -425,3 +425,27 @@ def test_nemo_statistics_from_the_prompt_sets_non_memorized_prompts(tmp_path, co
     stamp = files[0].stat().st_mtime_ns
     run(cfg, tmp_path / "job2")
     assert files[0].stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["mitigation.methods=[wen,be,nemo]"], "config error: mitigation nemo-f0-statsnone: needs activation statistics"),
+    (["mitigation.methods=[wen,be,pad_replace]", "mitigation.pad_replacement=qqqzzzxx"],
+     "config error: mitigation padreplace-qqqzzzxx: padding mitigation: 'qqqzzzxx' is not a token"),
+    (["mitigation.reference=rna"], "config error: mitigation.reference='rna' is not among mitigation.methods"),
+    (["mitigation.methods=[wen,be,jain_dtp]", "+mitigation.strengths.jain_dtp=[1]"],
+     "config error: mitigation.strengths.jain_dtp=[1]: jain_dtp has no strength knob"),
+])
+def test_a_setting_the_model_refuses_ends_the_runner_with_one_line(tmp_path, overrides, line):
+    """What only the loaded model can refuse (statistics NeMo needs, a token the tokenizer lacks) ends the runner as
+    a config error does: exit status 2 and one line on stderr naming the method, nothing sampled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "runners.mitigate", "debug=default", *overrides,
+                          f"paths.root={tmp_path}"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.png"))

@@ -401,9 +401,14 @@ class MitigateJob(TextToImageJob):
             if stray:
                 raise ConfigError(f"mitigation.{where}.{stray[0]}: {stray[0]!r} is not among mitigation.methods "
                                   f"{mit.methods}")
+        if mit.reference not in mit.methods:  # else the equal-utility table would be silently empty
+            raise ConfigError(f"mitigation.reference={mit.reference!r} is not among mitigation.methods {mit.methods}")
         errors = []
         for method in mit.methods:  # knob and strength types from the method's factory signature
             entry = MITIGATIONS[method]
+            if entry.strength is None and mit.strengths.get(method):
+                raise ConfigError(f"mitigation.strengths.{method}={mit.strengths[method]}: {method} has no strength "
+                                  f"knob (it is one setting): give it no strengths")
             knobs = tuple(entry.knobs)
             strength = () if entry.strength is None else (entry.strength,)
             errors += _errors(argument_model(entry.fn, strength), mit.knobs.get(method, {}),

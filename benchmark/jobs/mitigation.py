@@ -19,7 +19,7 @@ import pandas as pd
 from benchmark.data.prompts import load_prompt_set, subset
 from benchmark.detectors import detection
 from benchmark.detectors.scores import select_layers
-from benchmark.jobs.config import MitigateJob, check_ddim_steps
+from benchmark.jobs.config import ConfigError, MitigateJob, check_ddim_steps
 from benchmark.jobs.keys import model_key, trace_sampler_key
 from benchmark.jobs.results import MitigationResult, sampler_record
 from benchmark.measures.similarity import SSCD, CLIPScore
@@ -53,30 +53,34 @@ class MitigationSpec:
 
 def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
     """Run the job: every setting checked (config and model, before any sampling), the baseline and every missing
-    mitigated generation sampled into the store, every generation measured. Raises ValueError naming the method
-    when a setting cannot run on the model."""
+    mitigated generation sampled into the store, every generation measured. Raises ConfigError (a ValueError)
+    naming the method when a setting cannot run on the model."""
     job, config = spec.job, spec.config
     m, mit = job.model, job.mitigation
     section = mit.model_dump()
     n_images = n_images_of(section)
     model = get_model(m.source, spec.device, m.dtype, m.use_safetensors, m.build)
     full = load_prompt_set(config["prompts"])
-    if "nemo" in mit.methods and "statistics" in section["knobs"].get("nemo", {}):
-        knobs = section["knobs"]["nemo"]
-        knobs["statistics"] = neurons.statistics_file(
-            knobs["statistics"], model, model_key(m.name, m.source), [p.text for p in full if not p.memorized],
-            Path(job.paths.store_dir) / "nemo_statistics", f"{full.name}: non-memorized prompts")
-    settings = method_settings(section)
     check_ddim_steps(model.scheduler.config, job.sampler.steps)
     layers = select_layers(list(cross_attention_layers(model.unet)), list(job.layers.sets[mit.mask_layers]))
-    # a method resting on a premise the family lacks is refused first (the config check knows every method), then
-    # what each setting requires of this model, all before anything is sampled
-    undefined = detection.not_defined(model, [MITIGATIONS[name] for name in mit.methods])
-    if undefined:
-        raise ValueError(f"mitigation.methods={sorted(undefined)} are not defined on model family {model.family}: "
-                         + "; ".join(sorted(set(undefined.values()))))
-    for setting in settings:
-        setting.check_model(model)
+    try:  # what needs the loaded model, all before anything is sampled: a refusal is a config error (one line)
+        # a method resting on a premise the family lacks is refused first (the config check knows every method)
+        undefined = detection.not_defined(model, [MITIGATIONS[name] for name in mit.methods])
+        if undefined:
+            raise ValueError(f"mitigation.methods={sorted(undefined)} are not defined on model family "
+                             f"{model.family}: " + "; ".join(sorted(set(undefined.values()))))
+        if "nemo" in mit.methods and "statistics" in section["knobs"].get("nemo", {}):
+            knobs = section["knobs"]["nemo"]
+            knobs["statistics"] = neurons.statistics_file(
+                knobs["statistics"], model, model_key(m.name, m.source), [p.text for p in full if not p.memorized],
+                Path(job.paths.store_dir) / "nemo_statistics", f"{full.name}: non-memorized prompts")
+        settings = method_settings(section)
+        for setting in settings:  # what each setting requires of this model
+            setting.check_model(model)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
     sim = job.similarity
     measures = tradeoff.Measures(layers, SSCD(sim.sscd, spec.device) if sim.sscd else None,
                                  CLIPScore(sim.clip_architecture, sim.clip_weights, spec.device)
