@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.jobs.results import DetectionResult, MitigationResult, read_result
+from benchmark.mitigation.tradeoff import reference_method
 from reports.labels import detector_label, detector_order
 
 
@@ -79,7 +80,8 @@ def mitigation_markdown(result: MitigationResult) -> str:
                 table["difference [95% CI]"] = [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if pd.notna(d) else "-"
                                                 for d, lo, hi in zip(table.difference, table.ci_low, table.ci_high)]
                 table = table.drop(columns=["difference", "ci_low", "ci_high"])
-            reference = (result.config.get("mitigation") or {}).get("reference", "wen")
+            section = result.config.get("mitigation") or {}
+            reference = reference_method(section.get("methods") or ["wen"], section.get("reference"))
             title = (f"## {similarity} at equal utility ({result.utility}), every method minus `{reference}`, "
                      "interpolated along each curve (prompts resampled, paired)")
             parts += ["", title, "", table.round(4).to_markdown(index=False)]

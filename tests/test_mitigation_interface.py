@@ -449,3 +449,10 @@ def test_a_setting_the_model_refuses_ends_the_runner_with_one_line(tmp_path, ove
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.png"))
+
+
+def test_the_equal_utility_reference_is_wen_when_it_runs_else_the_first_method():
+    from benchmark.mitigation.tradeoff import reference_method
+
+    assert reference_method(["be", "wen", "rna"]) == "wen" and reference_method(["be", "rna"]) == "be"
+    assert reference_method(["be", "rna"], "rna") == "rna"

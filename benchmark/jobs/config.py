@@ -221,7 +221,8 @@ class Mitigation(Section):
     ``pad_fractions`` / ``pad_replacement``: Kim & No's; ``strengths.<method>`` / ``knobs.<method>``: any method's
     (typed by its factory's signature). ``copy_thresholds``: a generation still copies when its measure is past the
     threshold (``tradeoff.memorization_rate``); ``reference``: the method the equal-utility table compares every
-    other against, with ``n_boot`` bootstrap replicates."""
+    other against (None: Wen's when it runs, else the first method, ``tradeoff.reference_method``), with ``n_boot``
+    bootstrap replicates."""
 
     methods: Annotated[list[Name], Field(min_length=1)]
     target_losses: list[NonNegative]
@@ -237,7 +238,7 @@ class Mitigation(Section):
     strengths: dict[Name, Annotated[list[Any], Field(min_length=1)]] = {}
     knobs: dict[Name, dict[str, Any]] = {}
     copy_thresholds: CopyThresholds = CopyThresholds()
-    reference: Name = "wen"
+    reference: Name | None = None
     n_boot: Count = 1000
 
 
@@ -401,7 +402,7 @@ class MitigateJob(TextToImageJob):
             if stray:
                 raise ConfigError(f"mitigation.{where}.{stray[0]}: {stray[0]!r} is not among mitigation.methods "
                                   f"{mit.methods}")
-        if mit.reference not in mit.methods:  # else the equal-utility table would be silently empty
+        if mit.reference is not None and mit.reference not in mit.methods:  # else an empty equal-utility table
             raise ConfigError(f"mitigation.reference={mit.reference!r} is not among mitigation.methods {mit.methods}")
         errors = []
         for method in mit.methods:  # knob and strength types from the method's factory signature

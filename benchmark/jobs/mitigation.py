@@ -107,7 +107,8 @@ def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
     copying = [c for c in tradeoff.COPYING if c in rows]
     if utility and copying:
         points["pareto"] = tradeoff.pareto_front(points, utility, copying[0])
-    equal = {name: tradeoff.at_equal_utility(rows, utility, name, mit.reference, n_boot=mit.n_boot)
+    reference = tradeoff.reference_method(mit.methods, mit.reference)
+    equal = {name: tradeoff.at_equal_utility(rows, utility, name, reference, n_boot=mit.n_boot)
              .to_dict(orient="records") for name in copying if utility}
     rate = tradeoff.memorization_rate(rows, mit.copy_thresholds.values())
     return MitigationResult(

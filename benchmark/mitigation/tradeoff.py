@@ -44,6 +44,12 @@ class Measures:
     clip: CLIPScore | None = None
 
 
+def reference_method(methods: list[str], reference: str | None = None) -> str:
+    """The method the equal-utility table compares every other against: ``reference`` when given, else Wen's when it
+    runs (the field's common baseline), else the first of ``methods``."""
+    return reference or ("wen" if "wen" in methods else methods[0])
+
+
 def mitigated_key(key: TraceKey, settings: Mitigation, mask_layers: list[str] | None = None) -> TraceKey:
     """The baseline key with the mitigation setting added to its sampler (``sampling.sampler_key``'s format);
     ``mask_layers`` None = every cross-attention layer (the default keeps the keys of earlier stores)."""
