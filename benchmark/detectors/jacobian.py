@@ -87,11 +87,6 @@ def _units(model: TextToImage, units: str) -> bool:
     return units == "official" and model.prediction_type == "v_prediction"
 
 
-def one_minus_abar(scheduler, t) -> float:
-    """``1 - alpha_bar_t`` of the scheduler's training schedule at timestep ``t``."""
-    return float(1 - scheduler.alphas_cumprod[int(t)])
-
-
 def sigma_at(scheduler, t) -> float:
     """``sqrt(1 - alpha_bar_t)``: the noise level that turns eps into the score, ``s = -eps / sigma``."""
     return float((1 - scheduler.alphas_cumprod[int(t)]) ** 0.5)
@@ -253,7 +248,7 @@ def sail(model: TextToImage, prompt: str | Sequence[str], seeds: list[int], sett
     for i, t in enumerate(setup.timesteps[:k]):
         x = scheduler.scale_model_input(latents, t)
         values, eps = sail_step(eps_fn, x, t, context, sigma_at(scheduler, t))
-        total += values.cpu() / (one_minus_abar(scheduler, t) if official_v else 1.0)
+        total += values.cpu() / (sigma_at(scheduler, t) ** 2 if official_v else 1.0)  # / (1 - abar_t)
         if i + 1 < k:
             latents = _guided_step(model, eps, t, latents, settings, generators)
     return (total / k).numpy()
@@ -285,11 +280,11 @@ def anisotropy(model: TextToImage, prompt: str | Sequence[str], seeds: list[int]
     eps_first = eps_fn(scheduler.scale_model_input(pair, first), first, context)
     eps_low = eps_fn(scheduler.scale_model_input(pair, low), low, context)
     if official_v:
-        abar_low = 1 - one_minus_abar(scheduler, low)
+        sigma_low = sigma_at(scheduler, low)
         x_low = scheduler.scale_model_input(pair, low)
-        v_low = (eps_low - (1 - abar_low) ** 0.5 * x_low) / abar_low ** 0.5  # the network's own output
+        v_low = (eps_low - sigma_low * x_low) / (1 - sigma_low ** 2) ** 0.5  # the network's own output
         norm, alignment = anisotropy_terms(eps_first, v_low)
-        norm = norm / one_minus_abar(scheduler, first)
+        norm = norm / sigma_at(scheduler, first) ** 2  # / (1 - abar_t0)
     else:
         norm, alignment = anisotropy_terms(eps_first, eps_low)
     norm, alignment = norm.cpu().numpy(), alignment.cpu().numpy()
