@@ -77,9 +77,7 @@ def run_mitigation_job(spec: MitigationSpec) -> MitigationResult:
         settings = method_settings(section)
         for setting in settings:  # what each setting requires of this model
             setting.check_model(model)
-    except ConfigError:
-        raise
-    except ValueError as err:
+    except ValueError as err:  # a ConfigError too: its one line is kept
         raise ConfigError(str(err).splitlines()[0]) from None
     sim = job.similarity
     measures = tradeoff.Measures(layers, SSCD(sim.sscd, spec.device) if sim.sscd else None,
