@@ -41,7 +41,6 @@ SELECTION_KNOBS = ("n",)  # knobs that pick which images get a pass, not what it
 # knobs added after a pass's values were first stored, with the value that computes what was stored before them: at
 # that value a knob stays out of the hash, so adding it renames (invalidates) no existing sidecar
 LATER_KNOBS = {"curvature": {"probe_seeding": "per_image"}, "sail": {"units": "eps"}, "anisotropy": {"units": "eps"}}
-Units = Literal["eps", "official"]  # jacobian.UNITS
 
 
 # ------------------------------------------------------------------------------------------- the passes
@@ -73,7 +72,7 @@ def _check_curvature(settings: SamplerSettings, step: int, probes: int, probe_se
 
 @EXTRA_PASSES.register("sail", label="SAIL sharpness (Jeon et al.)", fields={"sail": "scalar"}, check=_check_sail)
 def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
-              prompt_index: list[int], k: PositiveInt = jacobian.SAIL_STEPS, units: Units = "eps"
+              prompt_index: list[int], k: PositiveInt = jacobian.SAIL_STEPS, units: jacobian.Units = "eps"
               ) -> dict[str, np.ndarray]:
     """SAIL per image over the first ``k`` steps (official k = 1), :func:`jacobian.sail`; ``units``: ``eps``
     (be-bench's, from epsilon) or ``official`` (on a v-prediction model the official SD 2 branch's value)."""
@@ -86,7 +85,7 @@ def sail_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings
 def anisotropy_pass(model: TextToImage, prompts: list[str], seeds: list[int], settings: SamplerSettings,
                     prompt_index: list[int], gamma_norm: NonNegative = jacobian.ANISOTROPY_GAMMA_NORM,
                     gamma_cos: NonNegative = jacobian.ANISOTROPY_GAMMA_COS,
-                    low_noise_index: int = jacobian.ANISOTROPY_LOW_NOISE_INDEX, units: Units = "eps"
+                    low_noise_index: int = jacobian.ANISOTROPY_LOW_NOISE_INDEX, units: jacobian.Units = "eps"
                     ) -> dict[str, np.ndarray]:
     """The anisotropy score and its two terms per image (official SD v1 weights 1, 2), :func:`jacobian.anisotropy`;
     ``units`` as SAIL's (``official`` on SD 2.x v: the official SD 2 number, its cosine on v)."""

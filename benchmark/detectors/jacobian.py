@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -54,7 +55,8 @@ ANISOTROPY_GAMMA_COS = 2.0  # idem (SD v2: 0.1)
 ANISOTROPY_LOW_NOISE_INDEX = -3  # memorization-anisotropy/local_model/pipe.py: t_cosine = timesteps[-3]
 # "eps": every quantity from epsilon (v converted), be-bench's definition; "official": what the official code's branch
 # for the model's prediction computes (epsilon: its SD v1 branch, the same numbers; v: its SD 2 branch, docs/protocols)
-UNITS = ("eps", "official")
+Units = Literal["eps", "official"]
+UNITS = get_args(Units)
 CURVATURE_PROBES = 16  # mem-curv-diff/generate_metric_maps.py --hutchinson_k
 CURVATURE_STEP = -1  # idem --target_timestep 49 of --num_inference_steps 50: the last step
 # idem utils/optim_utils.py set_random_seed(seed): torch.manual_seed(seed), then cuda.manual_seed(seed + 1),
